@@ -1,0 +1,146 @@
+"""``actstore.open``: a store as a lazy, dask-backed ``xarray.Dataset`` whose dask chunks are the stored chunks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+from actstore.errors import ChunkCorruptError
+from actstore.location import open_zarr_store
+from actstore.schema import BLOCK_STATUS, IMAGE_RESID, TEXT_RESID, StoreSchema
+from actstore.writer import IMAGE_COORDS, TEXT_COORDS, open_group, read_attributes
+
+
+@dataclass
+class BlockMarker:
+    """What a completed block holds."""
+
+    block: int
+    images: int
+    text_tokens: int
+
+
+def read_markers(group: zarr.Group) -> dict[int, BlockMarker]:
+    """Completion markers of a store, by block."""
+    status = group[BLOCK_STATUS][:]
+    return {int(b): BlockMarker(int(b), int(status[b, 0]), int(status[b, 1])) for b in np.flatnonzero(status[:, 0] >= 0)}
+
+
+def describe_chunk(name: str, schema: StoreSchema, key: tuple[slice, ...]) -> str:
+    """Which layer / images / text tokens a selection of a stored array covers, for error messages."""
+    parts = [f"array {name!r}"]
+    if name in (IMAGE_RESID, TEXT_RESID):
+        lo, hi = key[0].start or 0, key[0].stop
+        states = list(schema.layers[lo:hi])
+        parts.append(f"layer state {states[0]}" if len(states) == 1 else f"layer states {states}")
+        axis = "images" if name == IMAGE_RESID else "text tokens"
+        parts.append(f"{axis} {key[1].start}..{key[1].stop - 1}")
+    else:
+        parts.append(f"entries {key[0].start}..{key[0].stop - 1}")
+    return ", ".join(parts)
+
+
+class CheckedChunks:
+    """Array-like over a zarr array that turns decode and checksum failures into errors naming the chunk."""
+
+    def __init__(self, array: zarr.Array, name: str, schema: StoreSchema, where: str) -> None:
+        self.array, self.name, self.schema, self.where = array, name, schema, where
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        try:
+            return self.array[key]
+        except (ValueError, RuntimeError, TypeError) as exc:
+            bounds = tuple(
+                slice(*k.indices(n)[:2]) if isinstance(k, slice) else slice(int(k), int(k) + 1)
+                for k, n in zip(key, self.shape)
+            )
+            raise ChunkCorruptError(
+                f"corrupt chunk in store {self.where}: {describe_chunk(self.name, self.schema, bounds)} failed to "
+                f"decode ({exc}). Run `actstore verify {self.where}` to list every damaged chunk"
+            ) from exc
+
+
+def _lazy(group: zarr.Group, name: str, schema: StoreSchema, where: str) -> da.Array:
+    array = group[name]
+    reader = CheckedChunks(array, name, schema, where)
+    # One dask chunk per stored chunk (the inner chunk when sharded): a selection reads only what it needs.
+    return da.from_array(
+        reader, chunks=array.chunks, asarray=False, lock=False, meta=np.empty((0,) * array.ndim, array.dtype),
+        name=f"actstore-{name}-{abs(hash((where, name))):x}",
+    )
+
+
+def _complete_index(markers: dict[int, BlockMarker], per_block: int, count: str) -> np.ndarray:
+    ranges = [
+        np.arange(b * per_block, b * per_block + getattr(markers[b], count), dtype=np.int64) for b in sorted(markers)
+    ]
+    return np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
+
+
+def _as_slice_if_prefix(index: np.ndarray) -> slice | np.ndarray:
+    return slice(0, len(index)) if np.array_equal(index, np.arange(len(index))) else index
+
+
+def open(  # noqa: A001 - mirrors xarray.open_dataset / zarr.open
+    location: str | os.PathLike[str], *, complete_only: bool = True, storage_options: dict[str, Any] | None = None
+) -> xr.Dataset:
+    """Open a store lazily as an ``xarray.Dataset`` (local path or fsspec URL).
+
+    With ``complete_only`` (default) the ``image`` and ``text_token`` axes hold only what completed blocks wrote;
+    otherwise the whole capacity, where unwritten activations read as NaN.
+    """
+    where = os.fspath(location)
+    store = open_zarr_store(location, read_only=True, storage_options=storage_options)
+    group = open_group(store, where, mode="r")
+    attrs = read_attributes(group, where)
+    schema = attrs.schema
+    markers = read_markers(group)
+
+    variables: dict[str, Any] = {
+        IMAGE_RESID: (("layer", "image", "image_token", "d_model"), _lazy(group, IMAGE_RESID, schema, where))
+    }
+    coords: dict[str, Any] = {
+        "layer": ("layer", group["layer"][:]),
+        "image": ("image", np.arange(group[IMAGE_RESID].shape[1], dtype=np.int64)),
+    }
+    for name in IMAGE_COORDS:
+        coords[name] = ("image", np.asarray(group[name][:]).astype(object))
+    has_text = schema.text_tokens_per_image > 0
+    if has_text:
+        variables[TEXT_RESID] = (("layer", "text_token", "d_model"), _lazy(group, TEXT_RESID, schema, where))
+        for name in TEXT_COORDS:
+            coords[name] = ("text_token", _lazy(group, name, schema, where))
+
+    ds = xr.Dataset(variables, coords=coords)
+    ds.attrs.update(
+        {
+            "schema_version": attrs.schema_version,
+            "layer_convention": attrs.layer_convention,
+            "dtype": schema.dtype,
+            "created": attrs.created,
+            "actstore_version": attrs.actstore_version,
+            "blocks_complete": len(markers),
+            "blocks_total": schema.n_blocks,
+            "block_images": schema.block_images,
+            "schema": schema.to_json(),
+            "provenance": attrs.provenance,
+        }
+    )
+    ds[IMAGE_RESID].attrs["long_name"] = "residual stream at image-token positions"
+    if has_text:
+        ds[TEXT_RESID].attrs["long_name"] = "residual stream at text-token positions"
+    if not complete_only:
+        return ds
+    selection: dict[str, Any] = {"image": _as_slice_if_prefix(_complete_index(markers, schema.block_images, "images"))}
+    if has_text:
+        slots = schema.text_slots_per_block
+        selection["text_token"] = _as_slice_if_prefix(_complete_index(markers, slots, "text_tokens"))
+    return ds.isel(selection)

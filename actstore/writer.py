@@ -1,0 +1,399 @@
+"""StoreWriter: create or reopen a store and write whole blocks of images (all layers) plus their text tokens."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+from zarr.core.sync import sync
+
+from actstore import __version__
+from actstore.bfloat16 import to_numpy
+from actstore.codecs import ChunkEncoder, array_codec_kwargs, encode_shard
+from actstore.errors import NotAStoreError, SchemaVersionError, StoreWriteError
+from actstore.location import list_keys, make_sink, open_zarr_store
+from actstore.sink import as_write_error
+from actstore.schema import (
+    ATTRS_KEY,
+    SCHEMA_VERSION,
+    IMAGE_RESID,
+    BLOCK_STATUS,
+    TEXT_RESID,
+    StoreAttributes,
+    StoreSchema,
+    check_compatible,
+    image_chunk_key,
+    marker_key,
+    text_chunk_key,
+)
+
+# Arrays along the image axis and along the text-token axis (resized together when the store grows).
+IMAGE_COORDS = ("image_id", "prompt")
+TEXT_COORDS = ("text_image", "text_position", "text_token_id")
+
+
+@dataclass
+class TextTokens:
+    """Text-token residuals of one block: ``resid`` (layers, m, d_model) and per-token coordinates.
+
+    ``image`` is each token's image index *within the block* (0..n-1), ``position`` its position in the model's
+    input sequence, ``token_id`` its vocabulary id.
+    """
+
+    resid: Any
+    image: Any
+    position: Any
+    token_id: Any
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _create_arrays(group: zarr.Group, schema: StoreSchema) -> None:
+    """Create every array of a schema-v1 store in an empty group."""
+    L, T, D, B, cap = len(schema.layers), schema.image_tokens, schema.d_model, schema.block_images, schema.capacity
+    fill = float("nan")  # a chunk that was never written reads as NaN, never as plausible zeros
+    inner = schema.chunk_images if schema.sharded else B
+    group.create_array(
+        IMAGE_RESID,
+        shape=(L, cap, T, D),
+        dtype=schema.numpy_dtype,
+        fill_value=fill,
+        dimension_names=("layer", "image", "image_token", "d_model"),
+        attributes={"coordinates": "image_id prompt"},
+        **array_codec_kwargs(schema, (1, inner, T, D), (1, B, T, D) if schema.sharded else None),
+    )
+    group.create_array("layer", shape=(L,), chunks=(L,), dtype="int32", dimension_names=("layer",), fill_value=-1)
+    group["layer"][:] = np.asarray(schema.layers, dtype="int32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr warns that its variable-length string type is not in the core spec
+        for name in IMAGE_COORDS:
+            group.create_array(name, shape=(cap,), chunks=(B,), dtype=str, dimension_names=("image",), fill_value="")
+    # Completion markers: one chunk per block, so each block's marker is one atomic key that no other block shares.
+    group.create_array(
+        BLOCK_STATUS, shape=(schema.n_blocks, 2), chunks=(1, 2), dtype="int64", fill_value=-1,
+        dimension_names=("block", "block_field"), compressors=[Crc32cCodec()],
+        attributes={"description": "per block: [images, text tokens] written; -1 = not complete"},
+    )
+    if schema.text_tokens_per_image:
+        R = schema.text_slots_per_block
+        group.create_array(
+            TEXT_RESID,
+            shape=(L, schema.n_blocks * R, D),
+            dtype=schema.numpy_dtype,
+            fill_value=fill,
+            dimension_names=("layer", "text_token", "d_model"),
+            attributes={"coordinates": " ".join(TEXT_COORDS)},
+            **array_codec_kwargs(schema, (1, R, D), None),
+        )
+        for name, dtype in zip(TEXT_COORDS, ("int64", "int32", "int32")):
+            group.create_array(
+                name, shape=(schema.n_blocks * R,), chunks=(R,), dtype=dtype, dimension_names=("text_token",),
+                fill_value=-1,
+            )
+
+
+def read_attributes(group: zarr.Group, where: str) -> StoreAttributes:
+    """The actstore attributes of a group, or a clear error when it is not an actstore store."""
+    meta = group.attrs.get(ATTRS_KEY)
+    if not isinstance(meta, dict):
+        raise NotAStoreError(f"{where} is a Zarr group but not an actstore store (no '{ATTRS_KEY}' attribute)")
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{where} has store schema version {version!r}; actstore {__version__} reads version {SCHEMA_VERSION}"
+        )
+    return StoreAttributes(
+        schema=StoreSchema.from_json(meta["schema"]),
+        provenance=meta.get("provenance", {}),
+        created=meta.get("created", ""),
+        actstore_version=meta.get("actstore_version", ""),
+    )
+
+
+def open_group(store: Any, where: str, mode: str) -> zarr.Group:
+    """Open the store's root group, or raise :class:`NotAStoreError`."""
+    try:
+        return zarr.open_group(store, mode=mode, zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
+        raise NotAStoreError(f"{where} is not an actstore store: no Zarr v3 group there ({exc})") from exc
+
+
+class StoreWriter:
+    """Writes blocks of a store; several processes may each write disjoint blocks of one store at once.
+
+    Each block is encoded and written by a pool of threads; its completion marker is written only after all its
+    chunks and coordinates are durable, so a killed writer leaves that block missing, never torn.
+    Arrays handed to :meth:`submit_block` must not be modified until its future is done.
+    """
+
+    def __init__(
+        self, location: str | os.PathLike[str], group: zarr.Group, store: Any, attrs: StoreAttributes, threads: int,
+        max_pending_blocks: int,
+    ) -> None:
+        self.location = os.fspath(location)
+        self.group = group
+        self.store = store
+        self.attrs = attrs
+        self.sink = make_sink(location, store)
+        self.encoder = ChunkEncoder(attrs.schema.codec, attrs.schema.clevel)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="actstore-encode")
+        self._committer = ThreadPoolExecutor(max_workers=max(1, max_pending_blocks), thread_name_prefix="actstore-commit")
+        self._pending = threading.BoundedSemaphore(max(1, max_pending_blocks))
+        self._grow_lock = threading.Lock()
+        self.sink.remove_partials()
+
+    @property
+    def schema(self) -> StoreSchema:
+        """The store's schema (its capacity as last seen by this writer)."""
+        return self.attrs.schema
+
+    # ---- creating and opening -------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls, location: str | os.PathLike[str], schema: StoreSchema, provenance: dict[str, Any] | None = None, *,
+        overwrite: bool = False, threads: int = 8, max_pending_blocks: int = 2,
+        storage_options: dict[str, Any] | None = None,
+    ) -> "StoreWriter":
+        """Create a new, empty store (``overwrite`` replaces an existing one)."""
+        store = open_zarr_store(location, read_only=False, storage_options=storage_options)
+        try:
+            group = zarr.open_group(store, mode="w" if overwrite else "w-", zarr_format=3)
+        except (zarr.errors.ContainsGroupError, FileExistsError) as exc:
+            raise StoreWriteError(f"{location} already holds a store; open it or pass overwrite=True") from exc
+        _create_arrays(group, schema)
+        attrs = StoreAttributes(
+            schema=schema, provenance=dict(provenance or {}), created=_utc_now(), actstore_version=__version__
+        )
+        # Written last: a group without these attributes is not a store, so a killed create is never mistaken
+        # for an empty store of some schema.
+        group.attrs[ATTRS_KEY] = attrs.to_json()
+        return cls(location, group, store, attrs, threads, max_pending_blocks)
+
+    @classmethod
+    def open(
+        cls, location: str | os.PathLike[str], schema: StoreSchema | None = None,
+        provenance: dict[str, Any] | None = None, *, threads: int = 8, max_pending_blocks: int = 2,
+        storage_options: dict[str, Any] | None = None,
+    ) -> "StoreWriter":
+        """Reopen an existing store for writing, refusing one whose schema or provenance differs."""
+        store = open_zarr_store(location, read_only=False, storage_options=storage_options)
+        group = open_group(store, os.fspath(location), mode="r+")
+        attrs = read_attributes(group, os.fspath(location))
+        check_compatible(attrs.schema, schema or attrs.schema, attrs.provenance, provenance or {}, os.fspath(location))
+        return cls(location, group, store, attrs, threads, max_pending_blocks)
+
+    @classmethod
+    def open_or_create(
+        cls, location: str | os.PathLike[str], schema: StoreSchema, provenance: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> "StoreWriter":
+        """Reopen the store at ``location`` if there is one (checking it), else create it."""
+        try:
+            return cls.open(location, schema, provenance, **kwargs)
+        except NotAStoreError:
+            store = open_zarr_store(location, read_only=True, storage_options=kwargs.get("storage_options"))
+            if list_keys(store, ""):
+                raise
+            return cls.create(location, schema, provenance, **kwargs)
+
+    # ---- progress -------------------------------------------------------------------------------------------
+    def completed_blocks(self) -> list[int]:
+        """Blocks whose completion marker exists."""
+        return sorted(int(k.split("/")[2]) for k in list_keys(self.store, f"{BLOCK_STATUS}/c/"))
+
+    def missing_blocks(self, n_images: int | None = None) -> list[int]:
+        """Blocks still to write to hold ``n_images`` images (default: the whole capacity)."""
+        total = self.schema.blocks_for(n_images) if n_images is not None else self.schema.n_blocks
+        done = set(self.completed_blocks())
+        return [b for b in range(total) if b not in done]
+
+    def block_images(self, block: int) -> range:
+        """Global image indices that block ``block`` covers."""
+        B = self.schema.block_images
+        return range(block * B, (block + 1) * B)
+
+    # ---- writing --------------------------------------------------------------------------------------------
+    def write_block(
+        self, block: int, image_resid: Any, image_ids: Sequence[str], prompts: Sequence[str] | None = None,
+        text: TextTokens | None = None,
+    ) -> dict[str, Any]:
+        """Write one block and wait until it is durable and marked complete; returns its marker."""
+        return self.submit_block(block, image_resid, image_ids, prompts, text).result()
+
+    def submit_block(
+        self, block: int, image_resid: Any, image_ids: Sequence[str], prompts: Sequence[str] | None = None,
+        text: TextTokens | None = None,
+    ) -> "Future[dict[str, Any]]":
+        """Validate a block now and write it in the background; blocks when too many blocks are in flight.
+
+        ``image_resid`` is (layers, n, image_tokens, d_model) in the store's dtype, n <= block_images (numpy or
+        CPU torch). The future's result is the block's completion marker.
+        """
+        images = self._check_images(block, image_resid, image_ids, prompts)
+        text_arrays = self._check_text(text, images.shape[1]) if text is not None else None
+        self._ensure_capacity(block)
+        self._pending.acquire()
+        try:
+            future = self._committer.submit(
+                self._write_block, block, images, list(image_ids), list(prompts or [""] * len(image_ids)), text_arrays
+            )
+        except BaseException:
+            self._pending.release()
+            raise
+        future.add_done_callback(lambda _: self._pending.release())
+        return future
+
+    def _check_images(
+        self, block: int, image_resid: Any, image_ids: Sequence[str], prompts: Sequence[str] | None
+    ) -> np.ndarray:
+        s = self.schema
+        if not isinstance(block, (int, np.integer)) or block < 0:
+            raise ValueError(f"block must be an integer >= 0, got {block!r}")
+        images = to_numpy(image_resid)
+        expected = (len(s.layers), "n", s.image_tokens, s.d_model)
+        if images.ndim != 4 or images.shape[0] != len(s.layers) or images.shape[2:] != (s.image_tokens, s.d_model):
+            raise ValueError(
+                f"image_resid has shape {tuple(images.shape)}; this store expects (layers={len(s.layers)}, n, "
+                f"image_tokens={s.image_tokens}, d_model={s.d_model}), i.e. {expected}"
+            )
+        if not 1 <= images.shape[1] <= s.block_images:
+            raise ValueError(f"a block holds 1..{s.block_images} images, got {images.shape[1]}")
+        if images.dtype != s.numpy_dtype:
+            raise ValueError(
+                f"image_resid has dtype {images.dtype}; this store holds {s.dtype}. Cast before writing "
+                "(e.g. tensor.to(torch.bfloat16)); the writer never converts silently"
+            )
+        if len(image_ids) != images.shape[1]:
+            raise ValueError(f"{len(image_ids)} image_ids for {images.shape[1]} images")
+        if prompts is not None and len(prompts) != images.shape[1]:
+            raise ValueError(f"{len(prompts)} prompts for {images.shape[1]} images")
+        return images
+
+    def _check_text(self, text: TextTokens, n_images: int) -> tuple[np.ndarray, ...]:
+        s = self.schema
+        if not s.text_tokens_per_image:
+            raise ValueError("this store has no text-token region (text_tokens_per_image=0)")
+        resid = to_numpy(text.resid)
+        coords = [np.asarray(to_numpy(c)).reshape(-1) for c in (text.image, text.position, text.token_id)]
+        m = resid.shape[1] if resid.ndim == 3 else -1
+        if resid.ndim != 3 or resid.shape[0] != len(s.layers) or resid.shape[2] != s.d_model:
+            raise ValueError(
+                f"text resid has shape {tuple(resid.shape)}; expected (layers={len(s.layers)}, m, d_model={s.d_model})"
+            )
+        if resid.dtype != s.numpy_dtype:
+            raise ValueError(f"text resid has dtype {resid.dtype}; this store holds {s.dtype}")
+        if m > n_images * s.text_tokens_per_image:
+            raise ValueError(
+                f"{m} text tokens for {n_images} images exceed the store's {s.text_tokens_per_image} per image"
+            )
+        if any(len(c) != m for c in coords):
+            raise ValueError(f"text coordinates must each have {m} entries, got {[len(c) for c in coords]}")
+        if m and (coords[0].min() < 0 or coords[0].max() >= n_images):
+            raise ValueError(f"text image indices must be within the block, 0..{n_images - 1}")
+        return (resid, *coords)
+
+    def _ensure_capacity(self, block: int) -> None:
+        with self._grow_lock:
+            if block < self.schema.n_blocks:
+                return
+            # Another process may have grown the store already: grow from what is stored, and never shrink.
+            self.group = zarr.open_group(self.store, mode="r+", zarr_format=3)
+            stored = read_attributes(self.group, self.location).schema
+            capacity = max(stored.capacity, (block + 1) * stored.block_images, 2 * stored.capacity)
+            new = stored.with_capacity(capacity)
+            image_arrays = [IMAGE_RESID, *IMAGE_COORDS]
+            text_arrays = [TEXT_RESID, *TEXT_COORDS] if new.text_tokens_per_image else []
+            for name in image_arrays + text_arrays:
+                array = self.group[name]
+                shape = list(array.shape)
+                axis = 1 if name in (IMAGE_RESID, TEXT_RESID) else 0
+                shape[axis] = new.capacity if name in image_arrays else new.n_blocks * new.text_slots_per_block
+                sync(array._async_array.resize(tuple(shape), delete_outside_chunks=False))
+            status = self.group[BLOCK_STATUS]
+            sync(status._async_array.resize((new.n_blocks, 2), delete_outside_chunks=False))
+            self.attrs.schema = new
+            self.group.attrs[ATTRS_KEY] = self.attrs.to_json()
+
+    def _write_block(
+        self, block: int, images: np.ndarray, image_ids: list[str], prompts: list[str],
+        text: tuple[np.ndarray, ...] | None,
+    ) -> dict[str, Any]:
+        s, n = self.schema, images.shape[1]
+        # A rewrite first withdraws the old marker, so a crash mid-rewrite leaves the block missing, not mixed.
+        self.sink.delete(marker_key(block))
+        jobs = [self._pool.submit(self._put_image_chunk, block, li, images[li]) for li in range(len(s.layers))]
+        m = 0
+        if s.text_tokens_per_image:
+            resid = text[0] if text is not None else np.zeros((len(s.layers), 0, s.d_model), s.numpy_dtype)
+            m = resid.shape[1]
+            jobs += [self._pool.submit(self._put_text_chunk, block, li, resid[li]) for li in range(len(s.layers))]
+        for job in jobs:
+            job.result()
+        self._write_coordinates(block, image_ids, prompts, text)
+        marker = {"block": block, "images": n, "text_tokens": m}
+        self._zarr_write(BLOCK_STATUS, slice(block, block + 1), np.array([[n, m]], dtype="int64"), marker_key(block))
+        return marker
+
+    def _padded(self, rows: np.ndarray, n_rows: int) -> np.ndarray:
+        if rows.shape[0] == n_rows:
+            return rows
+        out = np.zeros((n_rows, *rows.shape[1:]), dtype=rows.dtype)
+        out[: rows.shape[0]] = rows
+        return out
+
+    def _put_image_chunk(self, block: int, layer_index: int, rows: np.ndarray) -> None:
+        s = self.schema
+        rows = self._padded(rows, s.block_images)
+        data = encode_shard(self.encoder, rows, s.chunk_images) if s.sharded else self.encoder.encode(rows[None])
+        self.sink.put(image_chunk_key(layer_index, block), data)
+
+    def _put_text_chunk(self, block: int, layer_index: int, rows: np.ndarray) -> None:
+        rows = self._padded(rows, self.schema.text_slots_per_block)
+        self.sink.put(text_chunk_key(layer_index, block), self.encoder.encode(rows[None]))
+
+    def _write_coordinates(
+        self, block: int, image_ids: list[str], prompts: list[str], text: tuple[np.ndarray, ...] | None
+    ) -> None:
+        # Small arrays go through zarr's own writer (whole chunks, atomic renames); we only add the fsync.
+        s, n = self.schema, len(image_ids)
+        B, R = s.block_images, s.text_slots_per_block
+        region = slice(block * B, (block + 1) * B)
+        for name, values in (("image_id", image_ids), ("prompt", prompts)):
+            padded = np.array(list(values) + [""] * (B - n), dtype=object)
+            self._zarr_write(name, region, padded, f"{name}/c/{block}")
+        if R:
+            m = 0 if text is None else len(text[1])
+            columns = (np.zeros(0, "int64"),) * 3 if text is None else text[1:]
+            offsets = (block * B, 0, 0)
+            for name, values, offset, dtype in zip(TEXT_COORDS, columns, offsets, ("int64", "int32", "int32")):
+                padded = np.full(R, -1, dtype=dtype)
+                padded[:m] = values.astype(dtype) + offset
+                self._zarr_write(name, slice(block * R, (block + 1) * R), padded, f"{name}/c/{block}")
+
+    def _zarr_write(self, name: str, region: slice, values: np.ndarray, key: str) -> None:
+        try:
+            self.group[name][region] = values
+        except OSError as exc:
+            raise as_write_error(key, self.location, exc) from exc
+        self.sink.make_durable(key)
+
+    def close(self) -> None:
+        """Wait for blocks in flight and release the threads."""
+        self._committer.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

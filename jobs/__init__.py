@@ -1,0 +1,1 @@
+"""Runnable jobs (demo, and later harvest, train-adapter, analyze) behind the ``actstore`` command."""

@@ -1,0 +1,59 @@
+"""Shared helpers: small schemas and deterministic per-block data, so any writer can be checked against any other."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from actstore.schema import DTYPES, StoreSchema
+from actstore.writer import TextTokens
+
+
+def small_schema(**overrides) -> StoreSchema:
+    """A store small enough for tests: 3 layers, 5 image tokens, d_model 12, 4-image blocks, 3 text tokens/image."""
+    kwargs = dict(layers=(0, 1, 2), image_tokens=5, d_model=12, capacity=16, block_images=4, text_tokens_per_image=3)
+    kwargs.update(overrides)
+    return StoreSchema(**kwargs)
+
+
+def block_data(schema: StoreSchema, block: int, n: int | None = None):
+    """Deterministic activations, ids and text tokens of ``block`` (``n`` images, default a full block)."""
+    n = schema.block_images if n is None else n
+    rng = np.random.default_rng(1000 + block)
+    dtype = DTYPES[schema.dtype]
+    shape = (len(schema.layers), n, schema.image_tokens, schema.d_model)
+    # Wide dynamic range, so that a lossy path would show up in a bit-exact comparison.
+    images = (rng.standard_normal(shape) * np.exp(rng.uniform(-8, 8, shape))).astype(dtype)
+    ids = [f"img-{block}-{i}" for i in range(n)]
+    prompts = [f"prompt {block}/{i}" for i in range(n)]
+    m = max(0, n * schema.text_tokens_per_image - 1)  # one slot short of full, so padding is exercised
+    text = None
+    if schema.text_tokens_per_image:
+        text = TextTokens(
+            resid=rng.standard_normal((len(schema.layers), m, schema.d_model)).astype(dtype),
+            image=np.sort(rng.integers(0, n, m)),
+            position=rng.integers(0, 50, m),
+            token_id=rng.integers(0, 1000, m),
+        )
+    return images, ids, prompts, text
+
+
+def write_blocks(writer, blocks, n_last: int | None = None) -> None:
+    """Write the given blocks with :func:`block_data` (the last one with ``n_last`` images if given)."""
+    blocks = list(blocks)
+    for i, b in enumerate(blocks):
+        n = n_last if (n_last is not None and i == len(blocks) - 1) else None
+        images, ids, prompts, text = block_data(writer.schema, b, n)
+        writer.write_block(b, images, ids, prompts, text)
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    """The raw bits of a float array, so comparisons are bit-exact (NaN payloads and -0.0 included)."""
+    a = np.ascontiguousarray(a)
+    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    """A fresh store location."""
+    return tmp_path / "store.zarr"

@@ -1,0 +1,125 @@
+"""Damaged stores and failing disks: clear errors naming the problem, and completed blocks always stay valid."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+
+import actstore
+from actstore.cli import main as cli
+from actstore.errors import ChunkCorruptError, NotAStoreError, SchemaVersionError, StoreWriteError
+from actstore.integrity import store_info, verify
+from actstore.schema import image_chunk_key
+from actstore.writer import StoreWriter
+from conftest import bits, block_data, small_schema, write_blocks
+
+
+@pytest.fixture
+def written_store(store_path):
+    schema = small_schema(layers=(0, 4, 8))
+    with StoreWriter.create(store_path, schema) as writer:
+        write_blocks(writer, range(3))
+    return store_path, schema
+
+
+def test_open_a_path_that_is_not_a_store(tmp_path):
+    with pytest.raises(NotAStoreError, match="is not an actstore store"):
+        actstore.open(tmp_path / "nothing-here")
+    import zarr
+
+    zarr.open_group(str(tmp_path / "plain"), mode="w")
+    with pytest.raises(NotAStoreError, match="not an actstore store \\(no 'actstore' attribute\\)"):
+        actstore.open(tmp_path / "plain")
+
+
+def test_unknown_schema_version(written_store):
+    path, _ = written_store
+    meta_path = path / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["actstore"]["schema_version"] = 99
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(SchemaVersionError, match="schema version 99"):
+        actstore.open(path)
+    with pytest.raises(SchemaVersionError):
+        StoreWriter.open(path)
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncate"])
+def test_damaged_chunk_is_named_by_reader_and_verify(written_store, damage):
+    path, schema = written_store
+    chunk = path / image_chunk_key(1, 2)  # layer state 4, images 8..11
+    data = bytearray(chunk.read_bytes())
+    if damage == "bitflip":
+        data[len(data) // 2] ^= 0x10
+    else:
+        data = data[: len(data) // 3]
+    chunk.write_bytes(bytes(data))
+
+    ds = actstore.open(path)
+    # Undamaged chunks still read correctly.
+    np.testing.assert_array_equal(bits(ds.image_resid.sel(layer=8).values[:4]), bits(block_data(schema, 0)[0][2]))
+    with pytest.raises(ChunkCorruptError, match="layer state 4, images 8..11"):
+        ds.image_resid.sel(layer=4).values
+
+    report = verify(path)
+    assert not report.ok
+    assert [(p.array, p.layer_state, p.first, p.last) for p in report.problems] == [("image_resid", 4, 8, 11)]
+    assert cli(["verify", str(path)]) == 1
+
+
+def test_missing_chunk_of_a_completed_block(written_store):
+    path, _ = written_store
+    os.remove(path / image_chunk_key(0, 1))
+    assert "DAMAGED" in store_info(path)["verdict"]
+    report = verify(path)
+    assert [str(p) for p in report.problems] == [
+        f"image_resid: layer state 0, images 4..7 (block 1, completed): chunk {image_chunk_key(0, 1)} is missing"
+    ]
+    # And it can never pass for data: a missing chunk reads as NaN, not zeros.
+    assert np.isnan(actstore.open(path).image_resid.sel(layer=0).values[4:8].astype(np.float32)).all()
+
+
+def test_verify_and_info_on_a_good_store(written_store, capsys):
+    path, _ = written_store
+    assert verify(path).ok
+    info = store_info(path)
+    assert info["blocks_complete"] == 3 and info["images"] == 12
+    assert info["bytes_logical"] == 3 * 12 * (5 * 12 * 2) + 3 * 11 * 3 * 12 * 2
+    assert info["verdict"].startswith("OK")
+    assert cli(["info", str(path)]) == 0
+    assert "3 / 4 blocks" in capsys.readouterr().out
+    assert cli(["info", "/nonexistent/store.zarr"]) == 2
+
+
+def _fail_writes_of_block(monkeypatch, block: int, err: int) -> None:
+    """Make every write of ``block``'s chunks fail with OS error ``err`` (what a full or read-only disk does)."""
+    import actstore.sink as sink
+
+    real_open = os.open
+
+    def failing_open(path, flags, *args):
+        if flags & os.O_WRONLY and f"/{block}/0" in str(path):
+            raise OSError(err, os.strerror(err), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(sink.os, "open", failing_open)
+
+
+@pytest.mark.parametrize("err, words", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only")])
+def test_failing_disk_leaves_completed_blocks_valid(store_path, monkeypatch, err, words):
+    schema = small_schema()
+    writer = StoreWriter.create(store_path, schema)
+    write_blocks(writer, [0])
+    _fail_writes_of_block(monkeypatch, 1, err)
+    with pytest.raises(StoreWriteError, match=words):
+        write_blocks(writer, [1])
+    monkeypatch.undo()
+    writer.close()
+    assert verify(store_path).ok
+    assert not list(store_path.rglob("*.partial"))
+    assert StoreWriter.open(store_path).missing_blocks() == [1, 2, 3]
+    np.testing.assert_array_equal(bits(actstore.open(store_path).image_resid.values), bits(block_data(schema, 0)[0]))

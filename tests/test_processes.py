@@ -1,0 +1,70 @@
+"""Several processes writing one store, and a writer killed with SIGKILL mid-block."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import actstore
+from actstore.integrity import verify
+from actstore.schema import image_chunk_key
+from actstore.writer import StoreWriter
+from conftest import bits, small_schema, write_blocks
+
+HELPER = str(Path(__file__).parent / "writer_process.py")
+
+
+def _reference_store(path: Path, blocks) -> "actstore.xarray.Dataset":
+    with StoreWriter.create(path, small_schema(capacity=32), {"model": "test"}) as writer:
+        write_blocks(writer, blocks)
+    return actstore.open(path)
+
+
+def _assert_same(a, b) -> None:
+    for name in ("image_resid", "text_resid", "text_image", "text_position", "text_token_id"):
+        np.testing.assert_array_equal(bits(a[name].values) if a[name].dtype.kind != "i" else a[name].values,
+                                      bits(b[name].values) if b[name].dtype.kind != "i" else b[name].values)
+    assert list(a.image_id.values) == list(b.image_id.values)
+
+
+def test_two_processes_write_disjoint_blocks(tmp_path):
+    path = tmp_path / "shared.zarr"
+    StoreWriter.create(path, small_schema(capacity=32), {"model": "test"}).close()
+    procs = [
+        subprocess.Popen([sys.executable, HELPER, str(path), blocks]) for blocks in ("0,2,4,6", "1,3,5,7")
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert StoreWriter.open(path).missing_blocks() == []
+    assert verify(path).ok
+    _assert_same(actstore.open(path), _reference_store(tmp_path / "ref.zarr", range(8)))
+
+
+def test_sigkill_mid_block_then_resume(tmp_path):
+    path, sentinel = tmp_path / "killed.zarr", tmp_path / "hanging"
+    hang_key = image_chunk_key(1, 2)  # layer index 1 of block 2: layer 0 of that block is already written
+    proc = subprocess.Popen([sys.executable, HELPER, str(path), "0,1,2,3", hang_key, str(sentinel)])
+    deadline = time.time() + 120
+    while not sentinel.exists():
+        assert proc.poll() is None, "writer exited before reaching the hang point"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    assert list(path.rglob("*.partial")), "the kill should have left a half-written temporary file"
+    writer = StoreWriter.open(path)  # reopening removes the killed writer's temporary files
+    assert writer.missing_blocks(n_images=16) == [2, 3]
+    writer.close()
+    assert not list(path.rglob("*.partial"))
+    assert verify(path).ok
+    assert actstore.open(path).sizes["image"] == 8
+
+    # Rerunning the same job finishes only what is missing and equals an uninterrupted run.
+    resume = subprocess.run([sys.executable, HELPER, str(path), "2,3"], timeout=120)
+    assert resume.returncode == 0
+    _assert_same(actstore.open(path), _reference_store(tmp_path / "ref.zarr", range(4)))

@@ -1,0 +1,157 @@
+"""Writer behaviour: progress, growth, reopening, rewrites, and lazy reads that touch only the needed chunks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from zarr.storage import LocalStore
+
+import actstore
+from actstore.errors import SchemaMismatchError, StoreWriteError
+from actstore.writer import StoreWriter
+from conftest import bits, block_data, small_schema, write_blocks
+
+
+def test_missing_blocks_tracks_progress(store_path):
+    schema = small_schema(capacity=16)
+    with StoreWriter.create(store_path, schema) as writer:
+        assert writer.missing_blocks() == [0, 1, 2, 3]
+        write_blocks(writer, [0, 2])
+        assert writer.missing_blocks() == [1, 3]
+        assert writer.missing_blocks(n_images=9) == [1]
+        assert writer.completed_blocks() == [0, 2]
+    assert StoreWriter.open(store_path).missing_blocks() == [1, 3]
+
+
+def test_store_grows_past_capacity_and_keeps_old_blocks(store_path):
+    schema = small_schema(capacity=8)
+    with StoreWriter.create(store_path, schema) as writer:
+        write_blocks(writer, [0])
+        write_blocks(writer, [5], n_last=2)  # beyond capacity 8: grows
+        assert writer.schema.capacity >= 24
+    ds = actstore.open(store_path)
+    assert ds.attrs["schema"]["capacity"] >= 24
+    np.testing.assert_array_equal(ds.image.values, np.r_[0:4, 20:22])
+    want = np.concatenate([block_data(schema, 0)[0], block_data(schema, 5, 2)[0]], axis=1)
+    np.testing.assert_array_equal(bits(ds.image_resid.values), bits(want))
+    assert StoreWriter.open(store_path).missing_blocks(n_images=24) == [1, 2, 3, 4]
+
+
+def test_reopen_with_other_schema_names_every_difference(store_path):
+    StoreWriter.create(store_path, small_schema(), {"model": "lm-a", "adapter": "abc"}).close()
+    with pytest.raises(SchemaMismatchError) as err:
+        StoreWriter.open(store_path, small_schema(d_model=16, layers=(0, 1)), {"model": "lm-a"})
+    message = str(err.value)
+    assert "d_model: store has 12, requested 16" in message
+    assert "layers: store has [0, 1, 2], requested [0, 1]" in message
+    with pytest.raises(SchemaMismatchError, match="provenance 'adapter': store has 'abc', requested 'def'"):
+        StoreWriter.open(store_path, small_schema(), {"adapter": "def"})
+    # Same schema (capacity may differ: it grows) and provenance: accepted.
+    StoreWriter.open(store_path, small_schema(capacity=64), {"model": "lm-a"}).close()
+
+
+def test_create_refuses_to_replace_a_store(store_path):
+    StoreWriter.create(store_path, small_schema()).close()
+    with pytest.raises(StoreWriteError, match="already holds a store"):
+        StoreWriter.create(store_path, small_schema())
+    StoreWriter.create(store_path, small_schema(), overwrite=True).close()
+
+
+def test_open_or_create(store_path):
+    with StoreWriter.open_or_create(store_path, small_schema()) as writer:
+        write_blocks(writer, [0])
+    with StoreWriter.open_or_create(store_path, small_schema()) as writer:
+        assert writer.completed_blocks() == [0]
+    with pytest.raises(SchemaMismatchError):
+        StoreWriter.open_or_create(store_path, small_schema(image_tokens=6))
+
+
+def test_rewriting_a_block_replaces_it(store_path):
+    schema = small_schema()
+    with StoreWriter.create(store_path, schema) as writer:
+        write_blocks(writer, [0])
+        other = block_data(schema, 7)
+        writer.write_block(0, *other)
+    np.testing.assert_array_equal(bits(actstore.open(store_path).image_resid.values), bits(other[0]))
+
+
+def test_submit_block_overlaps_blocks(store_path):
+    schema = small_schema(capacity=32)
+    with StoreWriter.create(store_path, schema, max_pending_blocks=3) as writer:
+        futures = [writer.submit_block(b, *block_data(schema, b)) for b in range(8)]
+        assert [f.result()["block"] for f in futures] == list(range(8))
+    ds = actstore.open(store_path)
+    want = np.concatenate([block_data(schema, b)[0] for b in range(8)], axis=1)
+    np.testing.assert_array_equal(bits(ds.image_resid.values), bits(want))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda x: x[:, :, :4], r"image_resid has shape \(3, 4, 4, 12\); this store expects \(layers=3, n, image_tokens=5"),
+        (lambda x: x[:2], r"expects \(layers=3"),
+        (lambda x: x.astype(np.float32), "dtype float32; this store holds bfloat16"),
+        (lambda x: np.concatenate([x, x], axis=1), "a block holds 1..4 images, got 8"),
+    ],
+)
+def test_wrong_shape_or_dtype_is_refused(store_path, change, message):
+    schema = small_schema(text_tokens_per_image=0)
+    images, ids, prompts, _ = block_data(schema, 0)
+    with StoreWriter.create(store_path, schema) as writer:
+        with pytest.raises(ValueError, match=message):
+            writer.write_block(0, change(images), ids, prompts)
+        assert writer.missing_blocks() == [0, 1, 2, 3]
+
+
+def test_wrong_text_tokens_are_refused(store_path):
+    schema = small_schema()
+    images, ids, prompts, text = block_data(schema, 0)
+    with StoreWriter.create(store_path, schema) as writer:
+        text.resid = text.resid[:, :, :5]
+        with pytest.raises(ValueError, match="text resid has shape"):
+            writer.write_block(0, images, ids, prompts, text)
+        text = block_data(schema, 0)[3]
+        text.image = text.image + 10
+        with pytest.raises(ValueError, match="within the block"):
+            writer.write_block(0, images, ids, prompts, text)
+        with pytest.raises(ValueError, match="2 image_ids for 4 images"):
+            writer.write_block(0, images, ids[:2], prompts)
+
+
+class CountingStore(LocalStore):
+    """A LocalStore that records every key read."""
+
+    reads: list[str] = []
+
+    async def get(self, key, prototype=None, byte_range=None):  # type: ignore[override]
+        CountingStore.reads.append(key)
+        return await super().get(key, prototype, byte_range)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_lazy_selection_reads_only_the_needed_chunk(store_path, monkeypatch, sharded):
+    schema = small_schema(chunk_images=2 if sharded else None, layers=(0, 3, 6, 9, 12))
+    with StoreWriter.create(store_path, schema) as writer:
+        write_blocks(writer, range(4))
+    monkeypatch.setattr("actstore.location.LocalStore", CountingStore)
+    ds = actstore.open(store_path)
+    CountingStore.reads.clear()
+    value = ds.image_resid.sel(layer=12).isel(image=5).values
+    chunk_reads = sorted({k for k in CountingStore.reads if k.startswith("image_resid/c/")})
+    # layer state 12 is layer index 4; image 5 lies in block 1
+    assert chunk_reads == ["image_resid/c/4/1/0/0"]
+    np.testing.assert_array_equal(bits(value), bits(block_data(schema, 1)[0][4, 1]))
+    if sharded:  # inside the shard, only the inner chunk holding image 5 (and the index) is fetched
+        assert len([k for k in CountingStore.reads if k.startswith("image_resid/c/")]) <= 2
+
+
+@pytest.mark.parametrize("url_kind", ["file", "memory"])
+def test_fsspec_urls(tmp_path, url_kind):
+    url = f"file://{tmp_path}/store.zarr" if url_kind == "file" else f"memory://actstore-test-{tmp_path.name}"
+    schema = small_schema()
+    with StoreWriter.create(url, schema) as writer:
+        write_blocks(writer, [0, 1])
+    ds = actstore.open(url)
+    want = np.concatenate([block_data(schema, b)[0] for b in (0, 1)], axis=1)
+    np.testing.assert_array_equal(bits(ds.image_resid.sel(layer=1).values), bits(want[1]))
+    assert StoreWriter.open(url).missing_blocks() == [2, 3]

@@ -1,0 +1,42 @@
+"""Helper run as a separate process by the tests: writes the given blocks of a test store.
+
+usage: writer_process.py STORE BLOCKS [HANG_KEY SENTINEL]
+With HANG_KEY, the process stops for good in the middle of writing that key (its temporary file half done),
+after creating SENTINEL, so that the test can SIGKILL it there.
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import actstore.sink as sink  # noqa: E402
+from actstore.writer import StoreWriter  # noqa: E402
+from conftest import small_schema, write_blocks  # noqa: E402
+
+
+def main() -> None:
+    """Write blocks, optionally hanging mid-chunk."""
+    store, blocks = sys.argv[1], [int(b) for b in sys.argv[2].split(",")]
+    if len(sys.argv) > 3:
+        hang_key, sentinel = sys.argv[3], sys.argv[4]
+        real_fsync = os.fsync
+
+        def fsync_then_hang(fd: int) -> None:
+            target, key = Path(os.readlink(f"/proc/self/fd/{fd}")), Path(hang_key)
+            # the temporary file of HANG_KEY is ".<name>.<random>.partial" beside it
+            if str(target.parent).endswith(str(key.parent)) and target.name.startswith(f".{key.name}.") and \
+                    target.name.endswith(sink.PARTIAL_SUFFIX):
+                Path(sentinel).touch()
+                time.sleep(3600)
+            real_fsync(fd)
+
+        sink.os.fsync = fsync_then_hang
+    with StoreWriter.open_or_create(store, small_schema(capacity=32), {"model": "test"}, threads=2) as writer:
+        write_blocks(writer, blocks)
+
+
+if __name__ == "__main__":
+    main()
