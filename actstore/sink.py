@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,17 @@ from zarr.core.sync import sync
 from actstore.errors import StoreWriteError
 
 PARTIAL_SUFFIX = ".partial"
+_HOST = socket.gethostname().replace(".", "-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def as_write_error(key: str, where: str, exc: OSError) -> StoreWriteError:
@@ -43,7 +55,7 @@ class LocalSink:
     def put(self, key: str, data: bytes | memoryview) -> None:
         """Write ``data`` at ``key`` so that after return it is complete, durable, and never seen half-written."""
         path = self.root / key
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
+        tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -96,11 +108,17 @@ class LocalSink:
             os.close(fd)
 
     def remove_partials(self) -> int:
-        """Delete temporary files left by killed writers; returns how many."""
+        """Delete temporary files left by dead writers of this host; returns how many.
+
+        Files of live processes (other writers of the same store) and of other hosts are left alone: readers never
+        see them, and ``actstore info`` counts them.
+        """
         count = 0
         for path in self.root.rglob(f"*{PARTIAL_SUFFIX}"):
-            path.unlink(missing_ok=True)
-            count += 1
+            fields = path.name.split(".")
+            if len(fields) >= 5 and fields[-4] == _HOST and fields[-3].isdigit() and not _alive(int(fields[-3])):
+                path.unlink(missing_ok=True)
+                count += 1
         return count
 
 

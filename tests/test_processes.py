@@ -68,3 +68,19 @@ def test_sigkill_mid_block_then_resume(tmp_path):
     resume = subprocess.run([sys.executable, HELPER, str(path), "2,3"], timeout=120)
     assert resume.returncode == 0
     _assert_same(actstore.open(path), _reference_store(tmp_path / "ref.zarr", range(4)))
+
+
+def test_reopening_keeps_temporary_files_of_live_writers(tmp_path):
+    from actstore.sink import _HOST
+
+    path = tmp_path / "s.zarr"
+    StoreWriter.create(path, small_schema()).close()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    chunk_dir = path / "image_resid" / "c" / "0" / "0" / "0"
+    chunk_dir.mkdir(parents=True)
+    live_file = chunk_dir / f".0.{_HOST}.{__import__('os').getpid()}.abc.partial"
+    dead_file = chunk_dir / f".0.{_HOST}.{int(dead.stdout)}.def.partial"
+    live_file.write_bytes(b"in flight")
+    dead_file.write_bytes(b"left by a killed writer")
+    StoreWriter.open(path).close()
+    assert live_file.exists() and not dead_file.exists()
