@@ -41,7 +41,7 @@ class StoreSchema:
     block_images: int = 64
     chunk_images: int | None = None
     text_tokens_per_image: int = 0
-    codec: str = "blosc-zstd"
+    codec: str = "zstd"
     clevel: int = 1
 
     def __post_init__(self) -> None:

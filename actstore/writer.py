@@ -54,6 +54,11 @@ class TextTokens:
     token_id: Any
 
 
+def default_threads() -> int:
+    """Encoder threads: twice the cores, because each thread alternates compressing and waiting on fsync'd I/O."""
+    return max(4, 2 * (os.cpu_count() or 2))
+
+
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -137,7 +142,8 @@ class StoreWriter:
     """
 
     def __init__(
-        self, location: str | os.PathLike[str], group: zarr.Group, store: Any, attrs: StoreAttributes, threads: int,
+        self, location: str | os.PathLike[str], group: zarr.Group, store: Any, attrs: StoreAttributes,
+        threads: int | None,
         max_pending_blocks: int,
     ) -> None:
         self.location = os.fspath(location)
@@ -146,7 +152,7 @@ class StoreWriter:
         self.attrs = attrs
         self.sink = make_sink(location, store)
         self.encoder = ChunkEncoder(attrs.schema.codec, attrs.schema.clevel)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="actstore-encode")
+        self._pool = ThreadPoolExecutor(max_workers=threads or default_threads(), thread_name_prefix="actstore-encode")
         self._committer = ThreadPoolExecutor(max_workers=max(1, max_pending_blocks), thread_name_prefix="actstore-commit")
         self._pending = threading.BoundedSemaphore(max(1, max_pending_blocks))
         self._grow_lock = threading.Lock()
@@ -161,7 +167,7 @@ class StoreWriter:
     @classmethod
     def create(
         cls, location: str | os.PathLike[str], schema: StoreSchema, provenance: dict[str, Any] | None = None, *,
-        overwrite: bool = False, threads: int = 8, max_pending_blocks: int = 2,
+        overwrite: bool = False, threads: int | None = None, max_pending_blocks: int = 2,
         storage_options: dict[str, Any] | None = None,
     ) -> "StoreWriter":
         """Create a new, empty store (``overwrite`` replaces an existing one)."""
@@ -182,7 +188,7 @@ class StoreWriter:
     @classmethod
     def open(
         cls, location: str | os.PathLike[str], schema: StoreSchema | None = None,
-        provenance: dict[str, Any] | None = None, *, threads: int = 8, max_pending_blocks: int = 2,
+        provenance: dict[str, Any] | None = None, *, threads: int | None = None, max_pending_blocks: int = 2,
         storage_options: dict[str, Any] | None = None,
     ) -> "StoreWriter":
         """Reopen an existing store for writing, refusing one whose schema or provenance differs."""

@@ -1,0 +1,23 @@
+"""The store benchmark runs end to end at tiny size and writes a well-formed report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_store.py"
+
+
+def test_bench_store_quick(tmp_path):
+    out = tmp_path / "store.json"
+    subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--codecs", "none,zstd", "--dir", str(tmp_path), "--out", str(out)],
+        check=True, timeout=300,
+    )
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"none", "zstd"}
+    for entry in report["results"].values():
+        assert entry["raw_write_GBps"] > 0 and entry["write_GBps_logical"] > 0 and entry["read_GBps_logical"] > 0
+        assert entry["bytes_stored"] > 0 and entry["zarr_default"]["write_GBps_logical"] > 0
+        assert entry["bound_by"] in ("disk", "cpu")
+    assert report["results"]["zstd"]["compression_ratio"] > report["results"]["none"]["compression_ratio"]
