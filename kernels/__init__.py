@@ -1,1 +1,59 @@
-"""Pure compute for SAE statistics: Triton kernels and their plain-torch references (imports torch and triton only)."""
+"""Pure compute for SAE statistics: fused Triton kernels and their plain-torch references (imports torch and
+triton only). ``sae_stats`` and ``sae_encode_sparse`` run the Triton path on CUDA tensors (and on the CPU under
+``TRITON_INTERPRET=1``), the chunked reference elsewhere."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels.reference import (
+    SAEStats,
+    SparseCodes,
+    sae_encode_sparse_reference,
+    sae_stats_reference,
+)
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return backend == "triton"
+
+
+def sae_stats(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
+    activation: str, threshold: torch.Tensor | None = None, k: int | None = None,
+    apply_b_dec_to_input: bool = False, feature_stats: bool = True, backend: str = "auto",
+) -> SAEStats:
+    """Per-token reconstruction error terms and L0, and per-latent firing statistics (see kernels.reference)."""
+    kwargs = dict(activation=activation, threshold=threshold, k=k, apply_b_dec_to_input=apply_b_dec_to_input,
+                  feature_stats=feature_stats)
+    if _use_triton(x, backend):
+        from kernels.sae_triton import sae_stats_triton
+
+        return sae_stats_triton(x, W_enc, b_enc, W_dec, b_dec, **kwargs)
+    return sae_stats_reference(x, W_enc, b_enc, W_dec, b_dec, **kwargs)
+
+
+def sae_encode_sparse(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, *, activation: str,
+    threshold: torch.Tensor | None = None, k: int | None = None, apply_b_dec_to_input: bool = False,
+    b_dec: torch.Tensor | None = None, backend: str = "auto",
+) -> SparseCodes:
+    """Each token's active latents and activations, in CSR form (see kernels.reference.SparseCodes)."""
+    kwargs = dict(activation=activation, threshold=threshold, k=k, apply_b_dec_to_input=apply_b_dec_to_input,
+                  b_dec=b_dec)
+    if _use_triton(x, backend):
+        from kernels.sae_triton import sae_encode_sparse_triton
+
+        return sae_encode_sparse_triton(x, W_enc, b_enc, **kwargs)
+    return sae_encode_sparse_reference(x, W_enc, b_enc, **kwargs)
+
+
+__all__ = ["SAEStats", "SparseCodes", "sae_encode_sparse", "sae_stats", "BACKENDS"]

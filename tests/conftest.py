@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
 
-from actstore.schema import DTYPES, StoreSchema
-from actstore.writer import TextTokens
+import torch
+
+# Without a GPU, the Triton kernels run in Triton's interpreter; this must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from actstore.schema import DTYPES, StoreSchema  # noqa: E402
+from actstore.writer import TextTokens  # noqa: E402
 
 
 def small_schema(**overrides) -> StoreSchema:

@@ -1,0 +1,264 @@
+"""The SAE kernels against sae-lens (the oracle for SAE maths), and the Triton path against the reference.
+
+Without a GPU the Triton path runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1). Each test SAE is
+built so that no pre-activation lies within ~1e-3 of its decision boundary: fp32 sums in another order legitimately
+differ by ~1e-6, and a test must not depend on which side of a threshold such a value falls.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kernels import sae_encode_sparse, sae_stats
+from kernels.reference import PER_TOKEN, SAEStats
+
+sae_lens = pytest.importorskip("sae_lens")
+
+MARGIN = 1e-3
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Case:
+    """An SAE, its input, and the same SAE as a sae-lens module."""
+
+    x: torch.Tensor
+    params: dict
+    kwargs: dict
+    oracle: torch.nn.Module
+
+
+def _boundary_between(sorted_col: torch.Tensor, index: int) -> tuple[float, float]:
+    """A value with ``len - index`` entries above it, placed mid-gap (the widest of nearby gaps)."""
+    n = len(sorted_col)
+    if index <= 0:
+        return float(sorted_col[0]) - 1.0, 1.0
+    if index >= n:
+        return float(sorted_col[-1]) + 1.0, 1.0
+    options = [i for i in range(max(1, index - 2), min(n, index + 3))]
+    best = max(options, key=lambda i: float(sorted_col[i] - sorted_col[i - 1]))
+    lo, hi = float(sorted_col[best - 1]), float(sorted_col[best])
+    return (lo + hi) / 2, (hi - lo) / 2
+
+
+def make_case(
+    activation: str, *, N: int = 77, d: int = 100, F: int = 300, x_dtype=torch.float32, w_dtype=torch.float32,
+    active_fraction: float = 0.05, apply_b_dec: bool = False, k: int | None = None, seed: int = 0,
+) -> Case:
+    """An SAE whose latents are each active on about ``active_fraction`` of the tokens (L0 ~ that x F)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, d, generator=g) * 2).to(x_dtype)
+    W_enc = (torch.randn(d, F, generator=g) / d**0.5).to(w_dtype)
+    W_dec = (torch.randn(F, d, generator=g) / F**0.5).to(w_dtype)
+    b_dec = (torch.randn(d, generator=g) * 0.3).to(w_dtype)
+    sae_in = x.double() - (b_dec.double() if apply_b_dec else 0.0)
+    pre0 = sae_in @ W_enc.double()
+    cols = pre0.sort(dim=0).values
+    index = round((1 - active_fraction) * N)
+    threshold = None
+    if activation == "jumprelu":
+        b_enc = 0.5 - cols[0]  # every pre-activation > 0, so the threshold alone decides
+        bounds = [_boundary_between(cols[:, j] + b_enc[j], index) for j in range(F)]
+        threshold = torch.tensor([b for b, _ in bounds], dtype=torch.float32)
+    elif activation == "relu":
+        bounds = [_boundary_between(cols[:, j], index) for j in range(F)]
+        b_enc = -torch.tensor([b for b, _ in bounds], dtype=torch.float64)
+    else:
+        b_enc = torch.randn(F, generator=g, dtype=torch.float64) * 0.5
+        bounds = [(0.0, 1.0)]
+    b_enc = b_enc.float()
+    assert min(gap for _, gap in bounds) > MARGIN, "test SAE too close to a decision boundary; change the seed"
+    if activation == "topk":
+        top = (pre0 + b_enc.double()).topk(min(F, k + 1), dim=-1).values
+        near_tie = k < F and (top[:, k - 1] - top[:, k]).min() <= MARGIN / 10
+        if near_tie or (top[:, :k].abs() <= MARGIN / 10).any():  # the next seed, deterministically
+            return make_case(activation, N=N, d=d, F=F, x_dtype=x_dtype, w_dtype=w_dtype,
+                             active_fraction=active_fraction, apply_b_dec=apply_b_dec, k=k, seed=seed + 1000)
+
+    params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    kwargs = {"activation": activation, "threshold": threshold, "k": k, "apply_b_dec_to_input": apply_b_dec}
+    common = dict(d_in=d, d_sae=F, dtype="float32", device="cpu", apply_b_dec_to_input=apply_b_dec)
+    if activation == "jumprelu":
+        oracle = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(**common))
+    elif activation == "relu":
+        oracle = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(**common))
+    else:
+        oracle = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(k=k, **common))
+    with torch.no_grad():
+        for name, value in params.items():
+            getattr(oracle, name).copy_(value.float())
+        if threshold is not None:
+            oracle.threshold.copy_(threshold)
+    return Case(x, params, kwargs, oracle)
+
+
+def oracle_stats(case: Case) -> tuple[SAEStats, torch.Tensor]:
+    """The statistics computed in float64 from sae-lens' own encode and decode; also returns its latents."""
+    with torch.no_grad():
+        z = case.oracle.encode(case.x).double()
+        x_hat = case.oracle.decode(z.float()).double()
+    x = case.x.double()
+    active = z > 0
+    act_max = z.max(0).values
+    first = (z == act_max).to(torch.uint8).argmax(0)
+    stats = SAEStats(
+        sq_err=(x - x_hat).square().sum(-1), x_sq=x.square().sum(-1), x_dot_xhat=(x * x_hat).sum(-1),
+        xhat_sq=x_hat.square().sum(-1), l0=active.sum(-1).double(), fire_count=active.sum(0).double(),
+        act_sum=z.sum(0), act_max=act_max, act_argmax=torch.where(act_max > 0, first, -1),
+    )
+    return stats, z
+
+
+def assert_stats_match(got: SAEStats, want: SAEStats, feature_stats: bool = True) -> None:
+    """Tolerances: per-token sums of squares to 1e-4 of the token's scale; counts and argmax exact."""
+    scale = (want.x_sq + want.xhat_sq).double() + 1e-6
+    for name in ("sq_err", "x_sq", "x_dot_xhat", "xhat_sq"):
+        diff = (getattr(got, name).double() - getattr(want, name).double()).abs()
+        assert (diff <= 1e-4 * scale).all(), f"{name}: worst relative error {(diff / scale).max():.2e}"
+    assert torch.equal(got.l0.double(), want.l0.double()), "l0 differs"
+    for name in PER_TOKEN:
+        assert getattr(got, name).dtype == torch.float32
+    if not feature_stats:
+        assert got.fire_count is None
+        return
+    assert torch.equal(got.fire_count.double(), want.fire_count.double()), "fire_count differs"
+    torch.testing.assert_close(got.act_sum.double(), want.act_sum.double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.act_max.double(), want.act_max.double(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.act_argmax.long(), want.act_argmax.long()), "act_argmax differs"
+
+
+def run(case: Case, backend: str, **extra) -> SAEStats:
+    return sae_stats(case.x, **case.params, **case.kwargs, backend=backend, **extra)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("x_dtype", list(DTYPES))
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+@pytest.mark.parametrize("activation, k", [("jumprelu", None), ("relu", None), ("topk", 13)])
+def test_matches_sae_lens(backend, x_dtype, apply_b_dec, activation, k):
+    dtype = DTYPES[x_dtype]
+    case = make_case(activation, x_dtype=dtype, w_dtype=dtype, apply_b_dec=apply_b_dec, k=k, seed=1)
+    want, _ = oracle_stats(case)
+    assert 0 < want.l0.mean() < 300
+    assert_stats_match(run(case, backend), want)
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [("bfloat16", "float32"), ("float32", "bfloat16"), ("float16", "bfloat16")])
+def test_mixed_dtypes(x_dtype, w_dtype):
+    case = make_case("jumprelu", x_dtype=DTYPES[x_dtype], w_dtype=DTYPES[w_dtype], apply_b_dec=True, seed=2)
+    assert_stats_match(run(case, "triton"), oracle_stats(case)[0])
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "relu"])
+@pytest.mark.parametrize("active_fraction", [0.0, 0.5, 1.0])
+def test_l0_from_zero_to_all_latents(activation, active_fraction):
+    # L0 = F = 300 exceeds the kernel's buffer of 256 latents per token: those tokens take the exact fallback.
+    case = make_case(activation, active_fraction=active_fraction, apply_b_dec=True, seed=3)
+    want, _ = oracle_stats(case)
+    assert want.l0.mean() == pytest.approx(active_fraction * 300, abs=3)
+    assert_stats_match(run(case, "triton"), want)
+    assert_stats_match(run(case, "reference"), want)
+
+
+@pytest.mark.parametrize("k", [1, 300])
+def test_topk_extremes(k):
+    case = make_case("topk", k=k, seed=4)
+    want, _ = oracle_stats(case)
+    assert_stats_match(run(case, "triton"), want)
+
+
+def test_small_cap_falls_back_instead_of_truncating():
+    from kernels.sae_triton import sae_stats_triton
+
+    case = make_case("jumprelu", active_fraction=0.1, seed=5)
+    want, _ = oracle_stats(case)
+    got = sae_stats_triton(case.x, **case.params, **case.kwargs, cap=8)  # L0 ~ 30 > 8 for most tokens
+    assert (want.l0 > 8).sum() > 10
+    assert_stats_match(got, want)
+
+
+def test_feature_stats_off():
+    case = make_case("jumprelu", seed=6)
+    got = run(case, "triton", feature_stats=False)
+    assert_stats_match(got, oracle_stats(case)[0], feature_stats=False)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("activation, k, cap", [("jumprelu", None, 256), ("jumprelu", None, 8), ("topk", 9, 256)])
+def test_encode_sparse_matches_sae_lens(backend, activation, k, cap):
+    case = make_case(activation, k=k, active_fraction=0.1, apply_b_dec=True, seed=7)
+    _, z = oracle_stats(case)
+    kwargs = dict(case.kwargs, b_dec=case.params["b_dec"])
+    if backend == "triton":
+        from kernels.sae_triton import sae_encode_sparse_triton
+
+        codes = sae_encode_sparse_triton(case.x, case.params["W_enc"], case.params["b_enc"], cap=cap, **kwargs)
+    else:
+        codes = sae_encode_sparse(case.x, case.params["W_enc"], case.params["b_enc"], backend=backend, **kwargs)
+    dense = torch.zeros_like(z)
+    rows = torch.arange(len(codes.indptr) - 1).repeat_interleave(codes.indptr.diff())
+    dense[rows, codes.indices] = codes.values.double()
+    torch.testing.assert_close(dense, z, rtol=1e-5, atol=1e-5)
+    for t in (0, 40, 76):  # within a token, latents ascend
+        indices, _ = codes.token(t)
+        assert torch.equal(indices, indices.sort().values)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p, kw: p.update(W_enc=p["W_enc"][:-1]), "x has d_in=100 but the SAE's W_enc expects d_in=99"),
+        (lambda p, kw: p.update(W_dec=p["W_dec"][:-1]), r"W_dec must have shape \(300, 100\)"),
+        (lambda p, kw: kw.update(threshold=None), "jumprelu needs a per-latent threshold"),
+        (lambda p, kw: kw.update(activation="gelu"), "activation must be one of"),
+        (lambda p, kw: kw.update(activation="topk", k=0), "topk needs 1 <= k <= d_sae=300"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_bad_input_is_named(change, message, backend):
+    case = make_case("jumprelu", seed=8)
+    params, kwargs = dict(case.params), dict(case.kwargs)
+    change(params, kwargs)
+    with pytest.raises(ValueError, match=message):
+        sae_stats(case.x, **params, **kwargs, backend=backend)
+
+
+def test_reference_never_holds_tokens_by_latents(tmp_path):
+    """N x F = 2^29 float32 = 2 GiB, run in a process whose peak memory must stay far below that."""
+    script = """
+import resource, torch
+from kernels.reference import sae_stats_reference
+torch.manual_seed(0)
+N, d, F = 1 << 14, 4, 1 << 15
+x = torch.randn(N, d)
+stats = sae_stats_reference(x, torch.randn(d, F), torch.zeros(F), torch.randn(F, d), torch.zeros(d),
+                            activation="jumprelu", threshold=torch.full((F,), 2.5))
+assert stats.l0.shape == (N,) and stats.fire_count.shape == (F,) and stats.l0.mean() > 0
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True)
+    peak_mib = int(out.stdout.split()[-1])
+    assert peak_mib < 1024, f"peak RSS {peak_mib} MiB for a 2048 MiB tokens x latents matrix"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_triton_on_gpu_never_allocates_tokens_by_latents():
+    N, d, F = 1 << 16, 256, 1 << 17  # N x F float32 = 32 GiB
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    W_enc = (torch.randn(d, F, device="cuda", generator=g) / d**0.5).to(torch.bfloat16)
+    W_dec = (torch.randn(F, d, device="cuda", generator=g) / F**0.5).to(torch.bfloat16)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    stats = sae_stats(x, W_enc, torch.zeros(F, device="cuda"), W_dec, torch.zeros(d, device="cuda"),
+                      activation="jumprelu", threshold=torch.full((F,), 3.0, device="cuda"))
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < N * F * 4 / 16
+    ref = sae_stats(x[:4096], W_enc, torch.zeros(F, device="cuda"), W_dec, torch.zeros(d, device="cuda"),
+                    activation="jumprelu", threshold=torch.full((F,), 3.0, device="cuda"), backend="reference")
+    assert torch.equal(stats.l0[:4096], ref.l0)
