@@ -1,7 +1,7 @@
 """Helper run as a separate process by the tests: writes the given blocks of a test store.
 
 usage: writer_process.py STORE BLOCKS [HANG_KEY SENTINEL]
-With HANG_KEY, the process stops for good in the middle of writing that key (its temporary file half done),
+With HANG_KEY, the process stops for good in the middle of writing that key (its temporary file half written),
 after creating SENTINEL, so that the test can SIGKILL it there.
 """
 
@@ -21,19 +21,20 @@ def main() -> None:
     """Write blocks, optionally hanging mid-chunk."""
     store, blocks = sys.argv[1], [int(b) for b in sys.argv[2].split(",")]
     if len(sys.argv) > 3:
-        hang_key, sentinel = sys.argv[3], sys.argv[4]
-        real_fsync = os.fsync
+        hang_key, sentinel = Path(sys.argv[3]), sys.argv[4]
+        real_write = os.write
 
-        def fsync_then_hang(fd: int) -> None:
-            target, key = Path(os.readlink(f"/proc/self/fd/{fd}")), Path(hang_key)
-            # the temporary file of HANG_KEY is ".<name>.<random>.partial" beside it
-            if str(target.parent).endswith(str(key.parent)) and target.name.startswith(f".{key.name}.") and \
-                    target.name.endswith(sink.PARTIAL_SUFFIX):
+        def write_half_then_hang(fd: int, data) -> int:
+            target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            # the temporary file of HANG_KEY is ".<name>.<host>.<pid>.<random>.partial" beside it
+            if str(target.parent).endswith(str(hang_key.parent)) and target.name.startswith(f".{hang_key.name}.") \
+                    and target.name.endswith(sink.PARTIAL_SUFFIX):
+                real_write(fd, bytes(data)[: len(data) // 2])
                 Path(sentinel).touch()
                 time.sleep(3600)
-            real_fsync(fd)
+            return real_write(fd, data)
 
-        sink.os.fsync = fsync_then_hang
+        sink.os.write = write_half_then_hang
     with StoreWriter.open_or_create(store, small_schema(capacity=32), {"model": "test"}, threads=2) as writer:
         write_blocks(writer, blocks)
 
