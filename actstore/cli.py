@@ -65,6 +65,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_adapter(args: argparse.Namespace) -> int:
+    """Train an adapter (see jobs/train_adapter.py)."""
+    from jobs.train_adapter import main as train_main
+
+    argv = ["--config", args.config] + (["--out", args.out] if args.out else []) + (["--resume"] if args.resume else [])
+    train_main(argv + (["--steps", str(args.steps)] if args.steps is not None else []))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="actstore", description=__doc__)
@@ -77,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--threads", type=int, default=4)
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("train-adapter", help="train the linear adapter of a VLM (torchrun -m jobs.train_adapter for DDP)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--steps", type=int, default=None)
+    p.set_defaults(func=cmd_train_adapter)
     p = sub.add_parser("demo", help="run the embedded demo on a CPU")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)

@@ -65,3 +65,20 @@ def bits(a: np.ndarray) -> np.ndarray:
 def store_path(tmp_path):
     """A fresh store location."""
     return tmp_path / "store.zarr"
+
+
+@pytest.fixture(scope="session")
+def miniature() -> dict:
+    """The embedded miniature's local model paths (built once per machine, cached)."""
+    from actstore.miniature import build_miniature
+
+    return build_miniature()
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(miniature):
+    """An AdapterVLM over the miniature, with a fresh (untrained) adapter."""
+    from actstore.models import AdapterVLM
+
+    torch.manual_seed(0)
+    return AdapterVLM.from_pretrained(miniature["vision"], miniature["lm"])

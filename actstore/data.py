@@ -1,0 +1,120 @@
+"""Image-caption data from disk through ``datasets``: image folders with metadata, parquet / arrow files with an
+image and a text column, and LLaVA-style JSON conversations. Images that cannot be decoded are skipped, counted and
+listed, never a crash of a long job."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SOURCES = ("world", "imagefolder", "parquet", "arrow", "llava_json")
+
+
+@dataclass
+class SkipLog:
+    """Examples that were skipped, and why."""
+
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    _seen: set[str] = field(default_factory=set, repr=False)
+
+    def add(self, example_id: str, reason: str) -> None:
+        """Record a skipped example (once, however often an epoch loop meets it)."""
+        if example_id not in self._seen:
+            self._seen.add(example_id)
+            self.skipped.append({"id": example_id, "reason": reason})
+
+    def __len__(self) -> int:
+        return len(self.skipped)
+
+
+def decode_image(value: Any, base_dir: Path | None = None):  # -> PIL.Image.Image
+    """A PIL RGB image from a PIL image, a path, bytes, or a datasets ``{"bytes", "path"}`` dict."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict):
+        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(_path(value["path"], base_dir))
+    elif isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    else:
+        image = Image.open(_path(str(value), base_dir))
+    image.load()  # decode now, so a corrupt file fails here and not later in the batch
+    return image.convert("RGB")
+
+
+def _path(path: str, base_dir: Path | None) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or base_dir is None else base_dir / p
+
+
+def open_dataset(source: str, path: str, split: str = "train") -> Any:
+    """The ``datasets`` dataset of a source (memory-mapped, random access), images left undecoded."""
+    import datasets
+
+    if source not in SOURCES or source == "world":
+        raise ValueError(f"data source must be one of {SOURCES[1:]} here, got {source!r}")
+    if source == "llava_json":
+        records = json.loads(Path(path).read_text())
+        rows = [{"id": str(r.get("id", i)), "image": r.get("image"), "text": _llava_answer(r)}
+                for i, r in enumerate(records)]
+        return datasets.Dataset.from_list(rows)
+    kwargs = {"data_dir": path} if source == "imagefolder" else {"data_files": {split: str(Path(path))}}
+    ds = datasets.load_dataset(source, split=split, **kwargs)
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Image):  # we decode, so that a corrupt image is a skip, not a crash
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+    return ds
+
+
+def _llava_answer(record: dict[str, Any]) -> str:
+    turns = record.get("conversations") or []
+    answers = [t.get("value", "") for t in turns if t.get("from") in ("gpt", "assistant")]
+    return answers[0].strip() if answers else ""
+
+
+def check_columns(columns: list[str], image_column: str, text_column: str, where: str) -> None:
+    """Raise a clear error when the image or text column is missing."""
+    missing = [c for c in (image_column, text_column) if c not in columns]
+    if missing:
+        raise ValueError(f"{where}: no column {' or '.join(repr(m) for m in missing)}; the columns found are {columns}. "
+                         "Set data.image_column / data.text_column")
+
+
+class ImageTextSource:
+    """Random access to image-caption examples; ``source[i]`` is ``{"image_id", "image", "caption"}``, or None
+    (recorded in ``skips``) when the image cannot be decoded."""
+
+    def __init__(self, ds: Any, image_column: str, text_column: str, base_dir: Path | None = None,
+                 where: str = "dataset") -> None:
+        check_columns(list(ds.column_names), image_column, text_column, where)
+        self.ds, self.image_column, self.text_column, self.base_dir = ds, image_column, text_column, base_dir
+        self.skips = SkipLog()
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        row = self.ds[int(i)]
+        example_id = str(row.get("id", row.get("image_id", i)))
+        try:
+            image = decode_image(row[self.image_column], self.base_dir)
+        except Exception as exc:  # PIL raises many types for bad files; each is a skip, not a crash
+            self.skips.add(example_id, f"{type(exc).__name__}: {exc}")
+            return None
+        return {"image_id": example_id, "image": image, "caption": str(row[self.text_column])}
+
+
+def image_text_source(section: Any, split: str, limit: int | None = None) -> ImageTextSource:
+    """The examples of a config's data section (``source``, ``path``, columns), the first ``limit`` of them."""
+    if section.path is None:
+        raise ValueError(f"data.source {section.source!r} needs data.path")
+    ds = open_dataset(section.source, section.path, split)
+    if limit is not None and limit < len(ds):
+        ds = ds.select(range(limit))
+    if section.source == "llava_json":
+        return ImageTextSource(ds, "image", "text", Path(section.path).parent, where=section.path)
+    return ImageTextSource(ds, section.image_column, section.text_column, where=section.path)

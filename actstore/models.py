@@ -1,0 +1,270 @@
+"""The model under study: a frozen vision tower -> a trained linear adapter (per patch) -> a frozen causal LM.
+
+Input template (one sequence per image)::
+
+    [BOS] [prompt_prefix tokens] [image tokens: adapter(vision patches)] [text tokens] [EOS if training]
+
+``text`` is the caption when training the adapter (the loss is on the text tokens and EOS only) and the prompt
+when harvesting. Every batch reports where the image tokens and the text tokens are, so the harvester reads the
+residual stream at exactly those positions. Only ``adapter`` has trainable parameters; the vision tower and the LM
+are frozen and always run in eval mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class AdapterConfig:
+    """Identity and shape of an adapter: which vision tower and LM it connects, and how."""
+
+    vision: str
+    lm: str
+    d_vision: int
+    d_model: int
+    vision_layer: int = -1
+    keep_cls: bool = False
+    prompt_prefix: str = ""
+    vision_revision: str | None = None
+    lm_revision: str | None = None
+    template: str = "[BOS] [prompt_prefix] [image tokens] [text] [EOS when training]"
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class VLMBatch:
+    """A batch laid out by the template, with the positions of image and text tokens."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    input_ids: torch.Tensor  # image slots hold pad ids; use image_positions to find them
+    image_positions: torch.Tensor  # (B, T_image) sequence positions of the image tokens
+    text_mask: torch.Tensor  # (B, S) True at the text tokens (prompt or caption, not BOS/prefix/EOS/padding)
+    text_lengths: list[int] = field(default_factory=list)
+
+    def text_positions(self, i: int) -> torch.Tensor:
+        """Sequence positions of the text tokens of example ``i``."""
+        return self.text_mask[i].nonzero().flatten()
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Turn off gradients of every parameter and put the module in eval mode."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def _load_hint(kind: str, name: str, exc: Exception) -> OSError:
+    return OSError(
+        f"could not load the {kind} {name!r}: {exc}\nHint: without network access, pass a local directory that "
+        "holds the model (save_pretrained) or pre-fill the Hugging Face cache; `actstore demo` needs no download."
+    )
+
+
+def load_vision_tower(name: str, revision: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The vision encoder of a CLIP / SigLIP (or any AutoModel) checkpoint."""
+    from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
+
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision)
+        cls = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel, "siglip": SiglipVisionModel,
+               "siglip_vision_model": SiglipVisionModel}.get(config.model_type, AutoModel)
+        return cls.from_pretrained(name, revision=revision, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise _load_hint("vision tower", name, exc) from exc
+
+
+def load_lm(name: str, revision: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """A causal LM checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype, attn_implementation="eager")
+    except (OSError, ValueError) as exc:
+        raise _load_hint("language model", name, exc) from exc
+
+
+class AdapterVLM(nn.Module):
+    """Frozen vision tower + trainable ``nn.Linear(d_vision, d_model)`` per patch + frozen causal LM."""
+
+    def __init__(
+        self, vision: nn.Module, lm: nn.Module, tokenizer: Any, image_processor: Callable[..., Any],
+        config: AdapterConfig, adapter: nn.Linear | None = None,
+    ) -> None:
+        super().__init__()
+        self.vision = freeze(vision)
+        self.lm = freeze(lm)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config
+        self.adapter = adapter if adapter is not None else nn.Linear(config.d_vision, config.d_model)
+        if (self.adapter.in_features, self.adapter.out_features) != (config.d_vision, config.d_model):
+            raise ValueError(
+                f"adapter maps {self.adapter.in_features} -> {self.adapter.out_features}, but the vision tower gives "
+                f"d_vision={config.d_vision} and the LM has d_model={config.d_model}"
+            )
+        self._has_cls = getattr(vision.config, "model_type", "").startswith("clip")
+
+    # ---- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, vision: str, lm: str, adapter: str | Path | None = None, *, vision_layer: int = -1,
+        keep_cls: bool = False, prompt_prefix: str = "", dtype: torch.dtype | None = None,
+        vision_revision: str | None = None, lm_revision: str | None = None,
+    ) -> "AdapterVLM":
+        """Load the vision tower, LM, tokenizer and image processor with transformers; an adapter folder if given."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        vision_model = load_vision_tower(vision, vision_revision, dtype)
+        lm_model = load_lm(lm, lm_revision, dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(lm, revision=lm_revision)
+            processor = AutoImageProcessor.from_pretrained(vision, revision=vision_revision)
+        except (OSError, ValueError) as exc:
+            raise _load_hint("tokenizer / image processor of", f"{lm} / {vision}", exc) from exc
+        vcfg = getattr(vision_model.config, "vision_config", vision_model.config)
+        config = AdapterConfig(
+            vision=vision, lm=lm, d_vision=vcfg.hidden_size, d_model=lm_model.config.hidden_size,
+            vision_layer=vision_layer, keep_cls=keep_cls, prompt_prefix=prompt_prefix,
+            vision_revision=vision_revision, lm_revision=lm_revision,
+        )
+        model = cls(vision_model, lm_model, tokenizer, processor, config)
+        if adapter is not None:
+            model.load_adapter(adapter)
+        return model
+
+    def train(self, mode: bool = True) -> "AdapterVLM":
+        """Only the adapter changes mode; the frozen towers stay in eval (no dropout, fixed norms)."""
+        self.training = mode
+        self.adapter.train(mode)
+        self.vision.eval()
+        self.lm.eval()
+        return self
+
+    # ---- adapter files ----------------------------------------------------------------------------------------
+    def save_adapter(self, directory: str | Path) -> str:
+        """Write ``adapter.safetensors`` + ``adapter_config.json``; returns the weights' sha256."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
+        save_file(state, str(directory / ADAPTER_WEIGHTS))
+        (directory / ADAPTER_CONFIG).write_text(json.dumps(self.config.to_json(), indent=2))
+        return adapter_sha256(directory)
+
+    def load_adapter(self, directory: str | Path) -> None:
+        """Load adapter weights saved by :meth:`save_adapter`, refusing ones made for other dimensions."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        saved = json.loads((directory / ADAPTER_CONFIG).read_text())
+        if (saved["d_vision"], saved["d_model"]) != (self.config.d_vision, self.config.d_model):
+            raise ValueError(
+                f"adapter in {directory} maps d_vision={saved['d_vision']} -> d_model={saved['d_model']} "
+                f"({saved['vision']} -> {saved['lm']}), but this model needs {self.config.d_vision} -> "
+                f"{self.config.d_model} ({self.config.vision} -> {self.config.lm})"
+            )
+        state = load_file(str(directory / ADAPTER_WEIGHTS))
+        self.adapter.load_state_dict({k: v.to(self.adapter.weight.dtype) for k, v in state.items()})
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the adapter lives."""
+        return self.adapter.weight.device
+
+    def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
+        """Preprocess PIL images / HxWx3 arrays with the vision tower's own image processor."""
+        values = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return values.to(self.device, dtype=next(self.vision.parameters()).dtype)
+
+    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, T_image, d_model): the adapter applied to each patch of the chosen vision hidden state."""
+        with torch.no_grad():
+            states = self.vision(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+            patches = states[self.config.vision_layer]
+            if self._has_cls and not self.config.keep_cls:
+                patches = patches[:, 1:]
+        return self.adapter(patches.to(self.adapter.weight.dtype))
+
+    def build_batch(
+        self, pixel_values: torch.Tensor, texts: Sequence[str], *, add_eos: bool = False,
+        image_embeds: torch.Tensor | None = None,
+    ) -> VLMBatch:
+        """Lay out [BOS][prefix][image][text][EOS?] per example, right-padded, with labels on text (+EOS)."""
+        tok = self.tokenizer
+        embed = self.lm.get_input_embeddings()
+        img = self.image_embeds(pixel_values) if image_embeds is None else image_embeds
+        B, T = img.shape[:2]
+        prefix = tok(self.config.prompt_prefix, add_special_tokens=False)["input_ids"] if self.config.prompt_prefix else []
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        texts_ids = [tok(t, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if add_eos else [])
+                     for t in texts]
+        head = len(bos) + len(prefix)
+        S = head + T + max(len(t) for t in texts_ids)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        input_ids = torch.full((B, S), pad, dtype=torch.long)
+        attention = torch.zeros((B, S), dtype=torch.long)
+        labels = torch.full((B, S), -100, dtype=torch.long)
+        text_mask = torch.zeros((B, S), dtype=torch.bool)
+        for i, ids in enumerate(texts_ids):
+            input_ids[i, :head] = torch.tensor(bos + prefix, dtype=torch.long)
+            input_ids[i, head + T : head + T + len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention[i, : head + T + len(ids)] = 1
+            labels[i, head + T : head + T + len(ids)] = torch.tensor(ids, dtype=torch.long)
+            n_text = len(ids) - (1 if add_eos else 0)
+            text_mask[i, head + T : head + T + n_text] = True
+        input_ids, attention, labels, text_mask = (t.to(self.device) for t in (input_ids, attention, labels, text_mask))
+        with torch.no_grad():
+            embeds = embed(input_ids)
+        image_positions = torch.arange(head, head + T, device=self.device).expand(B, T)
+        embeds = torch.cat([embeds[:, :head], img.to(embeds.dtype), embeds[:, head + T :]], dim=1)
+        return VLMBatch(embeds, attention, labels, input_ids, image_positions, text_mask,
+                        [len(t) - (1 if add_eos else 0) for t in texts_ids])
+
+    def forward(self, batch: VLMBatch, output_hidden_states: bool = False) -> Any:
+        """The LM on the batch; ``.loss`` is the mean next-token loss over text (and EOS) tokens."""
+        return self.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, labels=batch.labels,
+                       output_hidden_states=output_hidden_states)
+
+    def token_losses(self, batch: VLMBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of next-token losses over the labelled tokens, and their number (for exact global averaging)."""
+        logits = self.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
+        shifted = batch.labels[:, 1:]
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100,
+            reduction="sum",
+        )
+        return loss, (shifted != -100).sum()
+
+
+def adapter_sha256(directory: str | Path) -> str:
+    """sha256 of a saved adapter's weights file (the store's provenance records it)."""
+    return hashlib.sha256((Path(directory) / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
+
+
+def llava_positions(input_ids: torch.Tensor, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a LLaVA-family model: (B, T_image) positions of the expanded image tokens and a (B, S) mask of the other,
+    non-padding text tokens' positions is left to the caller; this returns image positions and the image mask."""
+    mask = input_ids == image_token_id
+    counts = mask.sum(1)
+    if (counts != counts[0]).any():
+        raise ValueError(f"examples have different numbers of image tokens: {counts.tolist()}")
+    positions = mask.nonzero()[:, 1].reshape(input_ids.shape[0], -1)
+    return positions, mask

@@ -1,0 +1,328 @@
+"""Train the linear adapter of an AdapterVLM: next-token loss on caption tokens only, adapter parameters only.
+
+    actstore train-adapter --config jobs/configs/demo.yaml [--out DIR] [--resume]
+    torchrun --nproc-per-node N -m jobs.train_adapter --config ... [--resume]
+
+Each optimizer step takes a global batch of ``batch_size`` examples chosen as a function of the step alone, splits
+it over ranks and micro-batches, and normalises the loss by the global number of caption tokens, so N processes
+compute the same update as one, and a resumed run the same as an uninterrupted one. Only the adapter's gradients
+are all-reduced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from actstore import world
+from actstore.models import AdapterVLM
+
+
+@dataclass
+class ModelSection:
+    """Which towers to connect: a hub name / local path each, or ``miniature`` for the embedded default."""
+
+    vision: str = "miniature"
+    lm: str = "miniature"
+    vision_layer: int = -1
+    keep_cls: bool = False
+    prompt_prefix: str = ""
+    dtype: str = "float32"
+
+
+@dataclass
+class DataSection:
+    """Training data: the generated ``world`` or a dataset on disk (see actstore.data)."""
+
+    source: str = "world"
+    path: str | None = None
+    image_column: str = "image"
+    text_column: str = "caption"
+    n_train: int = 4096
+    n_eval: int = 256
+    seed: int = 0
+
+
+@dataclass
+class TrainSection:
+    """Optimisation."""
+
+    steps: int = 300
+    batch_size: int = 32
+    micro_batch: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    checkpoint_every: int = 100
+    eval_every: int = 100
+    bf16: bool = True
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """A train-adapter job (YAML: sections model, data, train, and out)."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    out: str = "runs/adapter"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        """Load and validate a YAML config; unknown keys are errors that name the key."""
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.from_dict(raw, where=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> "TrainConfig":
+        """Build from a dict, naming unknown keys."""
+        sections = {"model": ModelSection, "data": DataSection, "train": TrainSection}
+        unknown = set(raw) - set(sections) - {"out"}
+        if unknown:
+            raise ValueError(f"{where}: unknown top-level keys {sorted(unknown)}; expected {sorted(sections)} and out")
+        built = {}
+        for name, section in sections.items():
+            values = raw.get(name) or {}
+            bad = set(values) - set(section.__dataclass_fields__)
+            if bad:
+                raise ValueError(f"{where}: unknown keys in '{name}': {sorted(bad)}; "
+                                 f"allowed: {sorted(section.__dataclass_fields__)}")
+            built[name] = section(**values)
+        cfg = cls(**built, out=raw.get("out", cls.out))
+        if cfg.train.batch_size % cfg.train.micro_batch and cfg.train.micro_batch < cfg.train.batch_size:
+            raise ValueError(f"{where}: train.micro_batch must divide train.batch_size")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (recorded in checkpoints and stores)."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+# ---- model and data --------------------------------------------------------------------------------------------
+def build_model(section: ModelSection, adapter: str | Path | None = None, log=print) -> AdapterVLM:
+    """The AdapterVLM a config names; ``miniature`` builds (once) and loads the embedded tiny towers."""
+    vision, lm = section.vision, section.lm
+    if "miniature" in (vision, lm):
+        from actstore.miniature import build_miniature
+
+        paths = build_miniature(log=log)
+        vision = paths["vision"] if vision == "miniature" else vision
+        lm = paths["lm"] if lm == "miniature" else lm
+    dtype = getattr(torch, section.dtype)
+    return AdapterVLM.from_pretrained(vision, lm, adapter, vision_layer=section.vision_layer,
+                                      keep_cls=section.keep_cls, prompt_prefix=section.prompt_prefix, dtype=dtype)
+
+
+def load_examples(section: DataSection, split: str) -> Any:
+    """Training or held-out examples (a list, or a lazy source whose undecodable items read as None)."""
+    n = section.n_train if split == "train" else section.n_eval
+    if section.source == "world":
+        return world.generate(n, seed=section.seed + (0 if split == "train" else 7919))
+    from actstore.data import image_text_source
+
+    return image_text_source(section, split, limit=n)
+
+
+def report_skips(examples: Any, log=print) -> None:
+    """Log the examples skipped for undecodable images, if any."""
+    skips = getattr(examples, "skips", None)
+    if skips:
+        log(f"[data] skipped {len(skips)} undecodable image(s): "
+            + ", ".join(f"{s['id']} ({s['reason']})" for s in skips.skipped[:10]) + (" ..." if len(skips) > 10 else ""))
+
+
+def blank_like(image: Any) -> Any:
+    """A black image of the same size and kind (numpy array or PIL image)."""
+    if hasattr(image, "size") and hasattr(image, "mode"):
+        from PIL import Image
+
+        return Image.new("RGB", image.size)
+    return image * 0
+
+
+def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The global batch of ``step``: epoch-wise permutations, so every example is seen once per epoch."""
+    per_epoch = max(1, n_examples // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return order[k * batch_size : (k + 1) * batch_size].tolist()
+
+
+# ---- distributed ---------------------------------------------------------------------------------------------
+def dist_info() -> tuple[int, int]:
+    """(rank, world size), initialising the process group under torchrun."""
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (identity in one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def caption_loss(vlm: AdapterVLM, examples: list[dict[str, Any]], *, blank: bool = False, batch: int = 64) -> float:
+    """Mean next-token loss per caption token on ``examples``; ``blank`` feeds an empty (black) image instead."""
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch):
+        chunk = examples[start : start + batch]
+        images = [blank_like(r["image"]) if blank else r["image"] for r in chunk]
+        b = vlm.build_batch(vlm.pixel_values(images), [r["caption"] for r in chunk], add_eos=True)
+        loss, n = vlm.token_losses(b)
+        total, count = total + float(loss), count + int(n)
+    return total / max(count, 1)
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+def lr_factor(step: int, cfg: TrainSection) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint under ``out/checkpoints``."""
+    done = sorted((p for p in (out / "checkpoints").glob("step-*") if (p / "state.pt").exists()),
+                  key=lambda p: int(p.name.split("-")[1]))
+    return done[-1] if done else None
+
+
+def save_checkpoint(vlm: AdapterVLM, opt: torch.optim.Optimizer, sched: Any, step: int, out: Path,
+                    cfg: TrainConfig) -> Path:
+    """Adapter files + optimizer/scheduler state, written to a temporary folder and renamed when complete."""
+    final = out / "checkpoints" / f"step-{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    vlm.save_adapter(tmp)
+    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "config": cfg.to_dict()}, tmp / "state.pt")
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None, log=print) -> dict[str, Any]:
+    """Run the job (``stop_after`` steps at most, as if stopped there); returns the adapter, its hash, the losses."""
+    from tqdm import tqdm
+
+    rank, world_size = dist_info()
+    say = log if rank == 0 else (lambda *_: None)
+    torch.manual_seed(cfg.train.seed)
+    vlm = build_model(cfg.model, log=say)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    vlm.to(device)
+    vlm.train()
+    train_set = load_examples(cfg.data, "train")
+    eval_set = [e for e in load_examples(cfg.data, "eval") if e is not None]
+    t = cfg.train
+    if t.batch_size % world_size:
+        raise ValueError(f"train.batch_size {t.batch_size} must be divisible by the {world_size} processes")
+    opt = torch.optim.AdamW(vlm.adapter.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))
+    out = Path(cfg.out)
+    start = 0
+    if resume and (ckpt := latest_checkpoint(out)) is not None:
+        vlm.load_adapter(ckpt)
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = state["step"]
+        say(f"[train] resumed from {ckpt} at step {start}")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.bf16 and device.type == "cuda")
+    history = []
+    # disable=None: a live bar on a terminal, none in logs
+    bar = tqdm(range(start, t.steps), disable=None if rank == 0 else True, desc="train-adapter", initial=start,
+               total=t.steps)
+    clock = time.perf_counter()
+    for step in bar:
+        global_batch = batch_indices(len(train_set), t.batch_size, step, t.seed)
+        mine = global_batch[rank::world_size]
+        micro = [mine[i : i + t.micro_batch] for i in range(0, len(mine), t.micro_batch)]
+        batches = []
+        for m in micro:
+            examples = [e for e in (train_set[i] for i in m) if e is not None]  # undecodable images are skipped
+            if examples:
+                batches.append(vlm.build_batch(vlm.pixel_values([e["image"] for e in examples]),
+                                               [e["caption"] for e in examples], add_eos=True))
+        tokens = all_reduce_sum(torch.tensor(float(sum(int((b.labels[:, 1:] != -100).sum()) for b in batches))))
+        if float(tokens) == 0:  # every image of this global batch was undecodable (all ranks agree: summed)
+            continue
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for b in batches:
+            with autocast:
+                loss_sum, _ = vlm.token_losses(b)
+            (loss_sum / tokens).backward()
+            step_loss += loss_sum.item()
+        for p in vlm.adapter.parameters():
+            all_reduce_sum(p.grad)
+        opt.step()
+        sched.step()
+        loss = float(all_reduce_sum(torch.tensor(step_loss))) / float(tokens)
+        history.append(loss)
+        rate = (step + 1 - start) * t.batch_size / (time.perf_counter() - clock)
+        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}")
+        done = step + 1
+        if rank == 0 and (done % t.checkpoint_every == 0 or done == t.steps):
+            save_checkpoint(vlm, opt, sched, done, out, cfg)
+        if done % t.eval_every == 0 or done == t.steps:
+            say(f"[train] step {done}: train loss {loss:.3f}, held-out caption loss {caption_loss(vlm, eval_set):.3f}")
+        if stop_after is not None and done >= stop_after:
+            if rank == 0:
+                save_checkpoint(vlm, opt, sched, done, out, cfg)
+            return {"steps": done, "stopped": True}
+    report_skips(train_set, say)
+    result = {"steps": t.steps, "train_loss": history[-1] if history else None,
+              "skipped": list(getattr(getattr(train_set, "skips", None), "skipped", []))}
+    if rank == 0:
+        final = out / "adapter"
+        result["adapter_sha256"] = vlm.save_adapter(final)
+        result["adapter"] = str(final)
+        result["eval_loss"] = caption_loss(vlm, eval_set)
+        say(f"[train] adapter saved to {final} (sha256 {result['adapter_sha256'][:12]})")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command-line entry (also what ``actstore train-adapter`` runs)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--steps", type=int, default=None, help="override train.steps")
+    args = parser.parse_args(argv)
+    cfg = TrainConfig.from_yaml(args.config)
+    if args.out:
+        cfg.out = args.out
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    return train(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""AdapterVLM: the template's positions, frozen towers, adapter files, load errors; positions in a tiny LLaVA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actstore import world
+from actstore.models import AdapterVLM, adapter_sha256, llava_positions
+
+PROMPTS = ["describe the image .", "one red circle", "what do you see ?", "this is a picture of"]
+
+
+@pytest.mark.parametrize("prefix", ["", "this is a picture of :"])
+def test_positions_follow_the_template(miniature, prefix):
+    vlm = AdapterVLM.from_pretrained(miniature["vision"], miniature["lm"], prompt_prefix=prefix)
+    tok = vlm.tokenizer
+    rows = world.generate(len(PROMPTS), seed=3)
+    pixels = vlm.pixel_values([r["image"] for r in rows])
+    batch = vlm.build_batch(pixels, PROMPTS)
+    n_prefix = len(tok(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+    T = 16  # 32x32 image, 8x8 patches, CLS dropped
+    for i, prompt in enumerate(PROMPTS):
+        expected = tok(prompt, add_special_tokens=False)["input_ids"]
+        text_positions = batch.text_positions(i)
+        assert batch.input_ids[i, text_positions].tolist() == expected
+        assert text_positions.tolist() == list(range(1 + n_prefix + T, 1 + n_prefix + T + len(expected)))
+        assert batch.image_positions[i].tolist() == list(range(1 + n_prefix, 1 + n_prefix + T))
+        assert batch.input_ids[i, 0] == tok.bos_token_id
+        assert int(batch.attention_mask[i].sum()) == 1 + n_prefix + T + len(expected)
+    # The embeddings at image positions are the adapter applied to the vision patches (CLS dropped).
+    with torch.no_grad():
+        patches = vlm.vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+        torch.testing.assert_close(batch.inputs_embeds[0, batch.image_positions[0]], vlm.adapter(patches)[0])
+    assert (batch.labels == -100).all() or batch.labels[batch.labels != -100].numel() > 0
+
+
+def test_labels_cover_text_and_eos_only(tiny_vlm):
+    rows = world.generate(2, seed=4)
+    batch = tiny_vlm.build_batch(tiny_vlm.pixel_values([r["image"] for r in rows]), [r["caption"] for r in rows],
+                                 add_eos=True)
+    for i, row in enumerate(rows):
+        labelled = (batch.labels[i] != -100).nonzero().flatten()
+        ids = tiny_vlm.tokenizer(row["caption"], add_special_tokens=False)["input_ids"]
+        assert batch.labels[i, labelled].tolist() == ids + [tiny_vlm.tokenizer.eos_token_id]
+        assert labelled[0] == batch.text_positions(i)[0]
+
+
+def test_towers_are_frozen(tiny_vlm):
+    assert all(not p.requires_grad for p in tiny_vlm.vision.parameters())
+    assert all(not p.requires_grad for p in tiny_vlm.lm.parameters())
+    assert all(p.requires_grad for p in tiny_vlm.adapter.parameters())
+    tiny_vlm.train()
+    assert not tiny_vlm.vision.training and not tiny_vlm.lm.training and tiny_vlm.adapter.training
+    tiny_vlm.eval()
+
+
+def test_adapter_files_roundtrip_and_refuse_other_dims(tiny_vlm, miniature, tmp_path):
+    digest = tiny_vlm.save_adapter(tmp_path / "a")
+    assert digest == adapter_sha256(tmp_path / "a") and len(digest) == 64
+    other = AdapterVLM.from_pretrained(miniature["vision"], miniature["lm"], adapter=tmp_path / "a")
+    assert torch.equal(other.adapter.weight, tiny_vlm.adapter.weight)
+    wrong = AdapterVLM(tiny_vlm.vision, tiny_vlm.lm, tiny_vlm.tokenizer, tiny_vlm.image_processor,
+                       tiny_vlm.config, adapter=None)
+    wrong.config = type(tiny_vlm.config)(**{**tiny_vlm.config.to_json(), "d_model": 128})
+    with pytest.raises(ValueError, match="maps d_vision=64 -> d_model=64 .* needs 64 -> 128"):
+        wrong.load_adapter(tmp_path / "a")
+
+
+def test_unloadable_model_gives_a_hint(monkeypatch, miniature):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="Hint: without network access"):
+        AdapterVLM.from_pretrained(miniature["vision"], "no-such-org/no-such-lm")
+
+
+def test_llava_image_positions_match_its_expanded_image_tokens():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    image_token = 99
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4),
+        image_token_index=image_token, vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    prompts = [[1, 5, 6], [1, 7]]
+    ids = torch.tensor([p + [image_token] * 16 + [8, 9, 10][: 5 - len(p)] for p in prompts])
+    positions, mask = llava_positions(ids, image_token)
+    assert positions.tolist() == [list(range(3, 19)), list(range(2, 18))]
+    with torch.no_grad():  # LLaVA itself refuses image tokens that do not match its image features one to one
+        out = model(input_ids=ids, pixel_values=torch.randn(2, 3, 32, 32), output_hidden_states=True)
+    assert mask.sum() == 2 * (32 // 8) ** 2  # 16 patch features per image ("default" drops CLS)
+    assert out.hidden_states[0].shape[1] == ids.shape[1]
+    with pytest.raises(ValueError, match="different numbers of image tokens"):
+        llava_positions(torch.tensor([[image_token, 1], [1, 2]]), image_token)

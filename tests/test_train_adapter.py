@@ -1,0 +1,133 @@
+"""Adapter training on the miniature: it learns image information, resumes exactly, and DDP equals one process."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from jobs.train_adapter import TrainConfig, build_model, caption_loss, load_examples, train
+
+ROOT = Path(__file__).parents[1]
+
+
+def small_config(out: Path, **train) -> TrainConfig:
+    """The demo config with a short schedule."""
+    cfg = TrainConfig.from_yaml(ROOT / "jobs" / "configs" / "demo.yaml")
+    cfg.out = str(out)
+    cfg.data.n_train, cfg.data.n_eval = 2048, 128
+    for key, value in {"steps": 20, "batch_size": 16, "micro_batch": 8, "checkpoint_every": 10, "eval_every": 1000,
+                       "warmup_steps": 5, **train}.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def test_adapter_learns_image_information(miniature, tmp_path):
+    cfg = small_config(tmp_path, steps=200, batch_size=32, micro_batch=32, eval_every=100, checkpoint_every=100)
+    eval_set = load_examples(cfg.data, "eval")
+    untrained = caption_loss(build_model(cfg.model), eval_set)
+    result = train(cfg)
+    trained = build_model(cfg.model, adapter=result["adapter"])
+    held_out = caption_loss(trained, eval_set)
+    blank = caption_loss(trained, eval_set, blank=True)
+    assert held_out == pytest.approx(result["eval_loss"])
+    assert held_out < untrained - 1.0, (held_out, untrained)  # (a) far below the untrained adapter
+    assert held_out < blank - 0.3, (held_out, blank)  # (b) the image matters: blank images do much worse
+
+
+def test_training_leaves_the_towers_bit_identical(miniature, tmp_path):
+    from actstore.models import AdapterVLM
+
+    cfg = small_config(tmp_path, steps=5)
+    result = train(cfg)
+    fresh = AdapterVLM.from_pretrained(miniature["vision"], miniature["lm"])
+    trained = build_model(cfg.model, adapter=result["adapter"])
+    before = {**fresh.vision.state_dict(), **{f"lm.{k}": v for k, v in fresh.lm.state_dict().items()}}
+    after = {**trained.vision.state_dict(), **{f"lm.{k}": v for k, v in trained.lm.state_dict().items()}}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(fresh.adapter.weight, trained.adapter.weight)
+
+
+def _adapter(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "adapter.safetensors"))
+
+
+def test_resume_equals_uninterrupted(miniature, tmp_path):
+    whole = train(small_config(tmp_path / "whole"))
+    cfg = small_config(tmp_path / "resumed")
+    assert train(cfg, stop_after=10)["stopped"]
+    resumed = train(cfg, resume=True)
+    a, b = _adapter(whole["adapter"]), _adapter(resumed["adapter"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_ddp_processes_match_one(miniature, tmp_path):
+    cfg = small_config(tmp_path / "one", steps=6)
+    single = train(cfg)
+    config_path = tmp_path / "ddp.yaml"
+    raw = cfg.to_dict()
+    raw["out"] = str(tmp_path / "two")
+    config_path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+                    "-m", "jobs.train_adapter", "--config", str(config_path)], check=True, timeout=600, env=env,
+                   cwd=ROOT)
+    a, b = _adapter(single["adapter"]), _adapter(tmp_path / "two" / "adapter")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_config_validation_names_the_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {vision: miniature, lm: miniature, layer: 3}\n")
+    with pytest.raises(ValueError, match=r"unknown keys in 'model': \['layer'\]"):
+        TrainConfig.from_yaml(bad)
+    real = TrainConfig.from_yaml(ROOT / "jobs" / "configs" / "gemma2-2b-siglip.yaml")
+    assert real.model.lm == "google/gemma-2-2b" and real.train.batch_size % real.train.micro_batch == 0
+
+
+def _parquet_with_a_corrupt_image(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from actstore import world
+
+    rows = world.generate(6, seed=9)
+    images = []
+    for r in rows:
+        buf = io.BytesIO()
+        Image.fromarray(r["image"]).save(buf, format="PNG")
+        images.append({"bytes": buf.getvalue(), "path": None})
+    images[2] = {"bytes": b"\x89PNG not really an image", "path": None}
+    table = pa.table({"id": [f"ex{i}" for i in range(6)], "image": images, "caption": [r["caption"] for r in rows]})
+    pq.write_table(table, path)
+
+
+def test_corrupt_images_are_skipped_and_listed(miniature, tmp_path):
+    data = tmp_path / "data.parquet"
+    _parquet_with_a_corrupt_image(data)
+    cfg = small_config(tmp_path / "run", steps=2, batch_size=6, micro_batch=6)
+    cfg.data.source, cfg.data.path, cfg.data.n_train, cfg.data.n_eval = "parquet", str(data), 6, 6
+    result = train(cfg)
+    assert [s["id"] for s in result["skipped"]] == ["ex2"]
+    assert "UnidentifiedImageError" in result["skipped"][0]["reason"]
+
+
+def test_missing_text_column_names_the_columns(tmp_path):
+    from actstore.data import image_text_source
+
+    data = tmp_path / "data.parquet"
+    _parquet_with_a_corrupt_image(data)
+    cfg = small_config(tmp_path / "run")
+    cfg.data.source, cfg.data.path, cfg.data.text_column = "parquet", str(data), "text"
+    with pytest.raises(ValueError, match=r"no column 'text'; the columns found are \['id', 'image', 'caption'\]"):
+        image_text_source(cfg.data, "train")
