@@ -74,6 +74,15 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_harvest(args: argparse.Namespace) -> int:
+    """Harvest residual streams into a store (see jobs/harvest.py)."""
+    from jobs.harvest import main as harvest_main
+
+    argv = ["--config", args.config, "--out", args.out] + (["--adapter", args.adapter] if args.adapter else [])
+    harvest_main(argv + (["--n-images", str(args.n_images)] if args.n_images is not None else []))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="actstore", description=__doc__)
@@ -92,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--steps", type=int, default=None)
     p.set_defaults(func=cmd_train_adapter)
+    p = sub.add_parser("harvest", help="harvest residual streams into a store (torchrun -m jobs.harvest for many GPUs)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--n-images", type=int, default=None)
+    p.set_defaults(func=cmd_harvest)
     p = sub.add_parser("demo", help="run the embedded demo on a CPU")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)

@@ -1,5 +1,6 @@
-"""``actstore demo``: the main job. Until the model and harvester land, it builds the store the miniature study
-will fill, with synthetic activations (clearly marked as such), and shows it through ``info`` and xarray."""
+"""``actstore demo``: the main job. The miniature study end to end on a CPU: build the tiny ViT and LM (once,
+cached), train the linear adapter, harvest image- and text-token residuals of every layer into a store, and show
+the store through ``info`` and xarray. (SAE training, analysis and the report come with the analysis issue.)"""
 
 from __future__ import annotations
 
@@ -10,53 +11,41 @@ import numpy as np
 
 import actstore
 from actstore.integrity import store_info
-from actstore.schema import StoreSchema
-from actstore.writer import StoreWriter, TextTokens
+from jobs.harvest import HarvestConfig, run_harvest
+from jobs.train_adapter import TrainConfig, train
 
-# Shapes of the embedded miniature: a tiny LM (4 blocks -> 5 residual states), 16 image tokens, d_model 64.
-DEMO_SCHEMA = StoreSchema(
-    layers=tuple(range(5)), image_tokens=16, d_model=64, capacity=256, block_images=32, text_tokens_per_image=8
-)
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
-def build_synthetic_store(path: Path, schema: StoreSchema = DEMO_SCHEMA, n_images: int = 256, seed: int = 0) -> None:
-    """Write ``n_images`` images of random bf16 activations (and text tokens) into a new store at ``path``."""
-    rng = np.random.default_rng(seed)
-    provenance = {"model": "synthetic (placeholder until the harvester lands)", "dataset": "synthetic"}
-    with StoreWriter.create(path, schema, provenance, overwrite=True) as writer:
-        for block in writer.missing_blocks(n_images):
-            images = writer.block_images(block)
-            n = min(len(images), n_images - images.start)
-            resid = rng.standard_normal((len(schema.layers), n, schema.image_tokens, schema.d_model), dtype=np.float32)
-            tokens = schema.text_tokens_per_image
-            text = TextTokens(
-                resid=rng.standard_normal((len(schema.layers), n * tokens, schema.d_model), dtype=np.float32).astype(
-                    schema.numpy_dtype
-                ),
-                image=np.repeat(np.arange(n), tokens),
-                position=np.tile(np.arange(tokens) + schema.image_tokens + 1, n),
-                token_id=rng.integers(0, 100, n * tokens),
-            )
-            ids = [f"synthetic-{i:05d}" for i in range(images.start, images.start + n)]
-            writer.submit_block(block, resid.astype(schema.numpy_dtype), ids, ["Describe the image."] * n, text)
-
-
-def run_demo(out: str = "runs/demo") -> Path:
-    """Build the demo store under ``out`` and print what it holds."""
+def run_demo(out: str = "runs/demo", config: str | Path = DEMO_CONFIG) -> Path:
+    """Run the miniature study under ``out``; returns the store's path."""
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    path = root / "activations.zarr"
-    if path.exists():
-        shutil.rmtree(path)
-    print(f"[demo] writing a synthetic store of the miniature's shape to {path}")
-    build_synthetic_store(path)
-    info = store_info(path)
-    print(f"[demo] {info['images']} images, {info['blocks_complete']}/{info['blocks_total']} blocks, "
-          f"{info['bytes_logical'] / 2**20:.1f} MiB logical, ratio {info['compression_ratio']:.2f}")
-    print(f"[demo] integrity: {info['verdict']}")
-    ds = actstore.open(path)
-    mean_norm = float(np.linalg.norm(ds.image_resid.sel(layer=2).isel(image=0).values.astype(np.float32), axis=-1).mean())
-    print(f"[demo] xarray: ds.image_resid.sel(layer=2).isel(image=0) -> mean token norm {mean_norm:.2f}")
-    print("[demo] placeholder: the model, harvester and analysis issues replace the synthetic activations with "
-          "the miniature VLM's residual stream and add the SAE report")
-    return path
+    adapter = root / "adapter" / "adapter"
+    if (adapter / "adapter.safetensors").exists():
+        print(f"[demo] 1-2/3 using the trained adapter in {adapter} (delete it to retrain)")
+    else:
+        print("[demo] 1/3 building the tiny ViT and LM (cached after the first run) and training the adapter")
+        cfg = TrainConfig.from_yaml(config)
+        cfg.out = str(root / "adapter")
+        result = train(cfg)
+        print(f"[demo] 2/3 adapter trained: held-out caption loss {result['eval_loss']:.3f}")
+    store = root / "activations.zarr"
+    if store.exists():
+        shutil.rmtree(store)  # the demo rebuilds its store, so a retrained adapter never meets an old one
+    print(f"[demo] 3/3 harvesting every layer's residuals at image and text tokens into {store}")
+    harvest = HarvestConfig.from_yaml(config)
+    harvest.adapter = str(adapter)
+    run_harvest(harvest, str(store))
+    info = store_info(store)
+    print(f"[demo] store: {info['images']} images, {info['text_tokens']} text tokens, "
+          f"{info['bytes_logical'] / 2**20:.1f} MiB logical, compression ratio {info['compression_ratio']:.2f}; "
+          f"integrity: {info['verdict']}")
+    ds = actstore.open(store)
+    image_norm = np.linalg.norm(ds.image_resid.values.astype(np.float32), axis=-1).mean(axis=(1, 2))
+    text_norm = np.linalg.norm(ds.text_resid.values.astype(np.float32), axis=-1).mean(axis=1)
+    print("[demo] mean residual norm by layer (image tokens / text tokens):")
+    for state, a, b in zip(ds.layer.values, image_norm, text_norm):
+        print(f"         state {state}: {a:7.2f} / {b:7.2f}")
+    print(f"[demo] done. Query it: python -c \"import actstore; print(actstore.open('{store}'))\"")
+    return store

@@ -24,6 +24,7 @@ import yaml
 
 from actstore import world
 from actstore.models import AdapterVLM
+from jobs.config import parse_sections
 
 
 @dataclass
@@ -87,18 +88,10 @@ class TrainConfig:
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> "TrainConfig":
         """Build from a dict, naming unknown keys."""
         sections = {"model": ModelSection, "data": DataSection, "train": TrainSection}
-        unknown = set(raw) - set(sections) - {"out"}
+        unknown = set(raw) - set(sections) - {"out", "harvest", "adapter"}  # the last two belong to the harvest job
         if unknown:
             raise ValueError(f"{where}: unknown top-level keys {sorted(unknown)}; expected {sorted(sections)} and out")
-        built = {}
-        for name, section in sections.items():
-            values = raw.get(name) or {}
-            bad = set(values) - set(section.__dataclass_fields__)
-            if bad:
-                raise ValueError(f"{where}: unknown keys in '{name}': {sorted(bad)}; "
-                                 f"allowed: {sorted(section.__dataclass_fields__)}")
-            built[name] = section(**values)
-        cfg = cls(**built, out=raw.get("out", cls.out))
+        cfg = cls(**parse_sections(raw, sections, where), out=raw.get("out", cls.out))
         if cfg.train.batch_size % cfg.train.micro_batch and cfg.train.micro_batch < cfg.train.batch_size:
             raise ValueError(f"{where}: train.micro_batch must divide train.batch_size")
         return cfg

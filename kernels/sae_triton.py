@@ -269,7 +269,7 @@ def sae_stats_triton(
 ) -> SAEStats:
     """:func:`kernels.reference.sae_stats_reference`, computed by the fused kernels."""
     check_sae_inputs(x, W_enc, b_enc, W_dec, b_dec, activation, threshold, k, apply_b_dec_to_input)
-    N, F = x.shape[0], W_enc.shape[1]
+    F = W_enc.shape[1]
     c = _encode_bias(W_enc, b_enc, b_dec, apply_b_dec_to_input)
     if activation == "topk":
         l0, codes_idx, codes_val, fire, act_sum, packed = _topk_codes(x, W_enc, c, k, feature_stats)

@@ -1,18 +1,24 @@
-"""The main job runs and leaves a valid store."""
+"""The main job runs the miniature study and leaves a valid store of real residuals."""
 
 import numpy as np
 
 import actstore
 from actstore.integrity import store_info, verify
-from jobs.demo import DEMO_SCHEMA, run_demo
+from jobs.demo import run_demo
 
 
-def test_demo_builds_a_valid_store(tmp_path, capsys):
+def test_demo_runs_end_to_end(miniature, tmp_path, capsys):
     path = run_demo(out=str(tmp_path / "demo"))
-    assert "integrity: OK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "integrity: OK" in out and "state 4" in out
     info = store_info(path)
-    assert info["images"] == 256 and info["blocks_complete"] == info["blocks_total"]
+    assert info["images"] == 512 and info["blocks_complete"] == info["blocks_total"]
+    assert info["provenance"]["adapter_sha256"]
     assert verify(path).ok
     ds = actstore.open(path)
-    assert ds.image_resid.shape == (len(DEMO_SCHEMA.layers), 256, DEMO_SCHEMA.image_tokens, DEMO_SCHEMA.d_model)
+    assert ds.image_resid.shape == (5, 512, 16, 64) and ds.text_resid.shape[1] == 512 * 4
     assert np.isfinite(ds.image_resid.sel(layer=4).values.astype(np.float32)).all()
+    # a rerun reuses the trained adapter and rebuilds the same store
+    again = run_demo(out=str(tmp_path / "demo"))
+    np.testing.assert_array_equal(actstore.open(again).image_resid.values.view(np.uint16),
+                                  ds.image_resid.values.view(np.uint16))

@@ -69,6 +69,7 @@ def test_adapter_files_roundtrip_and_refuse_other_dims(tiny_vlm, miniature, tmp_
 
 def test_unloadable_model_gives_a_hint(monkeypatch, miniature):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read at import; no network retries
     with pytest.raises(OSError, match="Hint: without network access"):
         AdapterVLM.from_pretrained(miniature["vision"], "no-such-org/no-such-lm")
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import actstore
 from actstore.integrity import verify
 from actstore.schema import image_chunk_key
 from actstore.writer import StoreWriter
+from writer_process import kill_at_hang_point
 from conftest import bits, small_schema, write_blocks
 
 HELPER = str(Path(__file__).parent / "writer_process.py")
@@ -48,13 +47,7 @@ def test_sigkill_mid_block_then_resume(tmp_path):
     path, sentinel = tmp_path / "killed.zarr", tmp_path / "hanging"
     hang_key = image_chunk_key(1, 2)  # layer index 1 of block 2: layer 0 of that block is already written
     proc = subprocess.Popen([sys.executable, HELPER, str(path), "0,1,2,3", hang_key, str(sentinel)])
-    deadline = time.time() + 120
-    while not sentinel.exists():
-        assert proc.poll() is None, "writer exited before reaching the hang point"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_hang_point(proc, sentinel)
 
     assert list(path.rglob("*.partial")), "the kill should have left a half-written temporary file"
     writer = StoreWriter.open(path)  # reopening removes the killed writer's temporary files

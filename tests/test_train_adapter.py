@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -131,3 +132,39 @@ def test_missing_text_column_names_the_columns(tmp_path):
     cfg.data.source, cfg.data.path, cfg.data.text_column = "parquet", str(data), "text"
     with pytest.raises(ValueError, match=r"no column 'text'; the columns found are \['id', 'image', 'caption'\]"):
         image_text_source(cfg.data, "train")
+
+
+def test_llava_json_and_imagefolder_sources(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from actstore import world
+    from actstore.data import image_text_source
+
+    rows = world.generate(3, seed=11)
+    (tmp_path / "images").mkdir()
+    for i, r in enumerate(rows):
+        Image.fromarray(r["image"]).save(tmp_path / "images" / f"{i}.png")
+    records = [{"id": f"l{i}", "image": f"images/{i}.png",
+                "conversations": [{"from": "human", "value": "<image>\nRender a caption."},
+                                  {"from": "gpt", "value": r["caption"]}]} for i, r in enumerate(rows)]
+    records.append({"id": "gone", "image": "images/missing.png", "conversations": [{"from": "gpt", "value": "x"}]})
+    (tmp_path / "chat.json").write_text(json.dumps(records))
+    cfg = small_config(tmp_path / "run")
+    cfg.data.source, cfg.data.path = "llava_json", str(tmp_path / "chat.json")
+    source = image_text_source(cfg.data, "train")
+    got = [source[i] for i in range(len(source))]
+    assert [g["caption"] for g in got[:3]] == [r["caption"] for r in rows]
+    assert np.array_equal(np.asarray(got[1]["image"]), rows[1]["image"])
+    assert got[3] is None and source.skips.skipped[0]["id"] == "gone"
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, r in enumerate(rows):
+        Image.fromarray(r["image"]).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "caption": r["caption"]}) + "\n"
+                                                   for i, r in enumerate(rows)))
+    cfg.data.source, cfg.data.path = "imagefolder", str(folder)
+    source = image_text_source(cfg.data, "train")
+    assert sorted(source[i]["caption"] for i in range(len(source))) == sorted(r["caption"] for r in rows)

@@ -17,24 +17,41 @@ from actstore.writer import StoreWriter  # noqa: E402
 from conftest import small_schema, write_blocks  # noqa: E402
 
 
+def install_hang(hang_key: Path, sentinel: str) -> None:
+    """Make this process stop for good halfway through writing ``hang_key``'s temporary file."""
+    real_write = os.write
+
+    def write_half_then_hang(fd: int, data) -> int:
+        target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        # the temporary file of HANG_KEY is ".<name>.<host>.<pid>.<random>.partial" beside it
+        if str(target.parent).endswith(str(hang_key.parent)) and target.name.startswith(f".{hang_key.name}.") \
+                and target.name.endswith(sink.PARTIAL_SUFFIX):
+            real_write(fd, bytes(data)[: len(data) // 2])
+            Path(sentinel).touch()
+            time.sleep(3600)
+        return real_write(fd, data)
+
+    sink.os.write = write_half_then_hang
+
+
+def kill_at_hang_point(proc, sentinel: Path, timeout: float = 300) -> None:
+    """SIGKILL ``proc`` once it has reached its hang point (``sentinel`` exists)."""
+    import signal
+
+    deadline = time.time() + timeout
+    while not sentinel.exists():
+        assert proc.poll() is None, "the process exited before reaching its hang point"
+        assert time.time() < deadline, "the process never reached its hang point"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def main() -> None:
     """Write blocks, optionally hanging mid-chunk."""
     store, blocks = sys.argv[1], [int(b) for b in sys.argv[2].split(",")]
     if len(sys.argv) > 3:
-        hang_key, sentinel = Path(sys.argv[3]), sys.argv[4]
-        real_write = os.write
-
-        def write_half_then_hang(fd: int, data) -> int:
-            target = Path(os.readlink(f"/proc/self/fd/{fd}"))
-            # the temporary file of HANG_KEY is ".<name>.<host>.<pid>.<random>.partial" beside it
-            if str(target.parent).endswith(str(hang_key.parent)) and target.name.startswith(f".{hang_key.name}.") \
-                    and target.name.endswith(sink.PARTIAL_SUFFIX):
-                real_write(fd, bytes(data)[: len(data) // 2])
-                Path(sentinel).touch()
-                time.sleep(3600)
-            return real_write(fd, data)
-
-        sink.os.write = write_half_then_hang
+        install_hang(Path(sys.argv[3]), sys.argv[4])
     with StoreWriter.open_or_create(store, small_schema(capacity=32), {"model": "test"}, threads=2) as writer:
         write_blocks(writer, blocks)
 

@@ -1,0 +1,144 @@
+"""The harvester engine: run images (and their prompts) through the frozen model and stream the residual stream at
+image-token and text-token positions, for every selected layer, into a store.
+
+Layer convention: state 0 is the input of the first decoder block (the embedding output, after any embedding
+scaling the model applies, e.g. Gemma's sqrt(d_model)); state i is the output of block i. States are captured with
+forward hooks on the decoder blocks, which gather only the image and text positions on the device. This equals
+transformers' ``output_hidden_states`` for states 0..L-1 bit for bit; for state L transformers returns the output of
+the final norm instead, while we store the residual itself (what residual-stream SAEs such as Gemma Scope read).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from actstore.models import AdapterVLM, VLMBatch
+from actstore.writer import StoreWriter, TextTokens
+
+
+@dataclass
+class HarvestStats:
+    """What a harvest did and where its time went."""
+
+    images: int = 0
+    text_tokens: int = 0
+    blocks: int = 0
+    bytes_logical: int = 0
+    seconds_forward: float = 0.0
+    seconds_copy: float = 0.0
+    seconds_write_wait: float = 0.0
+    seconds_total: float = 0.0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One paragraph for the end of a job."""
+        total = max(self.seconds_total, 1e-9)
+        return (
+            f"{self.images} images, {self.text_tokens} text tokens, {self.blocks} blocks, "
+            f"{self.bytes_logical / 1e9:.3f} GB logical in {total:.1f} s ({self.images / total:.1f} images/s, "
+            f"{self.bytes_logical / total / 1e9:.3f} GB/s); forward {self.seconds_forward:.1f} s, copy "
+            f"{self.seconds_copy:.1f} s, waiting for the writer {self.seconds_write_wait:.1f} s; "
+            f"{len(self.skipped)} image(s) skipped"
+        )
+
+
+def decoder_of(lm: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (with ``.layers``) of a causal LM."""
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.base_model
+    if not hasattr(decoder, "layers"):
+        inner = getattr(decoder, "h", None)  # GPT-2 names its blocks `h`
+        if inner is None:
+            raise ValueError(f"cannot find the decoder blocks of {type(lm).__name__}")
+        return _Blocks(decoder, inner)
+    return decoder
+
+
+class _Blocks:
+    def __init__(self, decoder: torch.nn.Module, blocks: Any) -> None:
+        self.decoder, self.layers = decoder, blocks
+
+
+def n_states(lm: torch.nn.Module) -> int:
+    """Number of residual states: blocks + 1."""
+    return len(decoder_of(lm).layers) + 1
+
+
+@contextmanager
+def capture_states(
+    lm: torch.nn.Module, states: Sequence[int], image_positions: torch.Tensor, text_index: tuple[torch.Tensor, ...]
+) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Hooks that store, per requested state, (image rows (B, T, d), text rows (m, d)) gathered on the device."""
+    blocks = decoder_of(lm).layers
+    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    rows, cols = text_index
+    batch = torch.arange(image_positions.shape[0], device=image_positions.device)[:, None]
+
+    def keep(state: int, hidden: torch.Tensor) -> None:
+        got[state] = (hidden[batch, image_positions], hidden[rows, cols])
+
+    handles = []
+    if 0 in states:
+        def pre_hook(module, args, kwargs):  # noqa: ANN001 - torch hook signature
+            keep(0, args[0] if args else kwargs["hidden_states"])
+        handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+    for i, block in enumerate(blocks):
+        if i + 1 in states:
+            def hook(module, args, output, state=i + 1):  # noqa: ANN001
+                keep(state, output[0] if isinstance(output, tuple) else output)
+            handles.append(block.register_forward_hook(hook))
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def forward_states(vlm: AdapterVLM, batch: VLMBatch, states: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residuals of ``states`` at the batch's image positions (S, B, T, d) and text positions (S, m, d)."""
+    text_index = batch.text_mask.nonzero(as_tuple=True)
+    with torch.inference_mode(), capture_states(vlm.lm, states, batch.image_positions, text_index) as got:
+        decoder = decoder_of(vlm.lm)
+        decoder = decoder.decoder if isinstance(decoder, _Blocks) else decoder
+        decoder(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=False)
+    missing = [s for s in states if s not in got]
+    if missing:
+        raise RuntimeError(f"states {missing} were not produced by the forward pass")
+    return torch.stack([got[s][0] for s in states]), torch.stack([got[s][1] for s in states])
+
+
+def harvest_block(
+    vlm: AdapterVLM, writer: StoreWriter, block: int, examples: Sequence[dict[str, Any]], prompts: Sequence[str],
+    states: Sequence[int], batch_size: int, stats: HarvestStats,
+) -> Any:
+    """Run one block's images through the model and hand its activations to the writer (returns its future)."""
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[writer.schema.dtype]
+    images, texts, text_image, text_pos, text_ids = [], [], [], [], []
+    for start in range(0, len(examples), batch_size):
+        part = examples[start : start + batch_size]
+        t0 = time.perf_counter()
+        batch = vlm.build_batch(vlm.pixel_values([e["image"] for e in part]), prompts[start : start + batch_size])
+        img, txt = forward_states(vlm, batch, states)
+        t1 = time.perf_counter()
+        images.append(img.to(dtype).to("cpu", non_blocking=False))
+        texts.append(txt.to(dtype).to("cpu", non_blocking=False))
+        rows, cols = batch.text_mask.nonzero(as_tuple=True)
+        text_image.append(rows.cpu() + start)
+        text_pos.append(cols.cpu())
+        text_ids.append(batch.input_ids[rows, cols].cpu())
+        stats.seconds_forward += t1 - t0
+        stats.seconds_copy += time.perf_counter() - t1
+    image_resid = torch.cat(images, dim=1)
+    text = TextTokens(torch.cat(texts, dim=1), torch.cat(text_image), torch.cat(text_pos), torch.cat(text_ids))
+    t2 = time.perf_counter()
+    future = writer.submit_block(block, image_resid, [e["image_id"] for e in examples], list(prompts), text)
+    stats.seconds_write_wait += time.perf_counter() - t2  # submit blocks only when too many blocks are in flight
+    stats.images += len(examples)
+    stats.text_tokens += int(text.resid.shape[1])
+    stats.blocks += 1
+    stats.bytes_logical += image_resid.numel() * image_resid.element_size() + text.resid.numel() * text.resid.element_size()
+    return future

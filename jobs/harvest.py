@@ -1,0 +1,163 @@
+"""Harvest residual streams into a store.
+
+    actstore harvest --config jobs/configs/demo.yaml --out STORE
+    torchrun --nproc-per-node N -m jobs.harvest --config ... --out STORE
+
+Each process takes the missing blocks ``b`` with ``b % world_size == rank``; rank 0 creates the store and the others
+wait for it. Rerunning the same command after a crash writes only the missing blocks; a run with another model,
+adapter, data or harvest setting into the same store is refused with the list of differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from actstore.errors import NotAStoreError
+from actstore.harvest import HarvestStats, harvest_block, n_states
+from actstore.models import adapter_sha256
+from actstore.schema import StoreSchema
+from actstore.writer import StoreWriter
+from jobs.config import parse_sections
+from jobs.train_adapter import DataSection, ModelSection, build_model, load_examples
+
+
+@dataclass
+class HarvestSection:
+    """What to capture and how to store it."""
+
+    layers: list[int] | None = None  # residual states; None = all (0 .. n_blocks)
+    prompt: str = "describe the image ."  # "{caption}" feeds each image's caption
+    n_images: int = 512
+    block_images: int = 32
+    batch_size: int = 32
+    dtype: str = "bfloat16"
+    codec: str = "zstd"
+    clevel: int = 1
+    chunk_images: int | None = None
+    text_tokens_per_image: int = 16
+    threads: int | None = None
+
+
+@dataclass
+class HarvestConfig:
+    """A harvest job (YAML sections model, data, harvest; ``adapter`` is the trained adapter's folder)."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    harvest: HarvestSection = field(default_factory=HarvestSection)
+    adapter: str | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "HarvestConfig":
+        """Load the harvest-relevant sections of a job YAML (other sections, e.g. ``train``, are ignored)."""
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        sections = {"model": ModelSection, "data": DataSection, "harvest": HarvestSection}
+        return cls(**parse_sections(raw, sections, str(path)), adapter=raw.get("adapter"))
+
+
+def wait_for_store(location: str, timeout: float = 600.0) -> None:
+    """Block until rank 0 has created the store at ``location``."""
+    from actstore.location import open_zarr_store
+    from actstore.writer import open_group, read_attributes
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            read_attributes(open_group(open_zarr_store(location, read_only=True), location, "r"), location)
+            return
+        except NotAStoreError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def run_harvest(cfg: HarvestConfig, out: str, *, log=print) -> dict[str, Any]:
+    """Harvest this process's share of the missing blocks into ``out``."""
+    from tqdm import tqdm
+
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    say = log if rank == 0 else (lambda *_: None)
+    h = cfg.harvest
+    vlm = build_model(cfg.model, adapter=cfg.adapter, log=say)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    vlm.to(device).eval()
+    if device.type == "cuda" and cfg.model.dtype == "float32":
+        vlm.to(torch.bfloat16)  # inference in bf16 on GPUs, the store's dtype
+    data = DataSection(**{**asdict(cfg.data), "n_train": h.n_images})
+    examples = load_examples(data, "train")
+    states = h.layers if h.layers is not None else list(range(n_states(vlm.lm)))
+    probe = vlm.image_embeds(vlm.pixel_values([next(e for e in examples if e is not None)["image"]]))
+    schema = StoreSchema(
+        layers=tuple(states), image_tokens=probe.shape[1], d_model=probe.shape[2], dtype=h.dtype, capacity=h.n_images,
+        block_images=h.block_images, chunk_images=h.chunk_images, text_tokens_per_image=h.text_tokens_per_image,
+        codec=h.codec, clevel=h.clevel,
+    )
+    provenance = {
+        "model": {"vision": cfg.model.vision, "lm": cfg.model.lm, "vision_layer": cfg.model.vision_layer,
+                  "keep_cls": cfg.model.keep_cls, "prompt_prefix": cfg.model.prompt_prefix, "dtype": cfg.model.dtype},
+        "adapter_sha256": adapter_sha256(cfg.adapter) if cfg.adapter else None,
+        "dataset": {k: v for k, v in asdict(data).items() if k not in ("n_eval",)},
+        "harvest": {k: v for k, v in asdict(h).items() if k not in ("threads",)},
+    }
+    if rank == 0:
+        writer = StoreWriter.open_or_create(out, schema, provenance, threads=h.threads)
+    else:
+        wait_for_store(out)
+        writer = StoreWriter.open(out, schema, provenance, threads=h.threads)
+    todo = [b for b in writer.missing_blocks(h.n_images) if b % world_size == rank]
+    say(f"[harvest] {len(states)} states x {schema.image_tokens} image tokens x d_model {schema.d_model} -> {out}; "
+        f"{len(todo)} block(s) to write on rank 0 of {world_size}")
+    stats = HarvestStats()
+    start = time.perf_counter()
+    futures = []
+    bar = tqdm(todo, disable=None if rank == 0 else True, desc="harvest", unit="block")
+    for block in bar:
+        indices = [i for i in writer.block_images(block) if i < len(examples)]
+        # Undecodable images are skipped (listed below); the block holds the others, named by their image_id.
+        chosen = [e for e in (examples[i] for i in indices) if e is not None]
+        if not chosen:
+            raise ValueError(f"every image of block {block} (dataset rows {indices[0]}..{indices[-1]}) is undecodable")
+        prompts = [h.prompt.format(caption=e["caption"]) for e in chosen]
+        futures.append(harvest_block(vlm, writer, block, chosen, prompts, states, h.batch_size, stats))
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(img_s=f"{stats.images / elapsed:.1f}", GB_s=f"{stats.bytes_logical / elapsed / 1e9:.3f}")
+    t0 = time.perf_counter()
+    for f in futures:
+        f.result()
+    writer.close()
+    stats.seconds_write_wait += time.perf_counter() - t0
+    stats.seconds_total = time.perf_counter() - start
+    stats.skipped = list(getattr(getattr(examples, "skips", None), "skipped", []))
+    if stats.skipped:
+        log(f"[harvest] rank {rank} skipped {len(stats.skipped)} undecodable image(s): "
+            + ", ".join(f"{s['id']} ({s['reason']})" for s in stats.skipped[:10]))
+    say(f"[harvest] rank {rank}: {stats.summary()}")
+    return {"store": out, "stats": asdict(stats), "blocks": todo}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command-line entry (also what ``actstore harvest`` runs)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True, help="store path or fsspec URL")
+    parser.add_argument("--adapter", default=None, help="trained adapter folder (overrides the config's)")
+    parser.add_argument("--n-images", type=int, default=None)
+    args = parser.parse_args(argv)
+    cfg = HarvestConfig.from_yaml(args.config)
+    if args.adapter:
+        cfg.adapter = args.adapter
+    if args.n_images is not None:
+        cfg.harvest.n_images = args.n_images
+    return run_harvest(cfg, args.out)
+
+
+if __name__ == "__main__":
+    main()

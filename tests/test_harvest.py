@@ -1,0 +1,129 @@
+"""The harvester: stored residuals equal transformers' hidden states; several processes, crashes and resumes give
+the same store as one uninterrupted run; a different job into the same store is refused."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import actstore
+from actstore.errors import SchemaMismatchError
+from actstore.integrity import verify
+from actstore.schema import image_chunk_key
+from jobs.harvest import HarvestConfig, run_harvest
+from jobs.train_adapter import build_model
+from writer_process import kill_at_hang_point
+
+ROOT = Path(__file__).parents[1]
+HELPER = str(Path(__file__).parent / "harvest_process.py")
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_vlm, tmp_path_factory):
+    """A fixed adapter, so that every process harvests with the same weights."""
+    path = tmp_path_factory.mktemp("adapter")
+    tiny_vlm.save_adapter(path)
+    return path
+
+
+def write_config(path: Path, adapter: Path, **harvest) -> Path:
+    raw = {"model": {"vision": "miniature", "lm": "miniature"}, "data": {"source": "world", "seed": 3},
+           "adapter": str(adapter),
+           "harvest": {"n_images": 40, "block_images": 8, "batch_size": 8, "dtype": "float32",
+                       "text_tokens_per_image": 8, **harvest}}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_stored_residuals_equal_hidden_states(adapter_dir, tmp_path):
+    cfg = HarvestConfig.from_yaml(write_config(tmp_path / "h.yaml", adapter_dir, n_images=16))
+    run_harvest(cfg, str(tmp_path / "s.zarr"))
+    ds = actstore.open(tmp_path / "s.zarr")
+    vlm = build_model(cfg.model, adapter=cfg.adapter)
+    from actstore import world
+
+    rows = world.generate(8, seed=3)  # block 0, the same batch the harvester ran
+    batch = vlm.build_batch(vlm.pixel_values([r["image"] for r in rows]), ["describe the image ."] * 8)
+    with torch.no_grad():
+        hidden = vlm.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                        output_hidden_states=True).hidden_states
+    last = len(hidden) - 1
+    assert list(ds.layer.values) == list(range(last + 1))
+    assert list(ds.image_id.values[:8]) == [r["image_id"] for r in rows]
+    final_norm = vlm.lm.get_decoder().norm
+    for state in range(last + 1):
+        stored = torch.from_numpy(ds.image_resid.sel(layer=state).values[:8])
+        want = hidden[state][torch.arange(8)[:, None], batch.image_positions]
+        if state == last:  # transformers' last hidden state is after the final norm; we store the residual itself
+            stored = final_norm(stored)
+        assert torch.equal(stored, want), f"image tokens, state {state}"
+        for i in range(8):
+            mine = (ds.text_image.values == i)
+            positions = torch.from_numpy(ds.text_position.values[mine]).long()
+            assert positions.tolist() == batch.text_positions(i).tolist()
+            text = torch.from_numpy(ds.text_resid.sel(layer=state).values[mine])
+            if state == last:
+                text = final_norm(text)
+            assert torch.equal(text, hidden[state][i, positions]), f"text tokens of image {i}, state {state}"
+            ids = ds.text_token_id.values[mine].tolist()
+            assert ids == vlm.tokenizer("describe the image .", add_special_tokens=False)["input_ids"]
+
+
+def _values(path: Path) -> dict[str, np.ndarray]:
+    ds = actstore.open(path)
+    return {name: ds[name].values for name in ("image_resid", "text_resid", "image_id", "text_image", "text_position")}
+
+
+def _assert_same_store(a: Path, b: Path) -> None:
+    va, vb = _values(a), _values(b)
+    for name in va:
+        np.testing.assert_array_equal(va[name], vb[name], err_msg=name)
+
+
+def test_two_torchrun_processes_equal_one(adapter_dir, tmp_path):
+    config = write_config(tmp_path / "h.yaml", adapter_dir)
+    run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "one.zarr"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29527",
+                    "-m", "jobs.harvest", "--config", str(config), "--out", str(tmp_path / "two.zarr")],
+                   check=True, timeout=600, env=env, cwd=ROOT)
+    assert verify(tmp_path / "two.zarr").ok
+    _assert_same_store(tmp_path / "one.zarr", tmp_path / "two.zarr")
+
+
+def test_sigkill_mid_harvest_then_rerun(adapter_dir, tmp_path):
+    config = write_config(tmp_path / "h.yaml", adapter_dir)
+    store, sentinel = tmp_path / "killed.zarr", tmp_path / "hanging"
+    proc = subprocess.Popen([sys.executable, HELPER, str(config), str(store), image_chunk_key(2, 3), str(sentinel)],
+                            cwd=ROOT)
+    kill_at_hang_point(proc, sentinel)
+    from actstore.writer import StoreWriter
+
+    assert 3 in StoreWriter.open(store).missing_blocks(40)  # the block being written when killed
+    assert actstore.open(store).sizes["image"] < 40
+    subprocess.run([sys.executable, "-m", "jobs.harvest", "--config", str(config), "--out", str(store)],
+                   check=True, timeout=600, cwd=ROOT)
+    run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "whole.zarr"))
+    assert verify(store).ok
+    _assert_same_store(store, tmp_path / "whole.zarr")
+
+
+def test_a_different_job_into_the_same_store_is_refused(adapter_dir, tmp_path):
+    run_harvest(HarvestConfig.from_yaml(write_config(tmp_path / "a.yaml", adapter_dir, n_images=8)),
+                str(tmp_path / "s.zarr"))
+    other = HarvestConfig.from_yaml(write_config(tmp_path / "b.yaml", adapter_dir, n_images=8,
+                                                 prompt="what do you see ?"))
+    with pytest.raises(SchemaMismatchError, match="provenance 'harvest'"):
+        run_harvest(other, str(tmp_path / "s.zarr"))
+
+
+def test_real_config_loads():
+    cfg = HarvestConfig.from_yaml(ROOT / "jobs" / "configs" / "gemma2-2b-siglip.yaml")
+    assert cfg.model.lm == "google/gemma-2-2b" and cfg.harvest.block_images == 16 and cfg.adapter
