@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from actstore.models import AdapterVLM, VLMBatch
+from actstore.models import VLMBatch
 from actstore.writer import StoreWriter, TextTokens
 
 
@@ -47,25 +47,18 @@ class HarvestStats:
         )
 
 
-def decoder_of(lm: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack (with ``.layers``) of a causal LM."""
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.base_model
-    if not hasattr(decoder, "layers"):
-        inner = getattr(decoder, "h", None)  # GPT-2 names its blocks `h`
-        if inner is None:
-            raise ValueError(f"cannot find the decoder blocks of {type(lm).__name__}")
-        return _Blocks(decoder, inner)
-    return decoder
-
-
-class _Blocks:
-    def __init__(self, decoder: torch.nn.Module, blocks: Any) -> None:
-        self.decoder, self.layers = decoder, blocks
+def decoder_blocks(lm: torch.nn.Module) -> Any:
+    """The list of decoder blocks of a causal LM (``layers`` in Llama/Gemma/Mistral, ``h`` in GPT-2)."""
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm
+    for name in ("layers", "h"):
+        if hasattr(decoder, name):
+            return getattr(decoder, name)
+    raise ValueError(f"cannot find the decoder blocks of {type(lm).__name__}")
 
 
 def n_states(lm: torch.nn.Module) -> int:
     """Number of residual states: blocks + 1."""
-    return len(decoder_of(lm).layers) + 1
+    return len(decoder_blocks(lm)) + 1
 
 
 @contextmanager
@@ -73,7 +66,7 @@ def capture_states(
     lm: torch.nn.Module, states: Sequence[int], image_positions: torch.Tensor, text_index: tuple[torch.Tensor, ...]
 ) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
     """Hooks that store, per requested state, (image rows (B, T, d), text rows (m, d)) gathered on the device."""
-    blocks = decoder_of(lm).layers
+    blocks = decoder_blocks(lm)
     got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     rows, cols = text_index
     batch = torch.arange(image_positions.shape[0], device=image_positions.device)[:, None]
@@ -98,13 +91,11 @@ def capture_states(
             h.remove()
 
 
-def forward_states(vlm: AdapterVLM, batch: VLMBatch, states: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_states(vlm: Any, batch: VLMBatch, states: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Residuals of ``states`` at the batch's image positions (S, B, T, d) and text positions (S, m, d)."""
     text_index = batch.text_mask.nonzero(as_tuple=True)
     with torch.inference_mode(), capture_states(vlm.lm, states, batch.image_positions, text_index) as got:
-        decoder = decoder_of(vlm.lm)
-        decoder = decoder.decoder if isinstance(decoder, _Blocks) else decoder
-        decoder(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=False)
+        vlm.run_decoder(batch)
     missing = [s for s in states if s not in got]
     if missing:
         raise RuntimeError(f"states {missing} were not produced by the forward pass")
@@ -112,7 +103,7 @@ def forward_states(vlm: AdapterVLM, batch: VLMBatch, states: Sequence[int]) -> t
 
 
 def harvest_block(
-    vlm: AdapterVLM, writer: StoreWriter, block: int, examples: Sequence[dict[str, Any]], prompts: Sequence[str],
+    vlm: Any, writer: StoreWriter, block: int, examples: Sequence[dict[str, Any]], prompts: Sequence[str],
     states: Sequence[int], batch_size: int, stats: HarvestStats,
 ) -> Any:
     """Run one block's images through the model and hand its activations to the writer (returns its future)."""
@@ -121,7 +112,7 @@ def harvest_block(
     for start in range(0, len(examples), batch_size):
         part = examples[start : start + batch_size]
         t0 = time.perf_counter()
-        batch = vlm.build_batch(vlm.pixel_values([e["image"] for e in part]), prompts[start : start + batch_size])
+        batch = vlm.prepare([e["image"] for e in part], prompts[start : start + batch_size])
         img, txt = forward_states(vlm, batch, states)
         t1 = time.perf_counter()
         images.append(img.to(dtype).to("cpu", non_blocking=False))

@@ -56,6 +56,7 @@ class VLMBatch:
     image_positions: torch.Tensor  # (B, T_image) sequence positions of the image tokens
     text_mask: torch.Tensor  # (B, S) True at the text tokens (prompt or caption, not BOS/prefix/EOS/padding)
     text_lengths: list[int] = field(default_factory=list)
+    pixel_values: torch.Tensor | None = None  # for models that place image features themselves (LLaVA)
 
     def text_positions(self, i: int) -> torch.Tensor:
         """Sequence positions of the text tokens of example ``i``."""
@@ -238,6 +239,14 @@ class AdapterVLM(nn.Module):
         return VLMBatch(embeds, attention, labels, input_ids, image_positions, text_mask,
                         [len(t) - (1 if add_eos else 0) for t in texts_ids])
 
+    def prepare(self, images: Sequence[Any], texts: Sequence[str]) -> VLMBatch:
+        """The batch for raw images and their prompts (what the harvester calls)."""
+        return self.build_batch(self.pixel_values(images), texts)
+
+    def run_decoder(self, batch: VLMBatch) -> None:
+        """Run the LM's decoder blocks on the batch (no LM head): what hooks on the blocks observe."""
+        self.lm.get_decoder()(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=False)
+
     def forward(self, batch: VLMBatch, output_hidden_states: bool = False) -> Any:
         """The LM on the batch; ``.loss`` is the mean next-token loss over text (and EOS) tokens."""
         return self.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, labels=batch.labels,
@@ -260,11 +269,74 @@ def adapter_sha256(directory: str | Path) -> str:
 
 
 def llava_positions(input_ids: torch.Tensor, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a LLaVA-family model: (B, T_image) positions of the expanded image tokens and a (B, S) mask of the other,
-    non-padding text tokens' positions is left to the caller; this returns image positions and the image mask."""
+    """(B, T_image) sequence positions of a LLaVA batch's expanded image tokens, and the (B, S) image-token mask."""
     mask = input_ids == image_token_id
     counts = mask.sum(1)
     if (counts != counts[0]).any():
         raise ValueError(f"examples have different numbers of image tokens: {counts.tolist()}")
     positions = mask.nonzero()[:, 1].reshape(input_ids.shape[0], -1)
     return positions, mask
+
+
+class LlavaVLM(nn.Module):
+    """A transformers LLaVA-family model (``LlavaForConditionalGeneration`` + its processor) as the model under study.
+
+    Template: the processor's expansion of ``prompt_template`` (default ``"<image>\n{text}"``). Image positions are
+    the expanded image tokens; text positions are the non-padding tokens after the last image token.
+    """
+
+    def __init__(self, model: nn.Module, processor: Any, prompt_template: str = "<image>\n{text}") -> None:
+        super().__init__()
+        self.model = freeze(model)
+        self.processor = processor
+        self.prompt_template = prompt_template
+        self.image_token_id = model.config.image_token_index
+
+    @classmethod
+    def from_pretrained(cls, name: str, *, revision: str | None = None, dtype: torch.dtype | None = None,
+                        prompt_template: str = "<image>\n{text}") -> "LlavaVLM":
+        """Load model and processor with transformers."""
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(name, revision=revision, dtype=dtype)
+            processor = AutoProcessor.from_pretrained(name, revision=revision)
+        except (OSError, ValueError) as exc:
+            raise _load_hint("LLaVA model", name, exc) from exc
+        return cls(model, processor, prompt_template)
+
+    @property
+    def lm(self) -> nn.Module:
+        """The language model (whose decoder blocks the harvester hooks)."""
+        return self.model.model.language_model
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives."""
+        return next(self.model.parameters()).device
+
+    def prepare(self, images: Sequence[Any], texts: Sequence[str]) -> VLMBatch:
+        """Tokenize the templated prompts, expand the image tokens, and locate image and text positions."""
+        prompts = [self.prompt_template.format(text=t) for t in texts]
+        enc = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
+        input_ids = enc["input_ids"].to(self.device)
+        attention = enc["attention_mask"].to(self.device)
+        positions, image_mask = llava_positions(input_ids, self.image_token_id)
+        after_image = torch.arange(input_ids.shape[1], device=self.device)[None, :] > positions[:, -1:]
+        text_mask = after_image & attention.bool()
+        return VLMBatch(
+            inputs_embeds=None, attention_mask=attention, labels=torch.full_like(input_ids, -100), input_ids=input_ids,
+            image_positions=positions, text_mask=text_mask, text_lengths=text_mask.sum(1).tolist(),
+            pixel_values=enc["pixel_values"].to(self.device, dtype=next(self.model.parameters()).dtype),
+        )
+
+    def run_decoder(self, batch: VLMBatch) -> None:
+        """LLaVA's own forward without the LM head: it places the image features, then runs the decoder blocks."""
+        self.model.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
+                         attention_mask=batch.attention_mask, use_cache=False)
+
+    def image_token_count(self) -> int:
+        """Image tokens per image."""
+        cfg = self.model.config.vision_config
+        n = (cfg.image_size // cfg.patch_size) ** 2
+        return n if self.model.config.vision_feature_select_strategy == "default" else n + 1

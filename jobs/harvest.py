@@ -94,15 +94,16 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log=print) -> dict[str, Any]:
     data = DataSection(**{**asdict(cfg.data), "n_train": h.n_images})
     examples = load_examples(data, "train")
     states = h.layers if h.layers is not None else list(range(n_states(vlm.lm)))
-    probe = vlm.image_embeds(vlm.pixel_values([next(e for e in examples if e is not None)["image"]]))
+    first = next(e for e in examples if e is not None)
+    probe = vlm.prepare([first["image"]], [h.prompt.format(caption=first["caption"])])
     schema = StoreSchema(
-        layers=tuple(states), image_tokens=probe.shape[1], d_model=probe.shape[2], dtype=h.dtype, capacity=h.n_images,
+        layers=tuple(states), image_tokens=probe.image_positions.shape[1], d_model=vlm.lm.config.hidden_size,
+        dtype=h.dtype, capacity=h.n_images,
         block_images=h.block_images, chunk_images=h.chunk_images, text_tokens_per_image=h.text_tokens_per_image,
         codec=h.codec, clevel=h.clevel,
     )
     provenance = {
-        "model": {"vision": cfg.model.vision, "lm": cfg.model.lm, "vision_layer": cfg.model.vision_layer,
-                  "keep_cls": cfg.model.keep_cls, "prompt_prefix": cfg.model.prompt_prefix, "dtype": cfg.model.dtype},
+        "model": asdict(cfg.model),
         "adapter_sha256": adapter_sha256(cfg.adapter) if cfg.adapter else None,
         "dataset": {k: v for k, v in asdict(data).items() if k not in ("n_eval",)},
         "harvest": {k: v for k, v in asdict(h).items() if k not in ("threads",)},

@@ -33,6 +33,7 @@ class ModelSection:
 
     vision: str = "miniature"
     lm: str = "miniature"
+    llava: str | None = None  # a LLaVA-family checkpoint instead of vision + adapter + lm (harvest only)
     vision_layer: int = -1
     keep_cls: bool = False
     prompt_prefix: str = ""
@@ -104,8 +105,13 @@ class TrainConfig:
 
 
 # ---- model and data --------------------------------------------------------------------------------------------
-def build_model(section: ModelSection, adapter: str | Path | None = None, log=print) -> AdapterVLM:
-    """The AdapterVLM a config names; ``miniature`` builds (once) and loads the embedded tiny towers."""
+def build_model(section: ModelSection, adapter: str | Path | None = None, log=print) -> Any:
+    """The model a config names: an AdapterVLM (``miniature`` builds and loads the embedded tiny towers), or a
+    LlavaVLM when ``llava`` names a checkpoint."""
+    if section.llava:
+        from actstore.models import LlavaVLM
+
+        return LlavaVLM.from_pretrained(section.llava, dtype=getattr(torch, section.dtype))
     vision, lm = section.vision, section.lm
     if "miniature" in (vision, lm):
         from actstore.miniature import build_miniature

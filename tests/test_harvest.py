@@ -127,3 +127,64 @@ def test_a_different_job_into_the_same_store_is_refused(adapter_dir, tmp_path):
 def test_real_config_loads():
     cfg = HarvestConfig.from_yaml(ROOT / "jobs" / "configs" / "gemma2-2b-siglip.yaml")
     assert cfg.model.lm == "google/gemma-2-2b" and cfg.harvest.block_images == 16 and cfg.adapter
+
+
+@pytest.fixture(scope="module")
+def tiny_llava_dir(tmp_path_factory):
+    """A randomly initialised LlavaForConditionalGeneration + LlavaProcessor over the miniature's tokenizer."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from actstore.miniature import build_tokenizer, image_processor
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    processor = LlavaProcessor(image_processor=image_processor(), tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                num_attention_heads=4, pad_token_id=tokenizer.pad_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llava")
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_llava_harvest_equals_hidden_states(tiny_llava_dir, tmp_path):
+    from actstore import world
+    from actstore.models import LlavaVLM
+
+    config = tmp_path / "h.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"llava": str(tiny_llava_dir)}, "data": {"source": "world", "seed": 5},
+        "harvest": {"n_images": 8, "block_images": 8, "batch_size": 8, "dtype": "float32",
+                    "text_tokens_per_image": 8, "prompt": "{caption}"}}))
+    run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "s.zarr"))
+    ds = actstore.open(tmp_path / "s.zarr")
+    assert ds.sizes["image_token"] == 16 and ds.sizes["d_model"] == 48 and list(ds.layer.values) == [0, 1, 2, 3]
+
+    llava = LlavaVLM.from_pretrained(str(tiny_llava_dir))
+    rows = world.generate(8, seed=5)
+    batch = llava.prepare([r["image"] for r in rows], [r["caption"] for r in rows])
+    assert (batch.input_ids[torch.arange(8)[:, None], batch.image_positions] == llava.image_token_id).all()
+    with torch.no_grad():
+        hidden = llava.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
+                             attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states
+    norm = llava.lm.norm
+    for state in range(4):
+        stored = torch.from_numpy(ds.image_resid.sel(layer=state).values)
+        if state == 3:
+            stored = norm(stored)
+        assert torch.equal(stored, hidden[state][torch.arange(8)[:, None], batch.image_positions]), state
+    for i, r in enumerate(rows):  # text tokens: the caption after the image tokens
+        mine = ds.text_image.values == i
+        ids = ds.text_token_id.values[mine].tolist()
+        assert ids == llava.processor.tokenizer(r["caption"], add_special_tokens=False)["input_ids"]
+        text = torch.from_numpy(ds.text_resid.sel(layer=1).values[mine])
+        positions = torch.from_numpy(ds.text_position.values[mine]).long()
+        assert torch.equal(text, hidden[1][i, positions])
