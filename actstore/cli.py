@@ -41,6 +41,9 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"(ratio {info['compression_ratio']:.2f})")
     for key, value in info["provenance"].items():
         print(f"provenance   {key}: {value}")
+    if info["skipped_images"]:
+        shown = ", ".join(f"{x['id']} ({x['reason']})" for x in info["skipped_images"][:5])
+        print(f"skipped      {len(info['skipped_images'])} input image(s): {shown}")
     print(f"integrity    {info['verdict']}")
     return 0 if not info["verdict"].startswith("DAMAGED") else 1
 

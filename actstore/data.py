@@ -93,6 +93,7 @@ class ImageTextSource:
         check_columns(list(ds.column_names), image_column, text_column, where)
         self.ds, self.image_column, self.text_column, self.base_dir = ds, image_column, text_column, base_dir
         self.skips = SkipLog()
+        self.skipped_rows: dict[int, dict[str, str]] = {}
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -103,7 +104,9 @@ class ImageTextSource:
         try:
             image = decode_image(row[self.image_column], self.base_dir)
         except Exception as exc:  # PIL raises many types for bad files; each is a skip, not a crash
-            self.skips.add(example_id, f"{type(exc).__name__}: {exc}")
+            reason = f"{type(exc).__name__}: {exc}"
+            self.skips.add(example_id, reason)
+            self.skipped_rows[int(i)] = {"id": example_id, "reason": reason}
             return None
         return {"image_id": example_id, "image": image, "caption": str(row[self.text_column])}
 

@@ -104,7 +104,7 @@ def forward_states(vlm: Any, batch: VLMBatch, states: Sequence[int]) -> tuple[to
 
 def harvest_block(
     vlm: Any, writer: StoreWriter, block: int, examples: Sequence[dict[str, Any]], prompts: Sequence[str],
-    states: Sequence[int], batch_size: int, stats: HarvestStats,
+    states: Sequence[int], batch_size: int, stats: HarvestStats, skipped: Sequence[dict[str, str]] = (),
 ) -> Any:
     """Run one block's images through the model and hand its activations to the writer (returns its future)."""
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[writer.schema.dtype]
@@ -126,7 +126,7 @@ def harvest_block(
     image_resid = torch.cat(images, dim=1)
     text = TextTokens(torch.cat(texts, dim=1), torch.cat(text_image), torch.cat(text_pos), torch.cat(text_ids))
     t2 = time.perf_counter()
-    future = writer.submit_block(block, image_resid, [e["image_id"] for e in examples], list(prompts), text)
+    future = writer.submit_block(block, image_resid, [e["image_id"] for e in examples], list(prompts), text, skipped)
     stats.seconds_write_wait += time.perf_counter() - t2  # submit blocks only when too many blocks are in flight
     stats.images += len(examples)
     stats.text_tokens += int(text.resid.shape[1])

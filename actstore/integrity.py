@@ -11,7 +11,7 @@ from typing import Any
 from zarr.core.sync import sync
 
 from actstore.location import list_keys, local_path, open_zarr_store
-from actstore.reader import read_markers
+from actstore.reader import read_markers, read_skipped
 from actstore.schema import IMAGE_RESID, TEXT_RESID, StoreSchema, image_chunk_key, text_chunk_key
 from actstore.sink import PARTIAL_SUFFIX
 from actstore.writer import open_group, read_attributes
@@ -98,6 +98,7 @@ def store_info(location: str | os.PathLike[str]) -> dict[str, Any]:
         "bytes_logical": logical,
         "bytes_stored": stored,
         "compression_ratio": logical / stored if stored else float("nan"),
+        "skipped_images": read_skipped(group, markers),
         "verdict": verdict,
     }
 

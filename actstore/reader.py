@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import dask.array as da
 import numpy as np
@@ -13,7 +14,7 @@ import zarr
 
 from actstore.errors import ChunkCorruptError
 from actstore.location import open_zarr_store
-from actstore.schema import BLOCK_STATUS, IMAGE_RESID, TEXT_RESID, StoreSchema
+from actstore.schema import BLOCK_SKIPPED, BLOCK_STATUS, IMAGE_RESID, TEXT_RESID, StoreSchema
 from actstore.writer import IMAGE_COORDS, TEXT_COORDS, open_group, read_attributes
 
 
@@ -30,6 +31,12 @@ def read_markers(group: zarr.Group) -> dict[int, BlockMarker]:
     """Completion markers of a store, by block."""
     status = group[BLOCK_STATUS][:]
     return {int(b): BlockMarker(int(b), int(status[b, 0]), int(status[b, 1])) for b in np.flatnonzero(status[:, 0] >= 0)}
+
+
+def read_skipped(group: zarr.Group, blocks: Iterable[int]) -> list[dict[str, str]]:
+    """Inputs that the writers of ``blocks`` recorded as skipped (id, reason, and the block)."""
+    records = group[BLOCK_SKIPPED][:]
+    return [{**item, "block": int(b)} for b in sorted(blocks) if records[b] for item in json.loads(records[b])]
 
 
 def describe_chunk(name: str, schema: StoreSchema, key: tuple[slice, ...]) -> str:
@@ -132,6 +139,7 @@ def open(  # noqa: A001 - mirrors xarray.open_dataset / zarr.open
             "block_images": schema.block_images,
             "schema": schema.to_json(),
             "provenance": attrs.provenance,
+            "skipped_images": read_skipped(group, markers),
         }
     )
     ds[IMAGE_RESID].attrs["long_name"] = "residual stream at image-token positions"

@@ -21,6 +21,7 @@ CODECS = ("none", "zstd", "blosc-zstd", "blosc-lz4")
 IMAGE_RESID = "image_resid"
 TEXT_RESID = "text_resid"
 BLOCK_STATUS = "block_status"
+BLOCK_SKIPPED = "block_skipped"
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import warnings
@@ -25,6 +26,7 @@ from actstore.schema import (
     ATTRS_KEY,
     SCHEMA_VERSION,
     IMAGE_RESID,
+    BLOCK_SKIPPED,
     BLOCK_STATUS,
     TEXT_RESID,
     StoreAttributes,
@@ -89,6 +91,12 @@ def _create_arrays(group: zarr.Group, schema: StoreSchema) -> None:
         dimension_names=("block", "block_field"), compressors=[Crc32cCodec()],
         attributes={"description": "per block: [images, text tokens] written; -1 = not complete"},
     )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # variable-length strings, as above
+        group.create_array(
+            BLOCK_SKIPPED, shape=(schema.n_blocks,), chunks=(1,), dtype=str, dimension_names=("block",),
+            fill_value="", attributes={"description": "per block: JSON list of inputs skipped (id, reason)"},
+        )
     if schema.text_tokens_per_image:
         R = schema.text_slots_per_block
         group.create_array(
@@ -231,19 +239,20 @@ class StoreWriter:
     # ---- writing --------------------------------------------------------------------------------------------
     def write_block(
         self, block: int, image_resid: Any, image_ids: Sequence[str], prompts: Sequence[str] | None = None,
-        text: TextTokens | None = None,
+        text: TextTokens | None = None, skipped: Sequence[dict[str, str]] = (),
     ) -> dict[str, Any]:
         """Write one block and wait until it is durable and marked complete; returns its marker."""
-        return self.submit_block(block, image_resid, image_ids, prompts, text).result()
+        return self.submit_block(block, image_resid, image_ids, prompts, text, skipped).result()
 
     def submit_block(
         self, block: int, image_resid: Any, image_ids: Sequence[str], prompts: Sequence[str] | None = None,
-        text: TextTokens | None = None,
+        text: TextTokens | None = None, skipped: Sequence[dict[str, str]] = (),
     ) -> "Future[dict[str, Any]]":
         """Validate a block now and write it in the background; blocks when too many blocks are in flight.
 
         ``image_resid`` is (layers, n, image_tokens, d_model) in the store's dtype, n <= block_images (numpy or
-        CPU torch). The future's result is the block's completion marker.
+        CPU torch). ``skipped`` lists the block's inputs that could not be used (``{"id", "reason"}``); they are
+        stored with the block. The future's result is the block's completion marker.
         """
         images = self._check_images(block, image_resid, image_ids, prompts)
         text_arrays = self._check_text(text, images.shape[1]) if text is not None else None
@@ -251,7 +260,8 @@ class StoreWriter:
         self._pending.acquire()
         try:
             future = self._committer.submit(
-                self._write_block, block, images, list(image_ids), list(prompts or [""] * len(image_ids)), text_arrays
+                self._write_block, block, images, list(image_ids), list(prompts or [""] * len(image_ids)), text_arrays,
+                [dict(x) for x in skipped],
             )
         except BaseException:
             self._pending.release()
@@ -327,12 +337,14 @@ class StoreWriter:
                 sync(array._async_array.resize(tuple(shape), delete_outside_chunks=False))
             status = self.group[BLOCK_STATUS]
             sync(status._async_array.resize((new.n_blocks, 2), delete_outside_chunks=False))
+            skipped = self.group[BLOCK_SKIPPED]
+            sync(skipped._async_array.resize((new.n_blocks,), delete_outside_chunks=False))
             self.attrs.schema = new
             self.group.attrs[ATTRS_KEY] = self.attrs.to_json()
 
     def _write_block(
         self, block: int, images: np.ndarray, image_ids: list[str], prompts: list[str],
-        text: tuple[np.ndarray, ...] | None,
+        text: tuple[np.ndarray, ...] | None, skipped: list[dict[str, str]],
     ) -> dict[str, Any]:
         s, n = self.schema, images.shape[1]
         # A rewrite first withdraws the old marker, so a crash mid-rewrite leaves the block missing, not mixed.
@@ -346,7 +358,9 @@ class StoreWriter:
         for job in jobs:
             job.result()
         self._write_coordinates(block, image_ids, prompts, text)
-        marker = {"block": block, "images": n, "text_tokens": m}
+        record = np.array([json.dumps(skipped) if skipped else ""], dtype=object)
+        self._zarr_write(BLOCK_SKIPPED, slice(block, block + 1), record, f"{BLOCK_SKIPPED}/c/{block}")
+        marker = {"block": block, "images": n, "text_tokens": m, "skipped": len(skipped)}
         self._zarr_write(BLOCK_STATUS, slice(block, block + 1), np.array([[n, m]], dtype="int64"), marker_key(block))
         return marker
 

@@ -123,11 +123,13 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log=print) -> dict[str, Any]:
     for block in bar:
         indices = [i for i in writer.block_images(block) if i < len(examples)]
         # Undecodable images are skipped (listed below); the block holds the others, named by their image_id.
-        chosen = [e for e in (examples[i] for i in indices) if e is not None]
+        loaded = [examples[i] for i in indices]
+        chosen = [e for e in loaded if e is not None]
+        skipped = [examples.skipped_rows[i] for i, e in zip(indices, loaded) if e is None]
         if not chosen:
             raise ValueError(f"every image of block {block} (dataset rows {indices[0]}..{indices[-1]}) is undecodable")
         prompts = [h.prompt.format(caption=e["caption"]) for e in chosen]
-        futures.append(harvest_block(vlm, writer, block, chosen, prompts, states, h.batch_size, stats))
+        futures.append(harvest_block(vlm, writer, block, chosen, prompts, states, h.batch_size, stats, skipped))
         elapsed = time.perf_counter() - start
         bar.set_postfix(img_s=f"{stats.images / elapsed:.1f}", GB_s=f"{stats.bytes_logical / elapsed / 1e9:.3f}")
     t0 = time.perf_counter()

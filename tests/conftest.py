@@ -82,3 +82,24 @@ def tiny_vlm(miniature):
 
     torch.manual_seed(0)
     return AdapterVLM.from_pretrained(miniature["vision"], miniature["lm"])
+
+
+def parquet_with_a_corrupt_image(path) -> None:
+    """Six world images and captions in a parquet file; row ex2's image bytes are not an image."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from actstore import world
+
+    rows = world.generate(6, seed=9)
+    images = []
+    for r in rows:
+        buf = io.BytesIO()
+        Image.fromarray(r["image"]).save(buf, format="PNG")
+        images.append({"bytes": buf.getvalue(), "path": None})
+    images[2] = {"bytes": b"\x89PNG not really an image", "path": None}
+    table = pa.table({"id": [f"ex{i}" for i in range(6)], "image": images, "caption": [r["caption"] for r in rows]})
+    pq.write_table(table, path)

@@ -188,3 +188,23 @@ def test_llava_harvest_equals_hidden_states(tiny_llava_dir, tmp_path):
         text = torch.from_numpy(ds.text_resid.sel(layer=1).values[mine])
         positions = torch.from_numpy(ds.text_position.values[mine]).long()
         assert torch.equal(text, hidden[1][i, positions])
+
+
+def test_undecodable_images_are_skipped_and_recorded_in_the_store(adapter_dir, tmp_path):
+    from conftest import parquet_with_a_corrupt_image
+
+    data = tmp_path / "data.parquet"
+    parquet_with_a_corrupt_image(data)
+    config = tmp_path / "h.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"vision": "miniature", "lm": "miniature"}, "adapter": str(adapter_dir),
+        "data": {"source": "parquet", "path": str(data)},
+        "harvest": {"n_images": 6, "block_images": 8, "batch_size": 8, "dtype": "float32", "text_tokens_per_image": 8}}))
+    run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "s.zarr"))
+    ds = actstore.open(tmp_path / "s.zarr")
+    assert list(ds.image_id.values) == ["ex0", "ex1", "ex3", "ex4", "ex5"]
+    (skip,) = ds.attrs["skipped_images"]
+    assert skip["id"] == "ex2" and skip["block"] == 0 and "UnidentifiedImageError" in skip["reason"]
+    from actstore.cli import main as cli
+
+    assert cli(["info", str(tmp_path / "s.zarr")]) == 0

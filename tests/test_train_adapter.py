@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import parquet_with_a_corrupt_image
 from jobs.train_adapter import TrainConfig, build_model, caption_loss, load_examples, train
 
 ROOT = Path(__file__).parents[1]
@@ -95,27 +95,9 @@ def test_config_validation_names_the_problem(tmp_path):
     assert real.model.lm == "google/gemma-2-2b" and real.train.batch_size % real.train.micro_batch == 0
 
 
-def _parquet_with_a_corrupt_image(path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    from actstore import world
-
-    rows = world.generate(6, seed=9)
-    images = []
-    for r in rows:
-        buf = io.BytesIO()
-        Image.fromarray(r["image"]).save(buf, format="PNG")
-        images.append({"bytes": buf.getvalue(), "path": None})
-    images[2] = {"bytes": b"\x89PNG not really an image", "path": None}
-    table = pa.table({"id": [f"ex{i}" for i in range(6)], "image": images, "caption": [r["caption"] for r in rows]})
-    pq.write_table(table, path)
-
-
 def test_corrupt_images_are_skipped_and_listed(miniature, tmp_path):
     data = tmp_path / "data.parquet"
-    _parquet_with_a_corrupt_image(data)
+    parquet_with_a_corrupt_image(data)
     cfg = small_config(tmp_path / "run", steps=2, batch_size=6, micro_batch=6)
     cfg.data.source, cfg.data.path, cfg.data.n_train, cfg.data.n_eval = "parquet", str(data), 6, 6
     result = train(cfg)
@@ -127,7 +109,7 @@ def test_missing_text_column_names_the_columns(tmp_path):
     from actstore.data import image_text_source
 
     data = tmp_path / "data.parquet"
-    _parquet_with_a_corrupt_image(data)
+    parquet_with_a_corrupt_image(data)
     cfg = small_config(tmp_path / "run")
     cfg.data.source, cfg.data.path, cfg.data.text_column = "parquet", str(data), "text"
     with pytest.raises(ValueError, match=r"no column 'text'; the columns found are \['id', 'image', 'caption'\]"):
