@@ -102,34 +102,75 @@ def forward_states(vlm: Any, batch: VLMBatch, states: Sequence[int]) -> tuple[to
     return torch.stack([got[s][0] for s in states]), torch.stack([got[s][1] for s in states])
 
 
+class HostRing:
+    """A few block-sized host buffers (pinned when the model is on a GPU) that device-to-host copies land in without
+    blocking the next forward; a buffer is reused only once the writer has finished the block it held."""
+
+    def __init__(self, slots: int, pin: bool) -> None:
+        self.entries: list[dict[str, Any] | None] = [None] * max(1, slots)
+        self.pin = pin
+        self.turn = 0
+
+    def acquire(self, image_shape: tuple[int, ...], text_shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Any]:
+        """The next buffer pair, waiting for the writer if it still reads that slot's last block."""
+        slot = self.turn % len(self.entries)
+        self.turn += 1
+        entry = self.entries[slot]
+        if entry is not None and entry["future"] is not None:
+            entry["future"].result()
+        if entry is None or entry["image"].shape != image_shape or entry["text"].shape != text_shape \
+                or entry["image"].dtype != dtype:
+            entry = {"image": torch.empty(image_shape, dtype=dtype, pin_memory=self.pin),
+                     "text": torch.empty(text_shape, dtype=dtype, pin_memory=self.pin), "future": None}
+            self.entries[slot] = entry
+        entry["future"] = None
+        return entry
+
+
 def harvest_block(
     vlm: Any, writer: StoreWriter, block: int, examples: Sequence[dict[str, Any]], prompts: Sequence[str],
     states: Sequence[int], batch_size: int, stats: HarvestStats, skipped: Sequence[dict[str, str]] = (),
+    ring: HostRing | None = None,
 ) -> Any:
     """Run one block's images through the model and hand its activations to the writer (returns its future)."""
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[writer.schema.dtype]
-    images, texts, text_image, text_pos, text_ids = [], [], [], [], []
-    for start in range(0, len(examples), batch_size):
+    schema = writer.schema
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[schema.dtype]
+    ring = ring if ring is not None else HostRing(1, pin=False)
+    n = len(examples)
+    buffers = ring.acquire((len(states), schema.block_images, schema.image_tokens, schema.d_model),
+                           (len(states), schema.text_slots_per_block, schema.d_model), dtype)
+    text_image, text_pos, text_ids, m = [], [], [], 0
+    for start in range(0, n, batch_size):
         part = examples[start : start + batch_size]
         t0 = time.perf_counter()
         batch = vlm.prepare([e["image"] for e in part], prompts[start : start + batch_size])
         img, txt = forward_states(vlm, batch, states)
         t1 = time.perf_counter()
-        images.append(img.to(dtype).to("cpu", non_blocking=False))
-        texts.append(txt.to(dtype).to("cpu", non_blocking=False))
+        if m + txt.shape[1] > buffers["text"].shape[1]:
+            raise ValueError(f"the prompts of block {block} have {m + txt.shape[1]} text tokens, more than the store's "
+                             f"{schema.text_tokens_per_image} per image; raise harvest.text_tokens_per_image")
+        # Asynchronous on a GPU (pinned buffers): the copies overlap the next micro-batch's forward.
+        buffers["image"][:, start : start + len(part)].copy_(img.to(dtype), non_blocking=True)
+        buffers["text"][:, m : m + txt.shape[1]].copy_(txt.to(dtype), non_blocking=True)
+        m += txt.shape[1]
         rows, cols = batch.text_mask.nonzero(as_tuple=True)
         text_image.append(rows.cpu() + start)
         text_pos.append(cols.cpu())
         text_ids.append(batch.input_ids[rows, cols].cpu())
         stats.seconds_forward += t1 - t0
         stats.seconds_copy += time.perf_counter() - t1
-    image_resid = torch.cat(images, dim=1)
-    text = TextTokens(torch.cat(texts, dim=1), torch.cat(text_image), torch.cat(text_pos), torch.cat(text_ids))
+    t1 = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.current_stream().synchronize()  # the writer reads the host buffers next
+    stats.seconds_copy += time.perf_counter() - t1
+    image_resid = buffers["image"][:, :n]
+    text = TextTokens(buffers["text"][:, :m], torch.cat(text_image), torch.cat(text_pos), torch.cat(text_ids))
     t2 = time.perf_counter()
     future = writer.submit_block(block, image_resid, [e["image_id"] for e in examples], list(prompts), text, skipped)
+    buffers["future"] = future
     stats.seconds_write_wait += time.perf_counter() - t2  # submit blocks only when too many blocks are in flight
-    stats.images += len(examples)
-    stats.text_tokens += int(text.resid.shape[1])
+    stats.images += n
+    stats.text_tokens += m
     stats.blocks += 1
     stats.bytes_logical += image_resid.numel() * image_resid.element_size() + text.resid.numel() * text.resid.element_size()
     return future

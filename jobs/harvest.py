@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from actstore.errors import NotAStoreError
-from actstore.harvest import HarvestStats, harvest_block, n_states
+from actstore.harvest import HarvestStats, HostRing, harvest_block, n_states
 from actstore.models import adapter_sha256
 from actstore.schema import StoreSchema
 from actstore.writer import StoreWriter
@@ -117,6 +117,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log=print) -> dict[str, Any]:
     say(f"[harvest] {len(states)} states x {schema.image_tokens} image tokens x d_model {schema.d_model} -> {out}; "
         f"{len(todo)} block(s) to write on rank 0 of {world_size}")
     stats = HarvestStats()
+    ring = HostRing(slots=3, pin=device.type == "cuda")  # the writer keeps up to 2 blocks in flight
     start = time.perf_counter()
     futures = []
     bar = tqdm(todo, disable=None if rank == 0 else True, desc="harvest", unit="block")
@@ -129,7 +130,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log=print) -> dict[str, Any]:
         if not chosen:
             raise ValueError(f"every image of block {block} (dataset rows {indices[0]}..{indices[-1]}) is undecodable")
         prompts = [h.prompt.format(caption=e["caption"]) for e in chosen]
-        futures.append(harvest_block(vlm, writer, block, chosen, prompts, states, h.batch_size, stats, skipped))
+        futures.append(harvest_block(vlm, writer, block, chosen, prompts, states, h.batch_size, stats, skipped, ring))
         elapsed = time.perf_counter() - start
         bar.set_postfix(img_s=f"{stats.images / elapsed:.1f}", GB_s=f"{stats.bytes_logical / elapsed / 1e9:.3f}")
     t0 = time.perf_counter()

@@ -43,37 +43,40 @@ def write_config(path: Path, adapter: Path, **harvest) -> Path:
 
 
 def test_stored_residuals_equal_hidden_states(adapter_dir, tmp_path):
-    cfg = HarvestConfig.from_yaml(write_config(tmp_path / "h.yaml", adapter_dir, n_images=16))
+    # 5 blocks through 3 host buffers: a buffer is reused while the writer may still hold an earlier block
+    cfg = HarvestConfig.from_yaml(write_config(tmp_path / "h.yaml", adapter_dir, n_images=40))
     run_harvest(cfg, str(tmp_path / "s.zarr"))
     ds = actstore.open(tmp_path / "s.zarr")
     vlm = build_model(cfg.model, adapter=cfg.adapter)
     from actstore import world
 
-    rows = world.generate(8, seed=3)  # block 0, the same batch the harvester ran
-    batch = vlm.build_batch(vlm.pixel_values([r["image"] for r in rows]), ["describe the image ."] * 8)
-    with torch.no_grad():
-        hidden = vlm.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                        output_hidden_states=True).hidden_states
-    last = len(hidden) - 1
-    assert list(ds.layer.values) == list(range(last + 1))
-    assert list(ds.image_id.values[:8]) == [r["image_id"] for r in rows]
+    all_rows = world.generate(40, seed=3)
     final_norm = vlm.lm.get_decoder().norm
-    for state in range(last + 1):
-        stored = torch.from_numpy(ds.image_resid.sel(layer=state).values[:8])
-        want = hidden[state][torch.arange(8)[:, None], batch.image_positions]
-        if state == last:  # transformers' last hidden state is after the final norm; we store the residual itself
-            stored = final_norm(stored)
-        assert torch.equal(stored, want), f"image tokens, state {state}"
-        for i in range(8):
-            mine = (ds.text_image.values == i)
-            positions = torch.from_numpy(ds.text_position.values[mine]).long()
-            assert positions.tolist() == batch.text_positions(i).tolist()
-            text = torch.from_numpy(ds.text_resid.sel(layer=state).values[mine])
-            if state == last:
-                text = final_norm(text)
-            assert torch.equal(text, hidden[state][i, positions]), f"text tokens of image {i}, state {state}"
-            ids = ds.text_token_id.values[mine].tolist()
-            assert ids == vlm.tokenizer("describe the image .", add_special_tokens=False)["input_ids"]
+    for block in range(5):
+        rows = all_rows[block * 8 : (block + 1) * 8]  # the same batch the harvester ran
+        batch = vlm.build_batch(vlm.pixel_values([r["image"] for r in rows]), ["describe the image ."] * 8)
+        with torch.no_grad():
+            hidden = vlm.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                            output_hidden_states=True).hidden_states
+        last = len(hidden) - 1
+        assert list(ds.layer.values) == list(range(last + 1))
+        assert list(ds.image_id.values[block * 8 : (block + 1) * 8]) == [r["image_id"] for r in rows]
+        for state in range(last + 1):
+            stored = torch.from_numpy(ds.image_resid.sel(layer=state).values[block * 8 : (block + 1) * 8])
+            want = hidden[state][torch.arange(8)[:, None], batch.image_positions]
+            if state == last:  # transformers' last hidden state is after the final norm; we store the residual
+                stored = final_norm(stored)
+            assert torch.equal(stored, want), f"image tokens, block {block}, state {state}"
+            for i in range(8):
+                mine = ds.text_image.values == block * 8 + i
+                positions = torch.from_numpy(ds.text_position.values[mine]).long()
+                assert positions.tolist() == batch.text_positions(i).tolist()
+                text = torch.from_numpy(ds.text_resid.sel(layer=state).values[mine])
+                if state == last:
+                    text = final_norm(text)
+                assert torch.equal(text, hidden[state][i, positions]), f"text of image {i}, block {block}, {state}"
+                ids = ds.text_token_id.values[mine].tolist()
+                assert ids == vlm.tokenizer("describe the image .", add_special_tokens=False)["input_ids"]
 
 
 def _values(path: Path) -> dict[str, np.ndarray]:
@@ -208,3 +211,23 @@ def test_undecodable_images_are_skipped_and_recorded_in_the_store(adapter_dir, t
     from actstore.cli import main as cli
 
     assert cli(["info", str(tmp_path / "s.zarr")]) == 0
+
+
+def test_host_ring_waits_for_the_writer_before_reusing_a_buffer():
+    import threading
+    from concurrent.futures import Future
+
+    from actstore.harvest import HostRing
+
+    ring = HostRing(slots=1, pin=False)
+    first = ring.acquire((2, 3), (2, 4), torch.float32)
+    pending: Future = Future()
+    first["future"] = pending  # the writer still reads this block
+    got = {}
+    thread = threading.Thread(target=lambda: got.setdefault("entry", ring.acquire((2, 3), (2, 4), torch.float32)))
+    thread.start()
+    thread.join(timeout=0.3)
+    assert thread.is_alive(), "the buffer was handed out again while the writer still held it"
+    pending.set_result({})
+    thread.join(timeout=5)
+    assert got["entry"]["image"] is first["image"]  # same buffer, reused only now

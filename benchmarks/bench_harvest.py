@@ -1,0 +1,169 @@
+"""Harvest throughput: images/s and GB/s of the harvester, next to a forward-only run of the same model and the raw
+fsync'd sequential write bandwidth of the same disk, measured in one run. Writes JSON to benchmarks/results/.
+
+    python benchmarks/bench_harvest.py            # GPU: Gemma-2-2B text config (26 layers, d 2304) behind a
+                                                  # SigLIP-so400m vision config (256 image tokens), random weights, bf16
+    python benchmarks/bench_harvest.py --quick    # CPU, tiny configs (CI)
+
+Goal: harvest images/s >= 0.85 x min(forward-only images/s, disk-bound images/s), where disk-bound images/s is the
+raw write bandwidth divided by the stored bytes per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_store import GB, raw_sequential_write  # noqa: E402
+
+from actstore.harvest import HarvestStats, HostRing, harvest_block, n_states  # noqa: E402
+from actstore.integrity import store_info  # noqa: E402
+from actstore.miniature import build_tokenizer  # noqa: E402
+from actstore.models import AdapterConfig, AdapterVLM  # noqa: E402
+from actstore.schema import StoreSchema  # noqa: E402
+from actstore.writer import StoreWriter  # noqa: E402
+
+
+def build_vlm(quick: bool, device: torch.device, dtype: torch.dtype) -> AdapterVLM:
+    """A randomly initialised AdapterVLM of the real study's size (or tiny with ``quick``); no download."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    tokenizer = build_tokenizer()
+    if quick:
+        vcfg = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=32, patch_size=8)
+        lcfg = Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    else:  # SigLIP-so400m-patch14-224 and Gemma-2-2B shapes
+        vcfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                  num_attention_heads=16, image_size=224, patch_size=14)
+        lcfg = Gemma2Config(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=256)
+    lcfg._attn_implementation = "sdpa" if device.type == "cuda" else "eager"
+    with torch.device(device):
+        vision, lm = SiglipVisionModel(vcfg).to(dtype), Gemma2ForCausalLM(lcfg).to(dtype)
+    processor = SiglipImageProcessor(size={"height": vcfg.image_size, "width": vcfg.image_size})
+    config = AdapterConfig(vision="random-siglip", lm="random-gemma2", d_vision=vcfg.hidden_size,
+                           d_model=lcfg.hidden_size)
+    vlm = AdapterVLM(vision, lm, tokenizer, processor, config).to(device=device, dtype=dtype)
+    return vlm.eval()
+
+
+def images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """Random RGB images (pixel values do not change speed)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_only(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, device: torch.device) -> float:
+    """Images/s of preprocessing + the model's forward (no capture, no store)."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            vlm.run_decoder(vlm.prepare(batch, [prompt] * len(batch)))
+    sync(device)
+    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+def harvest(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, directory: Path, block_images: int,
+            device: torch.device) -> tuple[float, dict, HarvestStats]:
+    """Images/s of the harvester into a fresh store on ``directory``'s disk (fsync'd), and the store's info."""
+    states = list(range(n_states(vlm.lm)))
+    probe = vlm.prepare(batches[0][:1], [prompt])
+    n = sum(len(b) for b in batches)
+    schema = StoreSchema(layers=tuple(states), image_tokens=probe.image_positions.shape[1],
+                         d_model=vlm.lm.config.hidden_size, capacity=n, block_images=block_images,
+                         text_tokens_per_image=16)
+    path = directory / "harvest.zarr"
+    stats = HarvestStats()
+    flat = [img for b in batches for img in b]
+    ring = HostRing(slots=3, pin=device.type == "cuda")
+    start = time.perf_counter()
+    with StoreWriter.create(path, schema) as writer:
+        for block in range(schema.blocks_for(n)):
+            chunk = flat[block * block_images : (block + 1) * block_images]
+            examples = [{"image_id": f"img{block}-{i}", "image": img} for i, img in enumerate(chunk)]
+            harvest_block(vlm, writer, block, examples, [prompt] * len(chunk), states, len(batches[0]), stats, ring=ring)
+    sync(device)
+    seconds = time.perf_counter() - start
+    stats.seconds_total = seconds
+    info = store_info(path)
+    shutil.rmtree(path)
+    return n / seconds, info, stats
+
+
+def main() -> None:
+    """Run the benchmark and write its JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--block-images", type=int, default=16)
+    parser.add_argument("--dir", default=None, help="directory on the disk to measure")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.quick:
+        args.images, args.batch, args.block_images = 32, 8, 8
+    vlm = build_vlm(args.quick, device, dtype)
+    size = vlm.vision.config.image_size
+    prompt = "describe the image ."
+    batches = [images(args.batch, size, seed=i) for i in range(args.images // args.batch)]
+    forward_only(vlm, batches[:1], prompt, device)  # warm-up (kernels, allocator)
+    directory = Path(tempfile.mkdtemp(prefix="bench-harvest-", dir=args.dir))
+    fwd = forward_only(vlm, batches, prompt, device)
+    ours, info, stats = harvest(vlm, batches, prompt, directory, args.block_images, device)
+    raw = raw_sequential_write(directory, max(info["bytes_stored"], 64 << 20))
+    shutil.rmtree(directory, ignore_errors=True)
+    stored_per_image = info["bytes_stored"] / info["images"]
+    disk_bound = raw * GB / stored_per_image
+    limit = min(fwd, disk_bound)
+    report = {
+        "benchmark": "harvest",
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "host": platform.node(),
+        "config": {**vars(args), "dtype": str(dtype), "image_tokens": info["schema"]["image_tokens"],
+                   "states": len(info["schema"]["layers"]), "d_model": info["schema"]["d_model"]},
+        "images_per_s": {"harvest": ours, "forward_only": fwd, "disk_bound": disk_bound},
+        "harvest_GBps_logical": ours * info["bytes_logical"] / info["images"] / GB,
+        "harvest_GBps_stored": ours * stored_per_image / GB,
+        "raw_write_GBps": raw,
+        "bytes_per_image_logical": info["bytes_logical"] / info["images"],
+        "bytes_per_image_stored": stored_per_image,
+        "compression_ratio": info["compression_ratio"],
+        "time_split_s": {"forward": stats.seconds_forward, "copy": stats.seconds_copy,
+                         "write_wait": stats.seconds_write_wait, "total": stats.seconds_total},
+        "ratios": {"harvest_vs_forward_only": ours / fwd, "harvest_vs_disk_bound": ours / disk_bound,
+                   "harvest_vs_limit": ours / limit, "goal": 0.85},
+    }
+    print(json.dumps({k: report[k] for k in ("images_per_s", "ratios", "raw_write_GBps", "time_split_s")}, indent=1))
+    tag = "gpu" if device.type == "cuda" else "cpu-quick"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"harvest-{tag}-{platform.node()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

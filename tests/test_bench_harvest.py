@@ -1,0 +1,20 @@
+"""The harvest benchmark runs end to end at tiny size on the CPU and writes a well-formed report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_harvest.py"
+
+
+def test_bench_harvest_quick(tmp_path):
+    out = tmp_path / "harvest.json"
+    subprocess.run([sys.executable, str(BENCH), "--quick", "--dir", str(tmp_path), "--out", str(out)], check=True,
+                   timeout=600)
+    report = json.loads(out.read_text())
+    rates = report["images_per_s"]
+    assert rates["harvest"] > 0 and rates["forward_only"] > 0 and rates["disk_bound"] > 0
+    assert report["config"]["states"] == 5 and report["config"]["image_tokens"] == 16
+    assert report["ratios"]["harvest_vs_limit"] == rates["harvest"] / min(rates["forward_only"], rates["disk_bound"])
+    assert report["bytes_per_image_logical"] == 5 * 64 * 2 * (16 + 4)  # 5 states x d 64 x bf16 x (16 image + 4 text)
