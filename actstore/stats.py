@@ -1,0 +1,204 @@
+"""Dataset-wide SAE statistics per layer and token kind, out of core with Dask.
+
+Each task reads one stored chunk (one layer x a block of images, or a block's text tokens), runs the layer's SAE
+through the fused kernel, and returns a :class:`Partial` of float64 sums. Partials merge exactly and associatively
+(Chan et al. for the mean-centred sum of squares), so the result does not depend on chunking or on the number of
+workers, and memory stays bounded by a few chunks per worker whatever the store's size.
+
+Definitions over the N tokens of a (layer, kind):
+    FVU            = sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2   (mean over the whole set, per dimension)
+    mean rel. err. = mean_t ||x_t - x_hat_t|| / ||x_t||
+    mean cosine    = mean_t  x_t . x_hat_t / (||x_t|| ||x_hat_t||)
+    L0             = number of active latents per token: mean, histogram, quantiles
+    firing freq.   = fraction of tokens on which a latent is active
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import dask
+import numpy as np
+import torch
+import xarray as xr
+
+from kernels import sae_stats
+
+KINDS = ("image", "text")
+
+
+@dataclass
+class SAEParams:
+    """An SAE's weights and activation, as the kernels take them (float32 tensors on the CPU)."""
+
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    activation: str
+    threshold: torch.Tensor | None = None
+    k: int | None = None
+    apply_b_dec_to_input: bool = False
+
+    @property
+    def d_in(self) -> int:
+        """Input width."""
+        return self.W_enc.shape[0]
+
+    @property
+    def d_sae(self) -> int:
+        """Number of latents."""
+        return self.W_enc.shape[1]
+
+    @classmethod
+    def from_sae_lens(cls, sae: Any) -> "SAEParams":
+        """From a sae-lens SAE (JumpReLUSAE, StandardSAE, TopKSAE)."""
+        name = type(sae).__name__.lower()
+        activation = "jumprelu" if "jumprelu" in name else "topk" if "topk" in name else "relu"
+        detach = lambda t: t.detach().float().cpu().contiguous()  # noqa: E731
+        return cls(
+            W_enc=detach(sae.W_enc), b_enc=detach(sae.b_enc), W_dec=detach(sae.W_dec), b_dec=detach(sae.b_dec),
+            activation=activation, threshold=detach(sae.threshold) if activation == "jumprelu" else None,
+            k=getattr(sae.cfg, "k", None), apply_b_dec_to_input=bool(sae.cfg.apply_b_dec_to_input),
+        )
+
+
+@dataclass
+class Partial:
+    """Sums over a set of tokens that merge exactly (float64; counts int64)."""
+
+    n: int
+    mean: np.ndarray  # (d,) mean of x
+    m2: float  # sum_t ||x_t - mean||^2
+    sq_err: float
+    rel_err: float
+    cos: float
+    l0_hist: np.ndarray  # (d_sae + 1,) tokens per L0 value
+    fire: np.ndarray  # (d_sae,) tokens on which each latent fires
+    act_sum: np.ndarray  # (d_sae,)
+    act_max: np.ndarray  # (d_sae,) float64
+    act_argmax: np.ndarray  # (d_sae,) global token index, -1 if never fired
+
+    def merge(self, other: "Partial") -> "Partial":
+        """The partial of the union of both token sets."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        better = other.act_max > self.act_max  # ties keep the earlier token (self covers earlier tokens)
+        return Partial(
+            n=n, mean=self.mean + delta * (other.n / n),
+            m2=self.m2 + other.m2 + float(delta @ delta) * self.n * other.n / n,
+            sq_err=self.sq_err + other.sq_err, rel_err=self.rel_err + other.rel_err, cos=self.cos + other.cos,
+            l0_hist=self.l0_hist + other.l0_hist, fire=self.fire + other.fire, act_sum=self.act_sum + other.act_sum,
+            act_max=np.where(better, other.act_max, self.act_max),
+            act_argmax=np.where(better, other.act_argmax, self.act_argmax),
+        )
+
+
+def chunk_partial(x: np.ndarray, sae: SAEParams, first_token: int, backend: str = "auto") -> Partial:
+    """The partial of one chunk of tokens ``x`` (..., d), whose first token has global index ``first_token``."""
+    x = np.asarray(x).reshape(-1, np.asarray(x).shape[-1])
+    if x.dtype.kind == "V" or str(x.dtype) == "bfloat16":
+        x = x.astype(np.float32)
+    x32 = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    x64 = x.astype(np.float64)
+    s = sae_stats(x32, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, activation=sae.activation,
+                  threshold=sae.threshold, k=sae.k, apply_b_dec_to_input=sae.apply_b_dec_to_input, backend=backend)
+    mean = x64.mean(0) if len(x64) else np.zeros(x.shape[1])
+    x_norm = np.sqrt(s.x_sq.double().numpy())
+    xhat_norm = np.sqrt(s.xhat_sq.double().numpy())
+    err_norm = np.sqrt(s.sq_err.double().numpy())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(x_norm > 0, err_norm / x_norm, 0.0)
+        cos = np.where((x_norm > 0) & (xhat_norm > 0), s.x_dot_xhat.double().numpy() / (x_norm * xhat_norm), 0.0)
+    fired = s.act_argmax.numpy() >= 0
+    return Partial(
+        n=len(x64), mean=mean, m2=float(((x64 - mean) ** 2).sum()), sq_err=float(s.sq_err.double().sum()),
+        rel_err=float(rel.sum()), cos=float(cos.sum()),
+        l0_hist=np.bincount(s.l0.long().numpy(), minlength=sae.d_sae + 1).astype(np.int64),
+        fire=s.fire_count.double().numpy().astype(np.int64), act_sum=s.act_sum.double().numpy(),
+        act_max=s.act_max.double().numpy(),
+        act_argmax=np.where(fired, s.act_argmax.numpy() + first_token, -1).astype(np.int64),
+    )
+
+
+def merge_tree(parts: list[Any]) -> Any:
+    """Pairwise tree of delayed merges (keeps the graph shallow and the order fixed)."""
+    if not parts:
+        raise ValueError("no chunks to reduce")
+    while len(parts) > 1:
+        parts = [dask.delayed(Partial.merge)(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
+                 for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def layer_partials(ds: xr.Dataset, layer: int, sae: Any, backend: str = "auto") -> dict[str, Any]:
+    """Delayed partials of one layer, per token kind, one task per stored chunk."""
+    out = {}
+    for kind, name in (("image", "image_resid"), ("text", "text_resid")):
+        if name not in ds:
+            continue
+        data = ds[name].sel(layer=layer).data  # (images, tokens, d) or (text_tokens, d)
+        tokens_per_row = int(np.prod(data.shape[1:-1])) if data.ndim > 2 else 1
+        blocks = data.to_delayed().reshape(-1)
+        starts = np.cumsum((0,) + data.chunks[0])[:-1]
+        parts = [dask.delayed(chunk_partial)(block, sae, int(start) * tokens_per_row, backend)
+                 for block, start in zip(blocks, starts)]
+        out[kind] = merge_tree(parts)
+    return out
+
+
+def finalize(p: Partial) -> dict[str, Any]:
+    """Ratios and distributions from a merged partial."""
+    n = max(p.n, 1)
+    levels = np.arange(len(p.l0_hist))
+    cdf = np.cumsum(p.l0_hist) / n
+    quantile = lambda q: float(levels[min(np.searchsorted(cdf, q), len(levels) - 1)])  # noqa: E731
+    return {
+        "n_tokens": p.n, "fvu": p.sq_err / p.m2 if p.m2 > 0 else np.nan, "mse": p.sq_err / n,
+        "mean_rel_err": p.rel_err / n, "mean_cos": p.cos / n, "l0_mean": float(levels @ p.l0_hist) / n,
+        "l0_q10": quantile(0.1), "l0_median": quantile(0.5), "l0_q90": quantile(0.9),
+        "l0_hist": p.l0_hist, "fire_freq": p.fire / n, "fire_count": p.fire,
+        "act_mean": np.divide(p.act_sum, p.fire, out=np.zeros_like(p.act_sum), where=p.fire > 0),
+        "act_max": p.act_max, "act_argmax": p.act_argmax,
+    }
+
+
+def compute_layer_stats(
+    ds: xr.Dataset, saes: dict[int, SAEParams], layers: Sequence[int] | None = None, backend: str = "auto",
+    scheduler: Any = None,
+) -> xr.Dataset:
+    """Statistics of every layer's SAE on the image and text tokens of ``ds`` (an ``actstore.open`` dataset)."""
+    layers = list(layers) if layers is not None else [int(x) for x in ds.layer.values if int(x) in saes]
+    missing = [x for x in layers if x not in saes]
+    if missing:
+        raise ValueError(f"no SAE for layer(s) {missing}; the suite has layers {sorted(saes)}")
+    d_model = ds.sizes["d_model"]
+    for layer in layers:
+        if saes[layer].d_in != d_model:
+            raise ValueError(f"the SAE for layer {layer} has d_in={saes[layer].d_in}, the store has d_model={d_model}")
+    widths = {saes[x].d_sae for x in layers}
+    if len(widths) != 1:
+        raise ValueError(f"all SAEs of a suite must have one width to share the latent axis, got {sorted(widths)}")
+    graph = {layer: layer_partials(ds, layer, dask.delayed(saes[layer], pure=True), backend) for layer in layers}
+    (computed,) = dask.compute(graph, scheduler=scheduler)
+    kinds = [k for k in KINDS if k in computed[layers[0]]]
+    rows = {layer: {kind: finalize(computed[layer][kind]) for kind in kinds} for layer in layers}
+    scalar = ("n_tokens", "fvu", "mse", "mean_rel_err", "mean_cos", "l0_mean", "l0_q10", "l0_median", "l0_q90")
+    per_latent = ("fire_freq", "fire_count", "act_mean", "act_max", "act_argmax")
+    data = {name: (("layer", "kind"), np.array([[rows[x][k][name] for k in kinds] for x in layers]))
+            for name in scalar}
+    data.update({name: (("layer", "kind", "latent"), np.stack([[rows[x][k][name] for k in kinds] for x in layers]))
+                 for name in per_latent})
+    data["l0_hist"] = (("layer", "kind", "l0"), np.stack([[rows[x][k]["l0_hist"] for k in kinds] for x in layers]))
+    out = xr.Dataset(data, coords={"layer": layers, "kind": kinds})
+    if {"image", "text"} <= set(kinds):
+        fires_image = out.fire_count.sel(kind="image") > 0
+        fires_text = out.fire_count.sel(kind="text") > 0
+        out["image_only"] = fires_image & ~fires_text
+        out["text_only"] = fires_text & ~fires_image
+    return out

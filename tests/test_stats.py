@@ -1,0 +1,130 @@
+"""Dataset-wide statistics equal numpy float64 over the whole data, whatever the chunking and number of workers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import actstore
+from actstore.stats import SAEParams, compute_layer_stats
+from actstore.writer import StoreWriter, TextTokens
+from actstore.schema import StoreSchema
+
+N_IMAGES, T, D, F, TEXT_PER_IMAGE = 22, 3, 8, 24, 2
+
+
+def dataset(seed: int = 0):
+    """Images (layers, N, T, D) with a large mean (as residual streams have) and text tokens (layers, N*2, D)."""
+    rng = np.random.default_rng(seed)
+    images = (rng.standard_normal((2, N_IMAGES, T, D)) * 0.5 + rng.standard_normal(D) * 4).astype(np.float32)
+    text = (rng.standard_normal((2, N_IMAGES * TEXT_PER_IMAGE, D)) + 1).astype(np.float32)
+    return images, text
+
+
+def write_store(path, block_images: int) -> None:
+    images, text = dataset()
+    schema = StoreSchema(layers=(0, 5), image_tokens=T, d_model=D, dtype="float32", capacity=N_IMAGES,
+                         block_images=block_images, text_tokens_per_image=TEXT_PER_IMAGE)
+    with StoreWriter.create(path, schema) as writer:
+        for b in range(schema.blocks_for(N_IMAGES)):
+            lo, hi = b * block_images, min(N_IMAGES, (b + 1) * block_images)
+            k = hi - lo
+            tt = TextTokens(text[:, lo * TEXT_PER_IMAGE : hi * TEXT_PER_IMAGE], np.repeat(np.arange(k), TEXT_PER_IMAGE),
+                            np.tile(np.arange(TEXT_PER_IMAGE), k), np.zeros(k * TEXT_PER_IMAGE, int))
+            writer.write_block(b, images[:, lo:hi], [f"img{i}" for i in range(lo, hi)], text=tt)
+
+
+def make_saes() -> dict[int, SAEParams]:
+    """ReLU SAEs whose biases put zero mid-gap between pre-activations (no token sits on a decision boundary)."""
+    images, text = dataset()
+    g = torch.Generator().manual_seed(1)
+    saes = {}
+    for index, layer in enumerate((0, 5)):
+        W_enc = torch.randn(D, F, generator=g) / D**0.5
+        x = np.concatenate([images[index].reshape(-1, D), text[index]]).astype(np.float64)
+        pre = np.sort(x @ W_enc.double().numpy(), axis=0)
+        cut = int(0.8 * len(pre))  # ~20% of tokens active per latent
+        gaps = pre[cut] - pre[cut - 1]
+        assert gaps.min() > 1e-4
+        b_enc = torch.from_numpy(-(pre[cut] + pre[cut - 1]) / 2).float()
+        saes[layer] = SAEParams(W_enc, b_enc, torch.randn(F, D, generator=g) * 0.3, torch.randn(D, generator=g),
+                                "relu")
+    return saes
+
+
+def numpy_stats(x: np.ndarray, sae: SAEParams) -> dict:
+    """The definitions, in float64 over the whole token set at once."""
+    x = x.astype(np.float64)
+    p = {k: v.double().numpy() for k, v in (("W_enc", sae.W_enc), ("b_enc", sae.b_enc), ("W_dec", sae.W_dec),
+                                            ("b_dec", sae.b_dec))}
+    z = np.maximum(x @ p["W_enc"] + p["b_enc"], 0)
+    x_hat = z @ p["W_dec"] + p["b_dec"]
+    err = ((x - x_hat) ** 2).sum(1)
+    norm_x, norm_hat = np.linalg.norm(x, axis=1), np.linalg.norm(x_hat, axis=1)
+    l0 = (z > 0).sum(1)
+    return {
+        "n_tokens": len(x), "fvu": err.sum() / ((x - x.mean(0)) ** 2).sum(), "mse": err.mean(),
+        "mean_rel_err": (np.sqrt(err) / norm_x).mean(), "mean_cos": ((x * x_hat).sum(1) / (norm_x * norm_hat)).mean(),
+        "l0_mean": l0.mean(), "l0_hist": np.bincount(l0, minlength=F + 1), "fire_count": (z > 0).sum(0),
+        "act_max": z.max(0), "act_argmax": np.where(z.max(0) > 0, z.argmax(0), -1),
+    }
+
+
+def check(stats, saes) -> None:
+    images, text = dataset()
+    for index, layer in enumerate((0, 5)):
+        for kind, x in (("image", images[index].reshape(-1, D)), ("text", text[index])):
+            want = numpy_stats(x, saes[layer])
+            got = stats.sel(layer=layer, kind=kind)
+            for name in ("fvu", "mse", "mean_rel_err", "mean_cos", "l0_mean"):
+                assert float(got[name]) == pytest.approx(want[name], rel=2e-6), (layer, kind, name)
+            for name in ("n_tokens", "l0_hist", "fire_count", "act_argmax"):
+                np.testing.assert_array_equal(got[name].values, want[name], err_msg=f"{layer} {kind} {name}")
+            np.testing.assert_allclose(got.act_max.values, want["act_max"], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stats")
+    write_store(root / "b4.zarr", 4)  # 6 blocks, the last partial
+    write_store(root / "b6.zarr", 6)
+    return root
+
+
+@pytest.mark.parametrize("store", ["b4.zarr", "b6.zarr"])
+def test_stats_equal_numpy_over_the_whole_data(stores, store):
+    saes = make_saes()
+    stats = compute_layer_stats(actstore.open(stores / store), saes, backend="reference", scheduler="threads")
+    check(stats, saes)
+    assert stats.fvu.sel(kind="image").min() > 0
+
+
+def test_several_worker_processes_give_the_same_result(stores):
+    from distributed import Client, LocalCluster
+
+    saes = make_saes()
+    single = compute_layer_stats(actstore.open(stores / "b4.zarr"), saes, backend="reference", scheduler="sync")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        multi = compute_layer_stats(actstore.open(stores / "b4.zarr"), saes, backend="reference", scheduler=client)
+    check(multi, saes)
+    # Merges are exact and in a fixed order; the float32 kernel's sums may differ in the last bits with the BLAS
+    # thread count of each worker, hence float32-level agreement (counts and argmax are compared exactly above).
+    for name in single.data_vars:
+        np.testing.assert_allclose(multi[name].values, single[name].values, rtol=1e-5, err_msg=name)
+
+
+def test_the_triton_path_gives_the_same_statistics(stores):
+    saes = make_saes()
+    check(compute_layer_stats(actstore.open(stores / "b6.zarr"), saes, backend="triton", scheduler="sync"), saes)
+
+
+def test_wrong_sae_width_or_missing_layer_is_named(stores):
+    ds = actstore.open(stores / "b4.zarr")
+    saes = make_saes()
+    with pytest.raises(ValueError, match=r"no SAE for layer\(s\) \[3\]"):
+        compute_layer_stats(ds, saes, layers=[0, 3])
+    wrong = {0: SAEParams(torch.zeros(16, F), torch.zeros(F), torch.zeros(F, 16), torch.zeros(16), "relu")}
+    with pytest.raises(ValueError, match="the SAE for layer 0 has d_in=16, the store has d_model=8"):
+        compute_layer_stats(ds, wrong)
