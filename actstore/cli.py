@@ -86,6 +86,15 @@ def cmd_harvest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Analyse a store with an SAE suite (see jobs/analyze.py)."""
+    from jobs.analyze import main as analyze_main
+
+    argv = [args.store, "--saes", args.saes] + (["--scheduler", args.scheduler] if args.scheduler else [])
+    analyze_main(argv + (["--layers", args.layers] if args.layers else []))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="actstore", description=__doc__)
@@ -110,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None)
     p.add_argument("--n-images", type=int, default=None)
     p.set_defaults(func=cmd_harvest)
+    p = sub.add_parser("analyze", help="per-layer SAE statistics of a store (Dask; --scheduler for a cluster)")
+    p.add_argument("store")
+    p.add_argument("--saes", required=True)
+    p.add_argument("--scheduler", default=None)
+    p.add_argument("--layers", default=None)
+    p.set_defaults(func=cmd_analyze)
     p = sub.add_parser("demo", help="run the embedded demo on a CPU")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)

@@ -2,7 +2,7 @@
 image-token and text-token positions, for every selected layer, into a store.
 
 Layer convention: state 0 is the input of the first decoder block (the embedding output, after any embedding
-scaling the model applies, e.g. Gemma's sqrt(d_model)); state i is the output of block i. States are captured with
+scaling the model applies, e.g. Gemma's sqrt(d_model)); state i is the output of the i-th block (blocks.{i-1} in 0-based, TransformerLens naming). States are captured with
 forward hooks on the decoder blocks, which gather only the image and text positions on the device. This equals
 transformers' ``output_hidden_states`` for states 0..L-1 bit for bit; for state L transformers returns the output of
 the final norm instead, while we store the residual itself (what residual-stream SAEs such as Gemma Scope read).

@@ -14,7 +14,10 @@ from actstore.errors import SchemaMismatchError
 
 SCHEMA_VERSION = 1
 ATTRS_KEY = "actstore"
-LAYER_CONVENTION = "state 0 = embedding output (input of block 0); state i = output of block i"
+LAYER_CONVENTION = (
+    "state 0 = embedding output = input of the first block (blocks.0.hook_resid_pre); "
+    "state i >= 1 = output of the i-th block (blocks.{i-1}.hook_resid_post, blocks numbered from 0)"
+)
 DTYPES = {"bfloat16": BFLOAT16, "float16": np.dtype("float16"), "float32": np.dtype("float32")}
 CODECS = ("none", "zstd", "blosc-zstd", "blosc-lz4")
 

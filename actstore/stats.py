@@ -202,3 +202,18 @@ def compute_layer_stats(
         out["image_only"] = fires_image & ~fires_text
         out["text_only"] = fires_text & ~fires_image
     return out
+
+
+def analysis_group(name: str) -> str:
+    """Where a suite's statistics live inside a store."""
+    return f"analysis/{name}"
+
+
+def save_stats(location: str, name: str, stats: xr.Dataset) -> None:
+    """Write statistics into the store under ``analysis/<name>`` (replacing a previous run: reruns are idempotent)."""
+    stats.to_zarr(str(location), group=analysis_group(name), mode="w", zarr_format=3, consolidated=False)
+
+
+def open_stats(location: str, name: str) -> xr.Dataset:
+    """Statistics saved by :func:`save_stats`."""
+    return xr.open_zarr(str(location), group=analysis_group(name), consolidated=False, zarr_format=3).load()

@@ -1,0 +1,89 @@
+"""SAE suites loaded with sae-lens (and Gemma Scope npz), and the analyze job saving statistics into the store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import actstore
+from actstore.saes import load_suite, state_of_hook
+from actstore.stats import compute_layer_stats, open_stats
+from jobs.analyze import run_analysis
+from test_stats import D, F, make_saes, write_store
+
+
+def save_as_sae_lens(params, path, hook: str) -> None:
+    """Write SAEParams as a sae-lens StandardSAE folder with its hook name."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    sae = StandardSAE(StandardSAEConfig(d_in=D, d_sae=F, dtype="float32", device="cpu", apply_b_dec_to_input=False))
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(getattr(params, name))
+    sae.cfg.metadata.hook_name = hook
+    sae.save_model(str(path))
+
+
+@pytest.fixture
+def store_and_suite(tmp_path):
+    write_store(tmp_path / "s.zarr", 4)
+    saes = make_saes()
+    save_as_sae_lens(saes[0], tmp_path / "sae0", "blocks.0.hook_resid_pre")  # state 0
+    save_as_sae_lens(saes[5], tmp_path / "sae5", "blocks.4.hook_resid_post")  # state 5
+    suite = {"name": "test-suite", "saes": [{"source": "local", "path": "sae0"}, {"source": "local", "path": "sae5"}]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    return tmp_path, saes
+
+
+def test_hooks_map_to_store_states():
+    assert state_of_hook("blocks.0.hook_resid_pre") == 0
+    assert state_of_hook("blocks.11.hook_resid_post") == 12
+    with pytest.raises(ValueError, match="not a residual-stream hook"):
+        state_of_hook("blocks.3.attn.hook_z")
+
+
+def test_analyze_saves_reloadable_idempotent_statistics(store_and_suite):
+    root, saes = store_and_suite
+    stats = run_analysis(str(root / "s.zarr"), str(root / "suite.yaml"), backend="reference")
+    direct = compute_layer_stats(actstore.open(root / "s.zarr"), saes, backend="reference")
+    for name in direct.data_vars:
+        np.testing.assert_allclose(stats[name].values, direct[name].values, rtol=1e-12, err_msg=name)
+    saved = open_stats(str(root / "s.zarr"), "test-suite")
+    assert saved.attrs["suite"] == "test-suite"
+    np.testing.assert_array_equal(saved.fvu.values, stats.fvu.values)
+    again = run_analysis(str(root / "s.zarr"), str(root / "suite.yaml"), backend="reference")  # rerun: same result
+    np.testing.assert_array_equal(open_stats(str(root / "s.zarr"), "test-suite").fire_count.values,
+                                  again.fire_count.values)
+    assert actstore.open(root / "s.zarr").sizes["image"] == 22  # the store's own data is untouched
+
+
+def test_gemma_scope_npz_entry(store_and_suite):
+    root, saes = store_and_suite
+    p = saes[5]
+    np.savez(root / "params.npz", W_enc=p.W_enc.numpy(), b_enc=p.b_enc.numpy(), W_dec=p.W_dec.numpy(),
+             b_dec=p.b_dec.numpy(), threshold=np.zeros(F, np.float32))
+    (root / "npz.yaml").write_text(yaml.safe_dump(
+        {"name": "npz", "saes": [{"source": "gemma_scope_npz", "path": "params.npz", "hook": "blocks.4.hook_resid_post"}]}))
+    suite = load_suite(root / "npz.yaml")
+    assert list(suite.saes) == [5] and suite.saes[5].activation == "jumprelu"
+    # JumpReLU with zero thresholds is ReLU: the same statistics as the ReLU SAE
+    a = compute_layer_stats(actstore.open(root / "s.zarr"), suite.saes, backend="reference")
+    b = compute_layer_stats(actstore.open(root / "s.zarr"), {5: saes[5]}, backend="reference")
+    np.testing.assert_allclose(a.fvu.values, b.fvu.values, rtol=1e-6)
+
+
+def test_suite_errors_name_the_problem(store_and_suite):
+    root, _ = store_and_suite
+    (root / "bad.yaml").write_text(yaml.safe_dump({"saes": [{"source": "local", "path": "sae5", "state": 3}]}))
+    with pytest.raises(ValueError, match=r"says state 3, but its hook 'blocks.4.hook_resid_post' reads state 5"):
+        load_suite(root / "bad.yaml")
+    (root / "conflict.yaml").write_text(yaml.safe_dump({"saes": [{"source": "local", "path": "sae5", "hook":
+                                                                    "blocks.6.hook_resid_post"}]}))
+    with pytest.raises(ValueError, match=r"says hook 'blocks.6.hook_resid_post', but the SAE was trained on"):
+        load_suite(root / "conflict.yaml")
+    save_as_sae_lens(make_saes()[5], root / "sae7", "blocks.6.hook_resid_post")
+    (root / "missing.yaml").write_text(yaml.safe_dump({"saes": [{"source": "local", "path": "sae7"}]}))
+    with pytest.raises(ValueError, match=r"state 7: the store has no such layer"):
+        run_analysis(str(root / "s.zarr"), str(root / "missing.yaml"), backend="reference")
