@@ -5,6 +5,8 @@ triton only). ``sae_stats`` and ``sae_encode_sparse`` run the Triton path on CUD
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import nullcontext
 
 import torch
 
@@ -16,6 +18,13 @@ from kernels.reference import (
 )
 
 BACKENDS = ("auto", "triton", "reference")
+# Triton's interpreter patches triton.language globally while a kernel runs, so interpreted kernels must not run in
+# two threads at once (Dask's threaded scheduler would); compiled kernels need no lock.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _triton_guard():  # noqa: ANN202
+    return _INTERPRETER_LOCK if os.environ.get("TRITON_INTERPRET") == "1" else nullcontext()
 
 
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
@@ -37,7 +46,8 @@ def sae_stats(
     if _use_triton(x, backend):
         from kernels.sae_triton import sae_stats_triton
 
-        return sae_stats_triton(x, W_enc, b_enc, W_dec, b_dec, **kwargs)
+        with _triton_guard():
+            return sae_stats_triton(x, W_enc, b_enc, W_dec, b_dec, **kwargs)
     return sae_stats_reference(x, W_enc, b_enc, W_dec, b_dec, **kwargs)
 
 
@@ -52,7 +62,8 @@ def sae_encode_sparse(
     if _use_triton(x, backend):
         from kernels.sae_triton import sae_encode_sparse_triton
 
-        return sae_encode_sparse_triton(x, W_enc, b_enc, **kwargs)
+        with _triton_guard():
+            return sae_encode_sparse_triton(x, W_enc, b_enc, **kwargs)
     return sae_encode_sparse_reference(x, W_enc, b_enc, **kwargs)
 
 
