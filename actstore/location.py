@@ -29,11 +29,9 @@ def open_zarr_store(
     """A zarr store for ``location``: LocalStore for local paths, FsspecStore for URLs (and ``file://`` reads)."""
     text = os.fspath(location)
     path = local_path(text)
-    if path is not None and (not read_only or "://" not in text):
-        return LocalStore(path, read_only=read_only)
-    if "://" in text:
+    if path is None or (read_only and "://" in text):
         return FsspecStore.from_url(text, storage_options=storage_options, read_only=read_only)
-    return LocalStore(text, read_only=read_only)
+    return LocalStore(path, read_only=read_only)
 
 
 def make_sink(location: str | os.PathLike[str], store: Store) -> LocalSink | StoreSink:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -55,7 +55,6 @@ class VLMBatch:
     input_ids: torch.Tensor  # image slots hold pad ids; use image_positions to find them
     image_positions: torch.Tensor  # (B, T_image) sequence positions of the image tokens
     text_mask: torch.Tensor  # (B, S) True at the text tokens (prompt or caption, not BOS/prefix/EOS/padding)
-    text_lengths: list[int] = field(default_factory=list)
     pixel_values: torch.Tensor | None = None  # for models that place image features themselves (LLaVA)
 
     def text_positions(self, i: int) -> torch.Tensor:
@@ -236,8 +235,7 @@ class AdapterVLM(nn.Module):
             embeds = embed(input_ids)
         image_positions = torch.arange(head, head + T, device=self.device).expand(B, T)
         embeds = torch.cat([embeds[:, :head], img.to(embeds.dtype), embeds[:, head + T :]], dim=1)
-        return VLMBatch(embeds, attention, labels, input_ids, image_positions, text_mask,
-                        [len(t) - (1 if add_eos else 0) for t in texts_ids])
+        return VLMBatch(embeds, attention, labels, input_ids, image_positions, text_mask)
 
     def prepare(self, images: Sequence[Any], texts: Sequence[str]) -> VLMBatch:
         """The batch for raw images and their prompts (what the harvester calls)."""
@@ -326,7 +324,7 @@ class LlavaVLM(nn.Module):
         text_mask = after_image & attention.bool()
         return VLMBatch(
             inputs_embeds=None, attention_mask=attention, labels=torch.full_like(input_ids, -100), input_ids=input_ids,
-            image_positions=positions, text_mask=text_mask, text_lengths=text_mask.sum(1).tolist(),
+            image_positions=positions, text_mask=text_mask,
             pixel_values=enc["pixel_values"].to(self.device, dtype=next(self.model.parameters()).dtype),
         )
 

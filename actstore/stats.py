@@ -101,9 +101,8 @@ class Partial:
 
 def chunk_partial(x: np.ndarray, sae: SAEParams, first_token: int, backend: str = "auto") -> Partial:
     """The partial of one chunk of tokens ``x`` (..., d), whose first token has global index ``first_token``."""
-    x = np.asarray(x).reshape(-1, np.asarray(x).shape[-1])
-    if x.dtype.kind == "V" or str(x.dtype) == "bfloat16":
-        x = x.astype(np.float32)
+    x = np.asarray(x)
+    x = x.reshape(-1, x.shape[-1])
     x32 = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     x64 = x.astype(np.float64)
     s = sae_stats(x32, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, activation=sae.activation,

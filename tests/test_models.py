@@ -32,7 +32,10 @@ def test_positions_follow_the_template(miniature, prefix):
     with torch.no_grad():
         patches = vlm.vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
         torch.testing.assert_close(batch.inputs_embeds[0, batch.image_positions[0]], vlm.adapter(patches)[0])
-    assert (batch.labels == -100).all() or batch.labels[batch.labels != -100].numel() > 0
+    for i, prompt in enumerate(PROMPTS):  # labels on exactly the text tokens, nowhere else (no EOS without add_eos)
+        labelled = (batch.labels[i] != -100).nonzero().flatten()
+        assert labelled.tolist() == batch.text_positions(i).tolist()
+        assert batch.labels[i, labelled].tolist() == tok(prompt, add_special_tokens=False)["input_ids"]
 
 
 def test_labels_cover_text_and_eos_only(tiny_vlm):
