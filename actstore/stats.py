@@ -15,7 +15,7 @@ Definitions over the N tokens of a (layer, kind):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import dask
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from actstore.bfloat16 import to_torch
 from kernels import sae_stats
 
 KINDS = ("image", "text")
@@ -40,6 +41,24 @@ class SAEParams:
     threshold: torch.Tensor | None = None
     k: int | None = None
     apply_b_dec_to_input: bool = False
+    # Copies of the weights per device, made once per worker process (not pickled with the SAE).
+    _copies: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        """Pickle without the per-device copies."""
+        return {**self.__dict__, "_copies": {}}
+
+    def on(self, device: torch.device) -> "SAEParams":
+        """These weights on ``device`` (cached: a worker copies each SAE to its GPU once)."""
+        if device.type == "cpu":
+            return self
+        key = str(device)
+        if key not in self._copies:
+            move = lambda t: None if t is None else t.to(device)  # noqa: E731
+            self._copies[key] = SAEParams(
+                move(self.W_enc), move(self.b_enc), move(self.W_dec), move(self.b_dec), self.activation,
+                move(self.threshold), self.k, self.apply_b_dec_to_input)
+        return self._copies[key]
 
     @property
     def d_in(self) -> int:
@@ -99,29 +118,38 @@ class Partial:
         )
 
 
+def compute_device(backend: str = "auto") -> torch.device:
+    """Where a worker runs its chunks: its GPU when it has one (and the backend is not the CPU reference)."""
+    return torch.device("cuda") if backend != "reference" and torch.cuda.is_available() else torch.device("cpu")
+
+
 def chunk_partial(x: np.ndarray, sae: SAEParams, first_token: int, backend: str = "auto") -> Partial:
     """The partial of one chunk of tokens ``x`` (..., d), whose first token has global index ``first_token``."""
     x = np.asarray(x)
     x = x.reshape(-1, x.shape[-1])
-    x32 = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    x64 = x.astype(np.float64)
+    device = compute_device(backend)
+    # The chunk crosses to the GPU in its stored dtype (half the bytes of float32 for bf16), and every per-token
+    # reduction runs there: on a GPU worker the host only decompresses.
+    xt = to_torch(np.ascontiguousarray(x)).to(device, non_blocking=False)
+    sae = sae.on(device)
+    x32 = xt.float()
     s = sae_stats(x32, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, activation=sae.activation,
                   threshold=sae.threshold, k=sae.k, apply_b_dec_to_input=sae.apply_b_dec_to_input, backend=backend)
-    mean = x64.mean(0) if len(x64) else np.zeros(x.shape[1])
-    x_norm = np.sqrt(s.x_sq.double().numpy())
-    xhat_norm = np.sqrt(s.xhat_sq.double().numpy())
-    err_norm = np.sqrt(s.sq_err.double().numpy())
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(x_norm > 0, err_norm / x_norm, 0.0)
-        cos = np.where((x_norm > 0) & (xhat_norm > 0), s.x_dot_xhat.double().numpy() / (x_norm * xhat_norm), 0.0)
-    fired = s.act_argmax.numpy() >= 0
+    x64 = xt.double()
+    mean = x64.mean(0) if len(x64) else torch.zeros(x.shape[1], dtype=torch.float64, device=device)
+    m2 = (x64 - mean).square().sum()
+    x_norm, xhat_norm, err_norm = s.x_sq.double().sqrt(), s.xhat_sq.double().sqrt(), s.sq_err.double().sqrt()
+    rel = torch.where(x_norm > 0, err_norm / x_norm, 0.0)
+    cos = torch.where((x_norm > 0) & (xhat_norm > 0), s.x_dot_xhat.double() / (x_norm * xhat_norm), 0.0)
+    fired = s.act_argmax >= 0
+    host = lambda t: t.cpu().numpy()  # noqa: E731
     return Partial(
-        n=len(x64), mean=mean, m2=float(((x64 - mean) ** 2).sum()), sq_err=float(s.sq_err.double().sum()),
+        n=len(x), mean=host(mean), m2=float(m2), sq_err=float(s.sq_err.double().sum()),
         rel_err=float(rel.sum()), cos=float(cos.sum()),
-        l0_hist=np.bincount(s.l0.long().numpy(), minlength=sae.d_sae + 1).astype(np.int64),
-        fire=s.fire_count.double().numpy().astype(np.int64), act_sum=s.act_sum.double().numpy(),
-        act_max=s.act_max.double().numpy(),
-        act_argmax=np.where(fired, s.act_argmax.numpy() + first_token, -1).astype(np.int64),
+        l0_hist=host(torch.bincount(s.l0.long(), minlength=sae.d_sae + 1)).astype(np.int64),
+        fire=host(s.fire_count.double()).astype(np.int64), act_sum=host(s.act_sum.double()),
+        act_max=host(s.act_max.double()),
+        act_argmax=host(torch.where(fired, s.act_argmax + first_token, -1)).astype(np.int64),
     )
 
 

@@ -55,13 +55,18 @@ def timed(fn: Callable[[], object], device: str, warmup: int, repeat: int) -> tu
     return statistics.median(times), peak
 
 
-def make_sae(d: int, F: int, target_l0: float, device: str, dtype: torch.dtype, seed: int = 0) -> dict:
-    """Random SAE whose per-latent thresholds give a mean L0 of about ``target_l0`` on Gaussian inputs."""
+def make_sae(d: int, F: int, target_l0: float, device: str, dtype: torch.dtype, seed: int = 0,
+             sample: torch.Tensor | None = None) -> dict:
+    """Random SAE whose per-latent thresholds give a mean L0 of about ``target_l0`` on ``sample`` (default Gaussian)."""
     g = torch.Generator(device=device).manual_seed(seed)
     W_enc = torch.randn(d, F, device=device, generator=g) / d**0.5
-    sample = torch.randn(4096, d, device=device, generator=g)
+    if sample is None:
+        sample = torch.randn(4096, d, device=device, generator=g)
     b_enc = torch.zeros(F, device=device)
-    threshold = torch.quantile(sample @ W_enc, 1 - target_l0 / F, dim=0).clamp(min=1e-3)
+    # kthvalue, not torch.quantile: quantile refuses inputs of more than 2^24 elements (4096 x 16k already is).
+    pre = sample.to(device=device, dtype=torch.float32) @ W_enc
+    rank = min(len(pre), max(1, round(len(pre) * (1 - target_l0 / F))))
+    threshold = torch.kthvalue(pre.cpu(), rank, dim=0).values.to(device).clamp(min=1e-3)
     W_dec = torch.randn(F, d, device=device, generator=g) / F**0.5
     return {"W_enc": W_enc.to(dtype), "b_enc": b_enc, "W_dec": W_dec.to(dtype), "b_dec": torch.zeros(d, device=device),
             "threshold": threshold}

@@ -1,0 +1,200 @@
+"""Analysis throughput: tokens/s of the Dask analysis over a store, next to the fused kernel alone on chunks already
+on the device and the store's read bandwidth through the same Dask graph (decode only), measured in one run.
+Writes JSON to benchmarks/results/.
+
+    python benchmarks/bench_analyze.py            # GPU: 256 images x 256 tokens x 4 states, d 2304, bf16, 16k latents
+    python benchmarks/bench_analyze.py --quick    # CPU, tiny (CI; the kernel runs in Triton's interpreter)
+
+Goal: analysis tokens/s >= 0.8 x min(kernel-alone tokens/s, read-bound tokens/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_kernels import make_sae  # noqa: E402
+from bench_store import GB, activation_like, drop_page_cache  # noqa: E402
+
+
+def build_store(path: Path, args: argparse.Namespace) -> dict:
+    """A store of residual-like bf16 activations with image and text tokens; returns its info."""
+    from actstore.integrity import store_info
+    from actstore.schema import StoreSchema
+    from actstore.writer import StoreWriter, TextTokens
+
+    schema = StoreSchema(layers=tuple(range(args.layers)), image_tokens=args.tokens, d_model=args.d,
+                         capacity=args.images, block_images=args.block_images, text_tokens_per_image=args.text_tokens)
+    rng = np.random.default_rng(0)
+    with StoreWriter.create(path, schema) as writer:
+        for block in range(schema.blocks_for(args.images)):
+            n = schema.block_images
+            images = activation_like(rng, (args.layers, n, args.tokens, args.d), schema.numpy_dtype)
+            m = n * args.text_tokens
+            text = TextTokens(resid=activation_like(rng, (args.layers, m, args.d), schema.numpy_dtype),
+                              image=np.repeat(np.arange(n), args.text_tokens), position=np.tile(np.arange(m // n), n),
+                              token_id=rng.integers(0, 1000, m)) if m else None
+            writer.submit_block(block, images, [f"img{block}-{i}" for i in range(n)], None, text)
+    return store_info(path)
+
+
+def sae_suite(args: argparse.Namespace) -> dict:
+    """One random JumpReLU SAE per state (float32, on the CPU, as a suite loads them), mean L0 about ``--l0`` on data
+    like the store's."""
+    from actstore.stats import SAEParams
+
+    suite = {}
+    sample = torch.from_numpy(activation_like(np.random.default_rng(1), (2048, args.d), np.float32))
+    for layer in range(args.layers):
+        w = make_sae(args.d, args.width, args.l0, "cpu", torch.float32, seed=layer, sample=sample)
+        suite[layer] = SAEParams(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], "jumprelu", threshold=w["threshold"])
+    return suite
+
+
+def token_count(ds) -> int:  # noqa: ANN001
+    """Tokens the analysis visits: every state's image and text tokens."""
+    per_state = ds.sizes["image"] * ds.sizes["image_token"] + ds.sizes.get("text_token", 0)
+    return per_state * ds.sizes["layer"]
+
+
+def read_only(ds, scheduler) -> float:  # noqa: ANN001
+    """Seconds to read and decode every chunk the analysis reads, through the same Dask graph shape (no compute)."""
+    import dask
+
+    tasks = []
+    for name in ("image_resid", "text_resid"):
+        if name in ds:
+            tasks += [dask.delayed(np.asarray)(b).shape for b in ds[name].data.to_delayed().reshape(-1)]
+    start = time.perf_counter()
+    dask.compute(tasks, scheduler=scheduler)
+    return time.perf_counter() - start
+
+
+def kernel_only(ds, saes, device: torch.device, repeat: int) -> float:  # noqa: ANN001
+    """Tokens/s of ``kernels.sae_stats`` alone on device-resident chunks of the store's image chunk shape."""
+    from kernels import sae_stats
+
+    shape = ds.image_resid.data.chunksize  # (1, block_images, tokens, d)
+    tokens = int(np.prod(shape[:-1]))
+    chunks = [torch.from_numpy(np.asarray(ds.image_resid.data.blocks[0, i], dtype=np.float32))
+              .reshape(tokens, -1).to(device) for i in range(min(4, ds.image_resid.data.numblocks[1]))]
+    sae = saes[0].on(device)
+
+    def run(x: torch.Tensor) -> None:
+        sae_stats(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, activation=sae.activation, threshold=sae.threshold)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for x in chunks:  # warm-up: compile / autotune
+        run(x)
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for x in chunks:  # rotate among distinct chunks so the inputs are not served from L2
+            run(x)
+        sync()
+        times.append(time.perf_counter() - start)
+    return tokens * len(chunks) / statistics.median(times)
+
+
+def main() -> None:
+    """Run the benchmark and write its JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--text-tokens", type=int, default=16, help="text tokens per image")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--d", type=int, default=2304)
+    parser.add_argument("--width", type=int, default=16384)
+    parser.add_argument("--l0", type=float, default=100.0)
+    parser.add_argument("--block-images", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--scheduler", default="threads", help="'threads' or 'local' (a distributed.LocalCluster)")
+    parser.add_argument("--dir", default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.images, args.tokens, args.text_tokens, args.layers, args.d, args.width, args.l0 = 8, 8, 2, 2, 32, 96, 6.0
+        args.block_images, args.repeat = 4, 1
+
+    import dask
+
+    import actstore
+    from actstore.stats import compute_device, compute_layer_stats
+
+    device = compute_device()
+    directory = Path(tempfile.mkdtemp(prefix="bench-analyze-", dir=args.dir))
+    path = directory / "store.zarr"
+    try:
+        info = build_store(path, args)
+        saes = sae_suite(args)
+        ds = actstore.open(path)
+        tokens = token_count(ds)
+        client = None
+        scheduler = "threads"
+        if args.scheduler == "local":
+            from distributed import Client, LocalCluster
+
+            client = Client(LocalCluster(n_workers=1, threads_per_worker=os.cpu_count(), dashboard_address=None))
+            scheduler = client
+        kernel = kernel_only(ds, saes, device, args.repeat)
+        cold = drop_page_cache()
+        read_cold = tokens / read_only(ds, scheduler)
+        read_warm = tokens / read_only(ds, scheduler)
+        compute_layer_stats(ds, saes, layers=[0], scheduler=scheduler)  # warm-up: SAE copies, autotune
+        drop_page_cache()
+        start = time.perf_counter()
+        stats = compute_layer_stats(ds, saes, scheduler=scheduler)
+        analysis = tokens / (time.perf_counter() - start)
+        if client is not None:
+            client.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    read = read_cold if cold else read_warm
+    limit = min(kernel, read)
+    bytes_per_token = info["bytes_logical"] / max(tokens, 1)
+    report = {
+        "benchmark": "analyze",
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "host": platform.node(),
+        "config": {**vars(args), "tokens_total": tokens, "codec": info["schema"]["codec"],
+                   "dask": dask.__version__, "interpreted": os.environ.get("TRITON_INTERPRET") == "1"},
+        "store": {"bytes_logical": info["bytes_logical"], "bytes_stored": info["bytes_stored"],
+                  "compression_ratio": info["compression_ratio"]},
+        "mean_l0_image": float(stats.l0_mean.sel(kind="image").mean()),
+        "tokens_per_s": {"analysis": analysis, "kernel_only": kernel, "read_cold": read_cold if cold else None,
+                         "read_warm": read_warm},
+        "read_GBps_logical": {"cold": read_cold * bytes_per_token / GB if cold else None,
+                              "warm": read_warm * bytes_per_token / GB},
+        "page_cache_dropped": cold,
+        "ratios": {"analysis_vs_kernel_only": analysis / kernel, "analysis_vs_read": analysis / read,
+                   "analysis_vs_limit": analysis / limit, "goal": 0.8},
+    }
+    print(json.dumps({k: report[k] for k in ("tokens_per_s", "read_GBps_logical", "ratios", "mean_l0_image")},
+                     indent=1))
+    tag = "gpu" if device.type == "cuda" else "cpu-quick"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"analyze-{tag}-{platform.node()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU runs of one device lease, in the order they belong together; every step is time-boxed and logged, and a
+# failing step does not stop the others. Results land in $OUT (or benchmarks/results/ without it).
+#   benchmarks/gpu_session.sh kernels    # GPU kernel tests + bench_kernels + bench_analyze
+#   benchmarks/gpu_session.sh harvest    # bench_harvest + bench_store on the GPU host's disk
+set -u
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+host=$(hostname)
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s) $(date +%T)"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "=== $name rc=$? $(date +%T)"; tail -n 25 "$out/$name.log"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+case "${1:-all}" in
+  kernels)
+    step gpu-tests 150 python3 -m pytest -q -x tests/test_kernels.py tests/test_stats.py
+    step bench-kernels 240 python3 benchmarks/bench_kernels.py --out "$out/kernels-gpu-$host.json"
+    step bench-analyze 150 python3 benchmarks/bench_analyze.py --out "$out/analyze-gpu-$host.json"
+    ;;
+  harvest)
+    step bench-harvest 270 python3 benchmarks/bench_harvest.py --out "$out/harvest-gpu-$host.json"
+    step bench-store 240 python3 benchmarks/bench_store.py --out "$out/store-gpu-host-$host.json"
+    ;;
+esac

@@ -1,0 +1,20 @@
+"""The analysis benchmark runs end to end at tiny size on the CPU and writes a well-formed report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_analyze.py"
+
+
+def test_bench_analyze_quick(tmp_path):
+    out = tmp_path / "analyze.json"
+    subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(out)], check=True, timeout=600)
+    report = json.loads(out.read_text())
+    rates = report["tokens_per_s"]
+    assert rates["analysis"] > 0 and rates["kernel_only"] > 0 and rates["read_warm"] > 0
+    assert report["config"]["tokens_total"] == 2 * (8 * 8 + 8 * 2)  # 2 states x (image + text tokens)
+    assert report["ratios"]["analysis_vs_limit"] == rates["analysis"] / min(
+        rates["kernel_only"], rates["read_cold"] or rates["read_warm"])
+    assert 1 <= report["mean_l0_image"] <= 96
