@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_store import GB, raw_sequential_write  # noqa: E402
 
-from actstore.harvest import HarvestStats, HostRing, harvest_block, n_states  # noqa: E402
+from actstore.harvest import HarvestStats, HostRing, forward_states, harvest_block, n_states  # noqa: E402
 from actstore.integrity import store_info  # noqa: E402
 from actstore.miniature import build_tokenizer  # noqa: E402
 from actstore.models import AdapterConfig, AdapterVLM  # noqa: E402
@@ -84,6 +84,37 @@ def forward_only(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, 
     return sum(len(b) for b in batches) / (time.perf_counter() - start)
 
 
+def breakdown(vlm: AdapterVLM, images_: list[np.ndarray], prompt: str, device: torch.device,
+              micro_batches: list[int]) -> dict:
+    """Seconds per image of each stage on its own (each synchronised): image preprocessing on the host, vision tower
+    + adapter + embedding, the decoder alone, the decoder with capture hooks; per micro-batch size."""
+    states = list(range(n_states(vlm.lm)))
+    out = {}
+    with torch.inference_mode():
+        for micro in micro_batches:
+            parts = [images_[i : i + micro] for i in range(0, len(images_) - micro + 1, micro)]
+            row = {"preprocess": 0.0, "vision_adapter_embed": 0.0, "decoder": 0.0, "decoder_capture": 0.0}
+            for part in parts:
+                t0 = time.perf_counter()
+                pixels = vlm.pixel_values(part)
+                t1 = time.perf_counter()
+                batch = vlm.build_batch(pixels, [prompt] * len(part))
+                sync(device)
+                t2 = time.perf_counter()
+                vlm.run_decoder(batch)
+                sync(device)
+                t3 = time.perf_counter()
+                forward_states(vlm, batch, states)
+                sync(device)
+                t4 = time.perf_counter()
+                for key, dt in zip(row, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    row[key] += dt
+            n = micro * len(parts)
+            out[str(micro)] = {k: v / n for k, v in row.items()}
+            print(f"  micro-batch {micro:3d}: " + ", ".join(f"{k} {v * 1e3:.2f} ms/img" for k, v in out[str(micro)].items()))
+    return out
+
+
 def harvest(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, directory: Path, block_images: int,
             device: torch.device) -> tuple[float, dict, HarvestStats]:
     """Images/s of the harvester into a fresh store on ``directory``'s disk (fsync'd), and the store's info."""
@@ -132,6 +163,7 @@ def main() -> None:
     forward_only(vlm, batches[:1], prompt, device)  # warm-up (kernels, allocator)
     directory = Path(tempfile.mkdtemp(prefix="bench-harvest-", dir=args.dir))
     fwd = forward_only(vlm, batches, prompt, device)
+    stages = breakdown(vlm, batches[0] + batches[-1], prompt, device, sorted({args.block_images, args.batch}))
     ours, info, stats = harvest(vlm, batches, prompt, directory, args.block_images, device)
     raw = raw_sequential_write(directory, max(info["bytes_stored"], 64 << 20))
     shutil.rmtree(directory, ignore_errors=True)
@@ -154,6 +186,7 @@ def main() -> None:
         "compression_ratio": info["compression_ratio"],
         "time_split_s": {"forward": stats.seconds_forward, "copy": stats.seconds_copy,
                          "write_wait": stats.seconds_write_wait, "total": stats.seconds_total},
+        "seconds_per_image_by_stage": stages,
         "ratios": {"harvest_vs_forward_only": ours / fwd, "harvest_vs_disk_bound": ours / disk_bound,
                    "harvest_vs_limit": ours / limit, "goal": 0.85},
     }

@@ -3,6 +3,7 @@
 # failing step does not stop the others. Results land in $OUT (or benchmarks/results/ without it).
 #   benchmarks/gpu_session.sh kernels    # GPU kernel tests + bench_kernels + bench_analyze
 #   benchmarks/gpu_session.sh harvest    # bench_harvest + bench_store on the GPU host's disk
+#   benchmarks/gpu_session.sh all        # kernel tests, bench_harvest, bench_kernels, bench_analyze
 set -u
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
@@ -21,6 +22,12 @@ case "${1:-all}" in
     step gpu-tests 150 python3 -m pytest -q -x tests/test_kernels.py tests/test_stats.py
     step bench-kernels 240 python3 benchmarks/bench_kernels.py --out "$out/kernels-gpu-$host.json"
     step bench-analyze 150 python3 benchmarks/bench_analyze.py --out "$out/analyze-gpu-$host.json"
+    ;;
+  all)
+    step gpu-tests 100 python3 -m pytest -q -x tests/test_kernels.py tests/test_stats.py
+    step bench-harvest 150 python3 benchmarks/bench_harvest.py --out "$out/harvest-gpu-$host.json"
+    step bench-kernels 200 python3 benchmarks/bench_kernels.py --out "$out/kernels-gpu-$host.json"
+    step bench-analyze 120 python3 benchmarks/bench_analyze.py --out "$out/analyze-gpu-$host.json"
     ;;
   harvest)
     step bench-harvest 270 python3 benchmarks/bench_harvest.py --out "$out/harvest-gpu-$host.json"

@@ -34,6 +34,7 @@ from kernels.reference import (
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEFAULT_CAP = 256
 _INDEX_BITS = 2147483647  # token t is stored as (2^31 - 1 - t) so that the smallest t wins ties in an atomic max
+_INDEX_BITS_C = tl.constexpr(_INDEX_BITS)  # compiled Triton reads only constexpr globals
 
 
 def _encode_configs() -> list[triton.Config]:
@@ -114,7 +115,7 @@ def _encode_kernel(
         tl.atomic_add(fire_ptr + cols, tl.sum(active_i, axis=0), mask=col_ok)
         tl.atomic_add(sum_ptr + cols, tl.sum(z, axis=0), mask=col_ok)
         # z > 0, so its float bits order like integers: (bits << 32 | 2^31-1-row) maxes value, then smallest row.
-        packed = (z.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (_INDEX_BITS - rows[:, None].to(tl.int64))
+        packed = (z.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (_INDEX_BITS_C - rows[:, None].to(tl.int64))
         packed = tl.where(active, packed, 0)
         tl.atomic_max(max_ptr + cols, tl.max(packed, axis=0), mask=col_ok)
 
