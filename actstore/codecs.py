@@ -2,7 +2,7 @@
 
 The chain is ``bytes(little) -> [zstd | blosc] -> crc32c``. We encode chunks ourselves rather than through
 ``zarr.Array.__setitem__`` because zarr's write path serialises on its event loop (measured at ~45% of an H100
-host's disk bandwidth, see docs/store-format.md); numcodecs and google-crc32c release the GIL, so a plain thread
+host's disk bandwidth, see docs/store-format.md); numcodecs, crc32c and large numpy copies release the GIL, so a plain thread
 pool encodes in parallel. Readers (zarr-python, TensorStore) decode these bytes with their own codecs, and the
 tests hold us to that.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import google_crc32c
+import crc32c
 import numcodecs
 import numpy as np
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
@@ -52,9 +52,14 @@ def array_codec_kwargs(schema: StoreSchema, chunks: tuple[int, ...], shard: tupl
     return {"chunks": shard, "serializer": sharding, "compressors": None, "filters": None}
 
 
-def _append_crc32c(payload: bytes | memoryview) -> bytes:
-    data = np.frombuffer(payload, dtype=np.uint8)  # google_crc32c takes numpy arrays and bytes, not memoryviews
-    return b"".join((data, np.uint32(google_crc32c.value(data)).tobytes()))
+def _append_crc32c(payload: bytes | memoryview) -> memoryview:
+    # Both steps release the GIL (crc32c's gil_release_mode, numpy's large copies), unlike google_crc32c.value and
+    # bytes.join: the harvester's Python thread keeps launching GPU work while writer threads checksum chunks.
+    data = np.frombuffer(payload, dtype=np.uint8)
+    out = np.empty(len(data) + 4, dtype=np.uint8)
+    out[: len(data)] = data
+    out[len(data) :] = np.frombuffer(np.uint32(crc32c.crc32c(data, gil_release_mode=1)).tobytes(), dtype=np.uint8)
+    return memoryview(out)
 
 
 class ChunkEncoder:
@@ -70,7 +75,7 @@ class ChunkEncoder:
             cname = codec.split("-")[1]
             self._compressor = numcodecs.Blosc(cname=cname, clevel=clevel, shuffle=numcodecs.Blosc.BITSHUFFLE)
 
-    def encode(self, chunk: np.ndarray) -> bytes:
+    def encode(self, chunk: np.ndarray) -> memoryview:
         """Bytes of ``chunk`` (C order, little-endian) after compression and checksum."""
         chunk = np.ascontiguousarray(chunk)
         if chunk.dtype.byteorder == ">":

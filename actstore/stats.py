@@ -48,16 +48,17 @@ class SAEParams:
         """Pickle without the per-device copies."""
         return {**self.__dict__, "_copies": {}}
 
-    def on(self, device: torch.device) -> "SAEParams":
-        """These weights on ``device`` (cached: a worker copies each SAE to its GPU once)."""
-        if device.type == "cpu":
+    def on(self, device: torch.device, weight_dtype: torch.dtype = torch.float32) -> "SAEParams":
+        """These weights on ``device``, W_enc and W_dec in ``weight_dtype`` (cached: a worker copies each SAE to its
+        GPU once; biases and thresholds stay float32)."""
+        if device.type == "cpu" and weight_dtype == self.W_enc.dtype:
             return self
-        key = str(device)
+        key = (str(device), weight_dtype)
         if key not in self._copies:
             move = lambda t: None if t is None else t.to(device)  # noqa: E731
             self._copies[key] = SAEParams(
-                move(self.W_enc), move(self.b_enc), move(self.W_dec), move(self.b_dec), self.activation,
-                move(self.threshold), self.k, self.apply_b_dec_to_input)
+                self.W_enc.to(device, weight_dtype), move(self.b_enc), self.W_dec.to(device, weight_dtype),
+                move(self.b_dec), self.activation, move(self.threshold), self.k, self.apply_b_dec_to_input)
         return self._copies[key]
 
     @property
@@ -123,17 +124,24 @@ def compute_device(backend: str = "auto") -> torch.device:
     return torch.device("cuda") if backend != "reference" and torch.cuda.is_available() else torch.device("cpu")
 
 
-def chunk_partial(x: np.ndarray, sae: SAEParams, first_token: int, backend: str = "auto") -> Partial:
-    """The partial of one chunk of tokens ``x`` (..., d), whose first token has global index ``first_token``."""
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def chunk_partial(x: np.ndarray, sae: SAEParams, first_token: int, backend: str = "auto",
+                  weight_dtype: str = "float32") -> Partial:
+    """The partial of one chunk of tokens ``x`` (..., d), whose first token has global index ``first_token``.
+
+    ``weight_dtype="bfloat16"`` runs the SAE's matrix products on bf16 tensor cores (about 10x the float32 rate on an
+    H100) with bf16-rounded weights; float32 (the default) is exact to the SAE's own arithmetic."""
     x = np.asarray(x)
     x = x.reshape(-1, x.shape[-1])
     device = compute_device(backend)
     # The chunk crosses to the GPU in its stored dtype (half the bytes of float32 for bf16), and every per-token
     # reduction runs there: on a GPU worker the host only decompresses.
     xt = to_torch(np.ascontiguousarray(x)).to(device, non_blocking=False)
-    sae = sae.on(device)
-    x32 = xt.float()
-    s = sae_stats(x32, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, activation=sae.activation,
+    sae = sae.on(device, WEIGHT_DTYPES[weight_dtype])
+    x_in = xt.to(sae.W_enc.dtype)  # the kernel uses tensor cores when x and W share a 16-bit dtype
+    s = sae_stats(x_in, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, activation=sae.activation,
                   threshold=sae.threshold, k=sae.k, apply_b_dec_to_input=sae.apply_b_dec_to_input, backend=backend)
     x64 = xt.double()
     mean = x64.mean(0) if len(x64) else torch.zeros(x.shape[1], dtype=torch.float64, device=device)
@@ -163,7 +171,8 @@ def merge_tree(parts: list[Any]) -> Any:
     return parts[0]
 
 
-def layer_partials(ds: xr.Dataset, layer: int, sae: Any, backend: str = "auto") -> dict[str, Any]:
+def layer_partials(ds: xr.Dataset, layer: int, sae: Any, backend: str = "auto",
+                   weight_dtype: str = "float32") -> dict[str, Any]:
     """Delayed partials of one layer, per token kind, one task per stored chunk."""
     out = {}
     for kind, name in (("image", "image_resid"), ("text", "text_resid")):
@@ -173,7 +182,7 @@ def layer_partials(ds: xr.Dataset, layer: int, sae: Any, backend: str = "auto") 
         tokens_per_row = int(np.prod(data.shape[1:-1])) if data.ndim > 2 else 1
         blocks = data.to_delayed().reshape(-1)
         starts = np.cumsum((0,) + data.chunks[0])[:-1]
-        parts = [dask.delayed(chunk_partial)(block, sae, int(start) * tokens_per_row, backend)
+        parts = [dask.delayed(chunk_partial)(block, sae, int(start) * tokens_per_row, backend, weight_dtype)
                  for block, start in zip(blocks, starts)]
         out[kind] = merge_tree(parts)
     return out
@@ -197,7 +206,7 @@ def finalize(p: Partial) -> dict[str, Any]:
 
 def compute_layer_stats(
     ds: xr.Dataset, saes: dict[int, SAEParams], layers: Sequence[int] | None = None, backend: str = "auto",
-    scheduler: Any = None,
+    scheduler: Any = None, weight_dtype: str = "float32",
 ) -> xr.Dataset:
     """Statistics of every layer's SAE on the image and text tokens of ``ds`` (an ``actstore.open`` dataset)."""
     layers = list(layers) if layers is not None else [int(x) for x in ds.layer.values if int(x) in saes]
@@ -211,7 +220,12 @@ def compute_layer_stats(
     widths = {saes[x].d_sae for x in layers}
     if len(widths) != 1:
         raise ValueError(f"all SAEs of a suite must have one width to share the latent axis, got {sorted(widths)}")
-    graph = {layer: layer_partials(ds, layer, dask.delayed(saes[layer], pure=True), backend) for layer in layers}
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    # traverse=False: Dask would otherwise rebuild the SAE dataclass field by field in every task, so each task would
+    # get a fresh object and copy the weights to the GPU again.
+    graph = {layer: layer_partials(ds, layer, dask.delayed(saes[layer], pure=True, traverse=False), backend,
+                                   weight_dtype) for layer in layers}
     (computed,) = dask.compute(graph, scheduler=scheduler)
     kinds = [k for k in KINDS if k in computed[layers[0]]]
     rows = {layer: {kind: finalize(computed[layer][kind]) for kind in kinds} for layer in layers}

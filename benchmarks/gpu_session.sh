@@ -29,6 +29,11 @@ case "${1:-all}" in
     step bench-kernels 200 python3 benchmarks/bench_kernels.py --out "$out/kernels-gpu-$host.json"
     step bench-analyze 120 python3 benchmarks/bench_analyze.py --out "$out/analyze-gpu-$host.json"
     ;;
+  tests-harvest-analyze)
+    step gpu-tests 110 python3 -m pytest -q tests/test_kernels.py tests/test_stats.py
+    step bench-harvest 150 python3 benchmarks/bench_harvest.py --out "$out/harvest-gpu-$host.json"
+    step bench-analyze 200 python3 benchmarks/bench_analyze.py --out "$out/analyze-gpu-$host.json"
+    ;;
   harvest)
     step bench-harvest 270 python3 benchmarks/bench_harvest.py --out "$out/harvest-gpu-$host.json"
     step bench-store 240 python3 benchmarks/bench_store.py --out "$out/store-gpu-host-$host.json"

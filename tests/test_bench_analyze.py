@@ -13,8 +13,10 @@ def test_bench_analyze_quick(tmp_path):
     subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(out)], check=True, timeout=600)
     report = json.loads(out.read_text())
     rates = report["tokens_per_s"]
-    assert rates["analysis"] > 0 and rates["kernel_only"] > 0 and rates["read_warm"] > 0
+    assert set(rates["analysis"]) == {"float32-threads", "bfloat16-threads", "float32-sync"}
+    assert min(rates["analysis"].values()) > 0 and min(rates["kernel_only"].values()) > 0 and rates["read_warm"] > 0
     assert report["config"]["tokens_total"] == 2 * (8 * 8 + 8 * 2)  # 2 states x (image + text tokens)
-    assert report["ratios"]["analysis_vs_limit"] == rates["analysis"] / min(
-        rates["kernel_only"], rates["read_cold"] or rates["read_warm"])
+    for dtype in ("float32", "bfloat16"):
+        assert report["ratios"][dtype]["analysis_vs_limit"] == rates["analysis"][f"{dtype}-threads"] / min(
+            rates["kernel_only"][dtype], rates["read_cold"] or rates["read_warm"])
     assert 1 <= report["mean_l0_image"] <= 96

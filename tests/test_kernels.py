@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from kernels import sae_encode_sparse, sae_stats
-from kernels.reference import PER_TOKEN, SAEStats
+from kernels.reference import PER_TOKEN, SAEStats, SparseCodes
 
 sae_lens = pytest.importorskip("sae_lens")
 
 MARGIN = 1e-3
+# The Triton path runs compiled on the GPU where there is one (its inputs must live there), interpreted elsewhere.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -132,7 +134,27 @@ def assert_stats_match(got: SAEStats, want: SAEStats, feature_stats: bool = True
     assert torch.equal(got.act_argmax.long(), want.act_argmax.long()), "act_argmax differs"
 
 
+def on_device(value, device: str = KERNEL_DEVICE):
+    """Tensors (also inside dicts and dataclasses of results) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: on_device(v, device) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(on_device(v, device) for v in value)
+    if isinstance(value, (SAEStats, SparseCodes)):
+        return type(value)(**{k: on_device(v, device) for k, v in vars(value).items()})
+    return value
+
+
+def triton_call(fn, case: Case, *args, **extra):
+    """``fn`` on the case's tensors on the kernel device; results back on the CPU for the comparison."""
+    return on_device(fn(on_device(case.x), *on_device(args), **on_device(extra)), "cpu")
+
+
 def run(case: Case, backend: str, **extra) -> SAEStats:
+    if backend == "triton":
+        return triton_call(sae_stats, case, **case.params, **case.kwargs, backend=backend, **extra)
     return sae_stats(case.x, **case.params, **case.kwargs, backend=backend, **extra)
 
 
@@ -177,7 +199,7 @@ def test_small_cap_falls_back_instead_of_truncating():
 
     case = make_case("jumprelu", active_fraction=0.1, seed=5)
     want, _ = oracle_stats(case)
-    got = sae_stats_triton(case.x, **case.params, **case.kwargs, cap=8)  # L0 ~ 30 > 8 for most tokens
+    got = triton_call(sae_stats_triton, case, **case.params, **case.kwargs, cap=8)  # L0 ~ 30 > 8 for most tokens
     assert (want.l0 > 8).sum() > 10
     assert_stats_match(got, want)
 
@@ -197,7 +219,8 @@ def test_encode_sparse_matches_sae_lens(backend, activation, k, cap):
     if backend == "triton":
         from kernels.sae_triton import sae_encode_sparse_triton
 
-        codes = sae_encode_sparse_triton(case.x, case.params["W_enc"], case.params["b_enc"], cap=cap, **kwargs)
+        codes = triton_call(sae_encode_sparse_triton, case, case.params["W_enc"], case.params["b_enc"], cap=cap,
+                            **kwargs)
     else:
         codes = sae_encode_sparse(case.x, case.params["W_enc"], case.params["b_enc"], backend=backend, **kwargs)
     dense = torch.zeros_like(z)
@@ -224,6 +247,8 @@ def test_bad_input_is_named(change, message, backend):
     case = make_case("jumprelu", seed=8)
     params, kwargs = dict(case.params), dict(case.kwargs)
     change(params, kwargs)
+    if backend == "triton":
+        case, params, kwargs = Case(on_device(case.x), {}, {}, case.oracle), on_device(params), on_device(kwargs)
     with pytest.raises(ValueError, match=message):
         sae_stats(case.x, **params, **kwargs, backend=backend)
 

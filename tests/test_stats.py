@@ -128,3 +128,30 @@ def test_wrong_sae_width_or_missing_layer_is_named(stores):
     wrong = {0: SAEParams(torch.zeros(16, F), torch.zeros(F), torch.zeros(F, 16), torch.zeros(16), "relu")}
     with pytest.raises(ValueError, match="the SAE for layer 0 has d_in=16, the store has d_model=8"):
         compute_layer_stats(ds, wrong)
+
+
+def test_every_task_of_a_layer_shares_one_sae_object(stores, monkeypatch):
+    """A worker must copy an SAE to its GPU once, not once per chunk: Dask has to hand every task the same object."""
+    seen = []
+    original = SAEParams.on
+
+    def record(self, *args, **kwargs):
+        seen.append(id(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SAEParams, "on", record)
+    saes = make_saes()
+    compute_layer_stats(actstore.open(stores / "b4.zarr"), saes, backend="reference", scheduler="threads")
+    assert len(seen) == 2 * 2 * 6  # 2 layers x (image + text) x 6 blocks
+    assert set(seen) == {id(s) for s in saes.values()}
+
+
+def test_bf16_weights_stay_close_to_float32(stores):
+    saes = make_saes()
+    ds = actstore.open(stores / "b6.zarr")
+    exact = compute_layer_stats(ds, saes, backend="reference", scheduler="sync")
+    fast = compute_layer_stats(ds, saes, backend="reference", scheduler="sync", weight_dtype="bfloat16")
+    np.testing.assert_allclose(fast.fvu.values, exact.fvu.values, rtol=0.05)
+    assert not np.array_equal(fast.fvu.values, exact.fvu.values)  # the weights really were rounded
+    with pytest.raises(ValueError, match="weight_dtype must be one of"):
+        compute_layer_stats(ds, saes, weight_dtype="float8")
