@@ -10,6 +10,8 @@
       - source: gemma_scope_npz              # a Gemma Scope params.npz (JumpReLU, no b_dec on the input)
         path: params.npz
         hook: blocks.5.hook_resid_post
+        descriptions: np-5-gemmascope-res-16k.json   # optional: a Neuronpedia explanation export for this SAE
+        neuronpedia_sae_id: 5-gemmascope-res-16k     # optional: keep only the export's entries of this SAE
 
 Each SAE's store state comes from its hook (``blocks.L.hook_resid_post`` reads state L+1, ``blocks.L.hook_resid_pre``
 reads state L; see the store's layer convention) or from an explicit ``state``; when both are given they must agree.
@@ -49,6 +51,7 @@ class SAESuite:
     name: str
     saes: dict[int, SAEParams]
     sources: dict[int, dict[str, Any]] = field(default_factory=dict)
+    base: Path = Path(".")  # the suite file's folder: relative paths in entries are relative to it
 
     def check_store(self, d_model: int, states: list[int]) -> None:
         """Refuse SAEs of another width or for states the store lacks, naming each."""
@@ -110,4 +113,4 @@ def load_suite(path: str | Path) -> SAESuite:
         if state in saes:
             raise ValueError(f"{path}: two SAEs for store state {state}")
         saes[state], sources[state] = sae, entry
-    return SAESuite(name=str(raw.get("name", path.stem)), saes=saes, sources=sources)
+    return SAESuite(name=str(raw.get("name", path.stem)), saes=saes, sources=sources, base=path.parent)

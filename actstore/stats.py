@@ -24,7 +24,7 @@ import torch
 import xarray as xr
 
 from actstore.bfloat16 import to_torch
-from kernels import sae_stats
+from kernels import sae_encode_sparse, sae_stats
 
 KINDS = ("image", "text")
 
@@ -99,6 +99,8 @@ class Partial:
     act_sum: np.ndarray  # (d_sae,)
     act_max: np.ndarray  # (d_sae,) float64
     act_argmax: np.ndarray  # (d_sae,) global token index, -1 if never fired
+    top_act: np.ndarray  # (d_sae, k) the k largest activations of each latent, descending (0 where fewer fired)
+    top_token: np.ndarray  # (d_sae, k) their global token indices (-1 where fewer fired)
 
     def merge(self, other: "Partial") -> "Partial":
         """The partial of the union of both token sets."""
@@ -116,7 +118,37 @@ class Partial:
             l0_hist=self.l0_hist + other.l0_hist, fire=self.fire + other.fire, act_sum=self.act_sum + other.act_sum,
             act_max=np.where(better, other.act_max, self.act_max),
             act_argmax=np.where(better, other.act_argmax, self.act_argmax),
+            **dict(zip(("top_act", "top_token"), merge_top_k(self.top_act, self.top_token, other.top_act,
+                                                            other.top_token))),
         )
+
+
+def merge_top_k(act_a: np.ndarray, token_a: np.ndarray, act_b: np.ndarray, token_b: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Per latent, the k largest of both lists (ties: the smaller token index first, so merging is deterministic)."""
+    k = act_a.shape[1]
+    act, token = np.concatenate([act_a, act_b], 1), np.concatenate([token_a, token_b], 1)
+    empty = token < 0
+    order = np.lexsort((np.where(empty, np.iinfo(np.int64).max, token), -act), axis=-1)[:, :k]
+    return np.take_along_axis(act, order, 1), np.take_along_axis(token, order, 1)
+
+
+def latent_top_k(codes: Any, first_token: int, d_sae: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per latent, its k largest activations in a chunk's sparse codes and their global token indices."""
+    counts = codes.indptr.diff()
+    device = codes.values.device
+    token = torch.repeat_interleave(torch.arange(len(counts), device=device), counts) + first_token
+    latent, act = codes.indices.long(), codes.values.double()
+    order = torch.argsort(-act, stable=True)  # activation descending; ties keep token order
+    order = order[torch.argsort(latent[order], stable=True)]  # grouped by latent
+    latent, act, token = latent[order], act[order], token[order]
+    rank = torch.arange(len(latent), device=device) - torch.searchsorted(latent, latent)
+    keep = rank < k
+    top_act = torch.zeros((d_sae, k), dtype=torch.float64, device=device)
+    top_token = torch.full((d_sae, k), -1, dtype=torch.int64, device=device)
+    top_act[latent[keep], rank[keep]] = act[keep]
+    top_token[latent[keep], rank[keep]] = token[keep]
+    return top_act.cpu().numpy(), top_token.cpu().numpy()
 
 
 def compute_device(backend: str = "auto") -> torch.device:
@@ -128,7 +160,7 @@ WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def chunk_partial(x: np.ndarray, sae: SAEParams, first_token: int, backend: str = "auto",
-                  weight_dtype: str = "float32") -> Partial:
+                  weight_dtype: str = "float32", top_k: int = 0) -> Partial:
     """The partial of one chunk of tokens ``x`` (..., d), whose first token has global index ``first_token``.
 
     ``weight_dtype="bfloat16"`` runs the SAE's matrix products on bf16 tensor cores (about 10x the float32 rate on an
@@ -151,6 +183,12 @@ def chunk_partial(x: np.ndarray, sae: SAEParams, first_token: int, backend: str 
     cos = torch.where((x_norm > 0) & (xhat_norm > 0), s.x_dot_xhat.double() / (x_norm * xhat_norm), 0.0)
     fired = s.act_argmax >= 0
     host = lambda t: t.cpu().numpy()  # noqa: E731
+    top = (np.zeros((sae.d_sae, 0)), np.zeros((sae.d_sae, 0), dtype=np.int64))
+    if top_k:  # a second, sparse encode: the stats kernel keeps no per-token codes
+        codes = sae_encode_sparse(x_in, sae.W_enc, sae.b_enc, activation=sae.activation, threshold=sae.threshold,
+                                  k=sae.k, apply_b_dec_to_input=sae.apply_b_dec_to_input, b_dec=sae.b_dec,
+                                  backend=backend)
+        top = latent_top_k(codes, first_token, sae.d_sae, top_k)
     return Partial(
         n=len(x), mean=host(mean), m2=float(m2), sq_err=float(s.sq_err.double().sum()),
         rel_err=float(rel.sum()), cos=float(cos.sum()),
@@ -158,6 +196,7 @@ def chunk_partial(x: np.ndarray, sae: SAEParams, first_token: int, backend: str 
         fire=host(s.fire_count.double()).astype(np.int64), act_sum=host(s.act_sum.double()),
         act_max=host(s.act_max.double()),
         act_argmax=host(torch.where(fired, s.act_argmax + first_token, -1)).astype(np.int64),
+        top_act=top[0], top_token=top[1],
     )
 
 
@@ -172,7 +211,7 @@ def merge_tree(parts: list[Any]) -> Any:
 
 
 def layer_partials(ds: xr.Dataset, layer: int, sae: Any, backend: str = "auto",
-                   weight_dtype: str = "float32") -> dict[str, Any]:
+                   weight_dtype: str = "float32", top_k: int = 0) -> dict[str, Any]:
     """Delayed partials of one layer, per token kind, one task per stored chunk."""
     out = {}
     for kind, name in (("image", "image_resid"), ("text", "text_resid")):
@@ -182,7 +221,7 @@ def layer_partials(ds: xr.Dataset, layer: int, sae: Any, backend: str = "auto",
         tokens_per_row = int(np.prod(data.shape[1:-1])) if data.ndim > 2 else 1
         blocks = data.to_delayed().reshape(-1)
         starts = np.cumsum((0,) + data.chunks[0])[:-1]
-        parts = [dask.delayed(chunk_partial)(block, sae, int(start) * tokens_per_row, backend, weight_dtype)
+        parts = [dask.delayed(chunk_partial)(block, sae, int(start) * tokens_per_row, backend, weight_dtype, top_k)
                  for block, start in zip(blocks, starts)]
         out[kind] = merge_tree(parts)
     return out
@@ -200,15 +239,17 @@ def finalize(p: Partial) -> dict[str, Any]:
         "l0_q10": quantile(0.1), "l0_median": quantile(0.5), "l0_q90": quantile(0.9),
         "l0_hist": p.l0_hist, "fire_freq": p.fire / n, "fire_count": p.fire,
         "act_mean": np.divide(p.act_sum, p.fire, out=np.zeros_like(p.act_sum), where=p.fire > 0),
-        "act_max": p.act_max, "act_argmax": p.act_argmax,
+        "act_max": p.act_max, "act_argmax": p.act_argmax, "top_act": p.top_act, "top_token": p.top_token,
     }
 
 
 def compute_layer_stats(
     ds: xr.Dataset, saes: dict[int, SAEParams], layers: Sequence[int] | None = None, backend: str = "auto",
-    scheduler: Any = None, weight_dtype: str = "float32",
+    scheduler: Any = None, weight_dtype: str = "float32", top_k: int = 0,
 ) -> xr.Dataset:
-    """Statistics of every layer's SAE on the image and text tokens of ``ds`` (an ``actstore.open`` dataset)."""
+    """Statistics of every layer's SAE on the image and text tokens of ``ds`` (an ``actstore.open`` dataset); with
+    ``top_k``, each latent's k most activating tokens per kind (``top_token`` indexes image tokens as
+    image * image_tokens + position, text tokens along ``text_token``)."""
     layers = list(layers) if layers is not None else [int(x) for x in ds.layer.values if int(x) in saes]
     missing = [x for x in layers if x not in saes]
     if missing:
@@ -222,10 +263,10 @@ def compute_layer_stats(
         raise ValueError(f"all SAEs of a suite must have one width to share the latent axis, got {sorted(widths)}")
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {weight_dtype!r}")
-    # traverse=False: Dask would otherwise rebuild the SAE dataclass field by field in every task, so each task would
-    # get a fresh object and copy the weights to the GPU again.
+    # One opaque object per layer (traverse=False), which every task of the layer receives as is: SAEParams.on then
+    # copies it to a worker's GPU once, not once per chunk (tests/test_stats.py holds this).
     graph = {layer: layer_partials(ds, layer, dask.delayed(saes[layer], pure=True, traverse=False), backend,
-                                   weight_dtype) for layer in layers}
+                                   weight_dtype, top_k) for layer in layers}
     (computed,) = dask.compute(graph, scheduler=scheduler)
     kinds = [k for k in KINDS if k in computed[layers[0]]]
     rows = {layer: {kind: finalize(computed[layer][kind]) for kind in kinds} for layer in layers}
@@ -236,6 +277,8 @@ def compute_layer_stats(
     data.update({name: (("layer", "kind", "latent"), np.stack([[rows[x][k][name] for k in kinds] for x in layers]))
                  for name in per_latent})
     data["l0_hist"] = (("layer", "kind", "l0"), np.stack([[rows[x][k]["l0_hist"] for k in kinds] for x in layers]))
+    for name in ("top_act", "top_token"):
+        data[name] = (("layer", "kind", "latent", "rank"), np.stack([[rows[x][k][name] for k in kinds] for x in layers]))
     out = xr.Dataset(data, coords={"layer": layers, "kind": kinds})
     if {"image", "text"} <= set(kinds):
         fires_image = out.fire_count.sel(kind="image") > 0
@@ -252,9 +295,46 @@ def analysis_group(name: str) -> str:
 
 def save_stats(location: str, name: str, stats: xr.Dataset) -> None:
     """Write statistics into the store under ``analysis/<name>`` (replacing a previous run: reruns are idempotent)."""
+    # Strings as objects: zarr v3 stores them as variable-length UTF-8 (its fixed-width form has no stable spec yet).
+    stats = stats.assign_coords(kind=stats.kind.values.astype(object))
     stats.to_zarr(str(location), group=analysis_group(name), mode="w", zarr_format=3, consolidated=False)
 
 
 def open_stats(location: str, name: str) -> xr.Dataset:
     """Statistics saved by :func:`save_stats`."""
     return xr.open_zarr(str(location), group=analysis_group(name), consolidated=False, zarr_format=3).load()
+
+
+def chunk_image_top_latents(x: np.ndarray, sae: SAEParams, m: int, backend: str = "auto",
+                            weight_dtype: str = "float32") -> np.ndarray:
+    """For each image of an image chunk (1, images, tokens, d): its ``m`` latents of largest activation summed over
+    its tokens, descending (-1 where fewer fire)."""
+    x = np.asarray(x)
+    n_images, n_tokens = x.shape[-3], x.shape[-2]
+    device = compute_device(backend)
+    sae = sae.on(device, WEIGHT_DTYPES[weight_dtype])
+    xt = to_torch(np.ascontiguousarray(x.reshape(-1, x.shape[-1]))).to(device).to(sae.W_enc.dtype)
+    codes = sae_encode_sparse(xt, sae.W_enc, sae.b_enc, activation=sae.activation, threshold=sae.threshold, k=sae.k,
+                              apply_b_dec_to_input=sae.apply_b_dec_to_input, b_dec=sae.b_dec, backend=backend)
+    image = torch.repeat_interleave(torch.arange(len(xt), device=device), codes.indptr.diff()) // n_tokens
+    mass = torch.zeros(n_images * sae.d_sae, dtype=torch.float64, device=device)  # images x latents, never tokens
+    mass.index_add_(0, image * sae.d_sae + codes.indices.long(), codes.values.double())
+    mass = mass.reshape(n_images, sae.d_sae)
+    values, latents = mass.topk(min(m, sae.d_sae), dim=1)
+    return torch.where(values > 0, latents, -1).cpu().numpy().astype(np.int32)
+
+
+def compute_image_top_latents(ds: xr.Dataset, saes: dict[int, SAEParams], m: int = 5,
+                              layers: Sequence[int] | None = None, backend: str = "auto", scheduler: Any = None,
+                              weight_dtype: str = "float32") -> xr.DataArray:
+    """(layer, image, top) the ``m`` most active latents of every image, per layer (one task per stored chunk)."""
+    layers = list(layers) if layers is not None else [int(x) for x in ds.layer.values if int(x) in saes]
+    graph = {}
+    for layer in layers:
+        sae = dask.delayed(saes[layer], pure=True, traverse=False)
+        blocks = ds.image_resid.sel(layer=layer).data.to_delayed().reshape(-1)
+        graph[layer] = [dask.delayed(chunk_image_top_latents)(b, sae, m, backend, weight_dtype) for b in blocks]
+    (computed,) = dask.compute(graph, scheduler=scheduler)
+    data = np.stack([np.concatenate(computed[layer]) for layer in layers])
+    return xr.DataArray(data, dims=("layer", "image", "top"), coords={"layer": layers, "image": ds.image.values},
+                        name="image_top_latents")

@@ -19,28 +19,44 @@ from typing import Any
 import xarray as xr
 
 import actstore
+from actstore.descriptions import alignment_score, suite_descriptions
 from actstore.saes import load_suite
-from actstore.stats import compute_layer_stats, save_stats
+from actstore.stats import compute_image_top_latents, compute_layer_stats, save_stats
 
 
 def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None, scheduler: Any = None,
-                 backend: str = "auto", log=print) -> xr.Dataset:
-    """Compute and save the suite's statistics on the store; returns them."""
+                 backend: str = "auto", weight_dtype: str = "float32", top_k: int = 8, top_latents: int = 5,
+                 log=print) -> xr.Dataset:
+    """Compute and save the suite's statistics, latent descriptions and per-layer semantic alignment on the store;
+    returns them."""
     suite = load_suite(suite_path)
     ds = actstore.open(store)
     suite.check_store(ds.sizes["d_model"], [int(x) for x in ds.layer.values])
     log(f"[analyze] {store}: suite {suite.name!r}, layers {sorted(layers or suite.saes)}, "
         f"{ds.sizes['image']} images, {ds.sizes.get('text_token', 0)} text tokens")
-    stats = compute_layer_stats(ds, suite.saes, layers, backend=backend, scheduler=scheduler)
+    stats = compute_layer_stats(ds, suite.saes, layers, backend=backend, scheduler=scheduler,
+                                weight_dtype=weight_dtype, top_k=top_k)
+    descriptions, described_by = suite_descriptions(suite, stats, ds)
+    stats["description"] = (("layer", "latent"), descriptions)  # object strings: zarr v3's variable-length UTF-8
+    top = compute_image_top_latents(ds, suite.saes, top_latents, [int(x) for x in stats.layer.values],
+                                    backend=backend, scheduler=scheduler, weight_dtype=weight_dtype)
+    stats["image_top_latents"] = top.drop_vars("image")
+    scores = [alignment_score(top.sel(layer=layer).values, descriptions[i], ds.prompt.values)
+              for i, layer in enumerate(stats.layer.values)]
+    stats["alignment"] = ("layer", [s for s, _ in scores])
+    stats["alignment_baseline"] = ("layer", [b for _, b in scores])
+    stats.attrs["description_sources"] = json.dumps({str(k): v for k, v in described_by.items()})
     stats.attrs.update({"suite": suite.name, "store": str(store), "computed": datetime.now(timezone.utc).isoformat(),
                         "sources": json.dumps({str(k): v for k, v in suite.sources.items()}),
                         "actstore_version": actstore.__version__})
     save_stats(store, suite.name, stats)
     for layer in stats.layer.values:
         row = stats.sel(layer=layer)
-        log("[analyze] state {:>3}: FVU image {:.3f} / text {:.3f}, L0 image {:.1f} / text {:.1f}".format(
-            int(layer), *[float(row.fvu.sel(kind=k)) if k in row.kind else float("nan") for k in ("image", "text")],
-            *[float(row.l0_mean.sel(kind=k)) if k in row.kind else float("nan") for k in ("image", "text")]))
+        log("[analyze] state {:>3}: FVU image {:.3f} / text {:.3f}, L0 image {:.1f} / text {:.1f}, "
+            "alignment {:.3f} (random {:.3f})".format(
+                int(layer), *[float(row.fvu.sel(kind=k)) if k in row.kind else float("nan") for k in ("image", "text")],
+                *[float(row.l0_mean.sel(kind=k)) if k in row.kind else float("nan") for k in ("image", "text")],
+                float(row.alignment), float(row.alignment_baseline)))
     log(f"[analyze] saved to {store}/analysis/{suite.name}")
     return stats
 
@@ -52,6 +68,9 @@ def main(argv: list[str] | None = None) -> xr.Dataset:
     parser.add_argument("--saes", required=True, help="SAE suite YAML")
     parser.add_argument("--scheduler", default=None, help="'local' or a scheduler address")
     parser.add_argument("--layers", default=None, help="comma-separated store states (default: all in the suite)")
+    parser.add_argument("--weight-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="SAE matrix products in bf16 on tensor cores (GPU) instead of exact float32")
+    parser.add_argument("--top-k", type=int, default=8, help="top-activating examples kept per latent and kind")
     args = parser.parse_args(argv)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     with ExitStack() as stack:
@@ -61,7 +80,8 @@ def main(argv: list[str] | None = None) -> xr.Dataset:
 
             cluster = stack.enter_context(LocalCluster(dashboard_address=None)) if args.scheduler == "local" else None
             scheduler = stack.enter_context(Client(cluster if cluster is not None else args.scheduler))
-        return run_analysis(args.store, args.saes, layers=layers, scheduler=scheduler)
+        return run_analysis(args.store, args.saes, layers=layers, scheduler=scheduler, weight_dtype=args.weight_dtype,
+                            top_k=args.top_k)
 
 
 if __name__ == "__main__":

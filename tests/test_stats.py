@@ -67,8 +67,19 @@ def numpy_stats(x: np.ndarray, sae: SAEParams) -> dict:
         "n_tokens": len(x), "fvu": err.sum() / ((x - x.mean(0)) ** 2).sum(), "mse": err.mean(),
         "mean_rel_err": (np.sqrt(err) / norm_x).mean(), "mean_cos": ((x * x_hat).sum(1) / (norm_x * norm_hat)).mean(),
         "l0_mean": l0.mean(), "l0_hist": np.bincount(l0, minlength=F + 1), "fire_count": (z > 0).sum(0),
-        "act_max": z.max(0), "act_argmax": np.where(z.max(0) > 0, z.argmax(0), -1),
+        "act_max": z.max(0), "act_argmax": np.where(z.max(0) > 0, z.argmax(0), -1), "z": z,
     }
+
+
+def numpy_top_k(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per latent, the k most activating tokens (activation descending, then token ascending); -1 / 0 pad."""
+    top_token = np.full((z.shape[1], k), -1)
+    top_act = np.zeros((z.shape[1], k))
+    for j in range(z.shape[1]):
+        fired = np.flatnonzero(z[:, j] > 0)
+        order = fired[np.lexsort((fired, -z[fired, j]))][:k]
+        top_token[j, : len(order)], top_act[j, : len(order)] = order, z[order, j]
+    return top_act, top_token
 
 
 def check(stats, saes) -> None:
@@ -82,6 +93,10 @@ def check(stats, saes) -> None:
             for name in ("n_tokens", "l0_hist", "fire_count", "act_argmax"):
                 np.testing.assert_array_equal(got[name].values, want[name], err_msg=f"{layer} {kind} {name}")
             np.testing.assert_allclose(got.act_max.values, want["act_max"], rtol=1e-5)
+            if "rank" in stats.dims:
+                top_act, top_token = numpy_top_k(want["z"], stats.sizes["rank"])
+                np.testing.assert_array_equal(got.top_token.values, top_token, err_msg=f"{layer} {kind} top_token")
+                np.testing.assert_allclose(got.top_act.values, top_act, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +110,9 @@ def stores(tmp_path_factory):
 @pytest.mark.parametrize("store", ["b4.zarr", "b6.zarr"])
 def test_stats_equal_numpy_over_the_whole_data(stores, store):
     saes = make_saes()
-    stats = compute_layer_stats(actstore.open(stores / store), saes, backend="reference", scheduler="threads")
+    stats = compute_layer_stats(actstore.open(stores / store), saes, backend="reference", scheduler="threads",
+                                top_k=5)
+    assert stats.sizes["rank"] == 5
     check(stats, saes)
     assert stats.fvu.sel(kind="image").min() > 0
 
@@ -117,7 +134,8 @@ def test_several_worker_processes_give_the_same_result(stores):
 
 def test_the_triton_path_gives_the_same_statistics(stores):
     saes = make_saes()
-    check(compute_layer_stats(actstore.open(stores / "b6.zarr"), saes, backend="triton", scheduler="sync"), saes)
+    check(compute_layer_stats(actstore.open(stores / "b6.zarr"), saes, backend="triton", scheduler="sync", top_k=3),
+          saes)
 
 
 def test_wrong_sae_width_or_missing_layer_is_named(stores):

@@ -1,0 +1,133 @@
+"""What latents mean, and whether an image's most active latents name what is in it.
+
+Descriptions come from auto-interp exports (Neuronpedia's explanation export: a JSON list of objects with ``index``
+and ``description``, and ``modelId`` / ``layer`` naming the SAE, e.g. ``12-gemmascope-res-16k``) or, for a store
+whose prompts are captions (the embedded world), are derived from each latent's top-activating text tokens.
+
+Semantic alignment of a layer: for each image, the share of its most active latents (by activation summed over the
+image's patches) whose description names a word of the image's caption; averaged over images. Its baseline is the
+same share for latents drawn uniformly at random, computed exactly (the share of all latents whose description names
+a caption word), so no seed is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+# Words that name no attribute of an image: articles, prepositions, prompt boilerplate.
+STOPWORDS = frozenset(
+    "a an the of on in at to and or with is are this that it its image picture photo describe there some".split()
+)
+
+
+def normalise(word: str) -> str:
+    """Lower case and a plain plural stripped, so 'Circles' and 'circle' (and 'crosses' and 'cross') match."""
+    word = word.lower()
+    if word.endswith("sses"):
+        return word[:-2]
+    if word.endswith("s") and not word.endswith("ss") and len(word) > 3:
+        return word[:-1]
+    return word
+
+
+def content_words(text: str) -> set[str]:
+    """The normalised alphabetic words of ``text`` minus stopwords."""
+    return {normalise(w) for w in re.findall(r"[A-Za-z]+", text or "") if w.lower() not in STOPWORDS}
+
+
+def load_neuronpedia(path: str | Path, d_sae: int, sae_id: str | None = None) -> np.ndarray:
+    """Descriptions per latent (``""`` where none) from a Neuronpedia explanation export, keeping only entries of
+    ``sae_id`` (Neuronpedia's ``layer`` field) when given; the first description of a latent wins."""
+    raw = json.loads(Path(path).read_text())
+    entries = raw.get("explanations", raw) if isinstance(raw, dict) else raw
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a JSON list of explanations (Neuronpedia export), got {type(raw).__name__}")
+    out = np.full(d_sae, "", dtype=object)
+    for entry in entries:
+        if sae_id is not None and entry.get("layer", sae_id) != sae_id:
+            continue
+        try:
+            index, text = int(entry["index"]), str(entry["description"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: an explanation needs 'index' and 'description', got {entry}") from exc
+        if not 0 <= index < d_sae:
+            raise ValueError(f"{path}: latent index {index} is outside the SAE's {d_sae} latents "
+                             f"(an export of another SAE width or layer?)")
+        if not out[index]:
+            out[index] = text.strip()
+    return out
+
+
+def derive_from_text(top_token: np.ndarray, text_token_id: np.ndarray, decode: Callable[[int], str],
+                     n_words: int = 2) -> np.ndarray:
+    """Per latent, its most frequent content words among its top-activating text tokens (``top_token``: (latent,
+    rank) indices along the store's ``text_token`` axis, -1 padded); ``""`` for latents that never fire on text."""
+    words_of_id: dict[int, set[str]] = {}
+    out = np.full(top_token.shape[0], "", dtype=object)
+    for latent, row in enumerate(top_token):
+        counts: Counter[str] = Counter()
+        for t in row[row >= 0]:
+            token_id = int(text_token_id[t])
+            if token_id not in words_of_id:
+                words_of_id[token_id] = content_words(decode(token_id))
+            counts.update(sorted(words_of_id[token_id]))
+        out[latent] = ", ".join(word for word, _ in counts.most_common(n_words))
+    return out
+
+
+def alignment_score(image_top_latents: np.ndarray, descriptions: Sequence[str], captions: Sequence[str]
+                    ) -> tuple[float, float]:
+    """(score, random-latent baseline) of one layer: ``image_top_latents`` is (images, m), -1 padded."""
+    described = [content_words(d) for d in descriptions]
+    scores, baselines = [], []
+    for latents, caption in zip(image_top_latents, captions):
+        words = content_words(caption)
+        latents = latents[latents >= 0]
+        if not words or not len(latents):
+            continue
+        scores.append(np.mean([bool(described[j] & words) for j in latents]))
+        baselines.append(np.mean([bool(d & words) for d in described]))
+    if not scores:
+        return float("nan"), float("nan")
+    return float(np.mean(scores)), float(np.mean(baselines))
+
+
+def store_tokenizer(provenance: dict[str, Any]) -> Any:
+    """The tokenizer of the LM a store was harvested from (the miniature's, or transformers' ``from_pretrained``)."""
+    model = provenance.get("model", {})
+    name = model.get("llava") or model.get("lm")
+    if name in (None, "miniature"):
+        from actstore.miniature import build_tokenizer
+
+        return build_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def suite_descriptions(suite: Any, stats: Any, ds: Any) -> tuple[np.ndarray, dict[int, str]]:
+    """(layer, latent) descriptions for every layer of ``stats``: the suite entry's Neuronpedia export where it names
+    one, else derived from the store's text tokens (needs ``top_k`` statistics); and where each layer's came from."""
+    out = np.full((stats.sizes["layer"], stats.sizes["latent"]), "", dtype=object)
+    source: dict[int, str] = {}
+    tokenizer = None
+    for i, layer in enumerate(int(x) for x in stats.layer.values):
+        entry = suite.sources.get(layer, {})
+        if entry.get("descriptions"):
+            path = Path(suite.base) / entry["descriptions"]
+            out[i] = load_neuronpedia(path, stats.sizes["latent"], entry.get("neuronpedia_sae_id"))
+            source[layer] = f"neuronpedia:{path}"
+        elif "text" in stats.kind.values and stats.sizes.get("rank", 0) > 0:
+            tokenizer = tokenizer or store_tokenizer(ds.attrs.get("provenance", {}))
+            out[i] = derive_from_text(stats.top_token.sel(layer=layer, kind="text").values,
+                                      ds.text_token_id.values, lambda t: tokenizer.decode([t]))
+            source[layer] = "derived from top-activating text tokens"
+        else:
+            source[layer] = "none"
+    return out, source
