@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -47,7 +49,7 @@ def test_hooks_map_to_store_states():
 def test_analyze_saves_reloadable_idempotent_statistics(store_and_suite):
     root, saes = store_and_suite
     stats = run_analysis(str(root / "s.zarr"), str(root / "suite.yaml"), backend="reference")
-    direct = compute_layer_stats(actstore.open(root / "s.zarr"), saes, backend="reference")
+    direct = compute_layer_stats(actstore.open(root / "s.zarr"), saes, backend="reference", top_k=8)
     for name in direct.data_vars:
         np.testing.assert_allclose(stats[name].values, direct[name].values, rtol=1e-12, err_msg=name)
     saved = open_stats(str(root / "s.zarr"), "test-suite")
@@ -87,3 +89,21 @@ def test_suite_errors_name_the_problem(store_and_suite):
     (root / "missing.yaml").write_text(yaml.safe_dump({"saes": [{"source": "local", "path": "sae7"}]}))
     with pytest.raises(ValueError, match=r"state 7: the store has no such layer"):
         run_analysis(str(root / "s.zarr"), str(root / "missing.yaml"), backend="reference")
+
+
+def test_descriptions_from_a_neuronpedia_export_or_derived_from_text(store_and_suite):
+    root, _ = store_and_suite
+    export = [{"modelId": "m", "layer": "4-res", "index": "3", "description": "red things"},
+              {"modelId": "m", "layer": "9-res", "index": "3", "description": "another SAE's latent"}]
+    (root / "np.json").write_text(json.dumps(export))
+    suite = yaml.safe_load((root / "suite.yaml").read_text())
+    suite["saes"][1].update(descriptions="np.json", neuronpedia_sae_id="4-res")
+    (root / "suite.yaml").write_text(yaml.safe_dump(suite))
+    stats = run_analysis(str(root / "s.zarr"), str(root / "suite.yaml"), backend="reference")
+    described = stats.description.sel(layer=5).values
+    assert described[3] == "red things" and (described[np.arange(F) != 3] == "").all()
+    sources = json.loads(stats.attrs["description_sources"])
+    assert sources["5"].startswith("neuronpedia:") and sources["0"] == "derived from top-activating text tokens"
+    saved = open_stats(str(root / "s.zarr"), "test-suite")
+    assert saved.description.sel(layer=5).values[3] == "red things"
+    assert saved.image_top_latents.shape == (2, 22, 5)

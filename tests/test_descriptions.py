@@ -1,0 +1,51 @@
+"""Feature descriptions (Neuronpedia import, derived from text tokens) and the semantic alignment score."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from actstore.descriptions import alignment_score, content_words, derive_from_text, load_neuronpedia
+
+
+def test_content_words_match_plurals_and_drop_stopwords():
+    assert content_words("Two small red Circles on the left") == {"two", "small", "red", "circle", "left"}
+    assert content_words("three crosses") == {"three", "cross"} == content_words("a cross, three")
+
+
+def test_neuronpedia_export_is_filtered_by_sae_and_checked_against_the_width(tmp_path):
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps([
+        {"layer": "12-gemmascope-res-16k", "index": "2", "description": " blue objects "},
+        {"layer": "12-gemmascope-res-16k", "index": "2", "description": "a second explanation"},
+        {"layer": "13-gemmascope-res-16k", "index": "1", "description": "other layer"},
+    ]))
+    got = load_neuronpedia(path, 4, sae_id="12-gemmascope-res-16k")
+    assert got.tolist() == ["", "", "blue objects", ""]
+    assert load_neuronpedia(path, 4)[1] == "other layer"
+    with pytest.raises(ValueError, match="latent index 2 is outside the SAE's 2 latents"):
+        load_neuronpedia(path, 2)
+    path.write_text(json.dumps([{"index": 0}]))
+    with pytest.raises(ValueError, match="needs 'index' and 'description'"):
+        load_neuronpedia(path, 4)
+
+
+def test_descriptions_derived_from_top_text_tokens():
+    vocabulary = {10: "red", 11: "circles", 12: "the", 13: "circle", 14: "blue"}
+    text_token_id = np.array([10, 11, 12, 13, 14, 10])
+    top_token = np.array([[1, 3, 0, 2], [4, -1, -1, -1], [-1, -1, -1, -1]])
+    got = derive_from_text(top_token, text_token_id, vocabulary.__getitem__, n_words=2)
+    assert got.tolist() == ["circle, red", "blue", ""]
+
+
+def test_alignment_score_and_its_random_baseline():
+    descriptions = ["red", "circle", "blue", ""]
+    top = np.array([[0, 1], [2, 3], [0, -1]])
+    captions = ["one red circle", "one red circle", "two blue squares"]
+    score, baseline = alignment_score(top, descriptions, captions)
+    # image 0: both latents named (1.0); image 1: "blue" and "" not in "red circle" (0.0); image 2: "red" no (0.0)
+    assert score == pytest.approx(1 / 3)
+    # a random latent names a caption word with probability 2/4, 2/4, 1/4
+    assert baseline == pytest.approx((0.5 + 0.5 + 0.25) / 3)
