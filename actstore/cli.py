@@ -91,7 +91,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from jobs.analyze import main as analyze_main
 
     argv = [args.store, "--saes", args.saes] + (["--scheduler", args.scheduler] if args.scheduler else [])
+    argv += ["--weight-dtype", args.weight_dtype, "--top-k", str(args.top_k)]
     analyze_main(argv + (["--layers", args.layers] if args.layers else []))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the report of an analysed store."""
+    from actstore.report import write_report
+
+    out = write_report(args.store, args.out, suite=args.suite, suite_path=args.saes)
+    print(f"report: {out / 'report.html'} and {out / 'report.md'}")
     return 0
 
 
@@ -124,7 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saes", required=True)
     p.add_argument("--scheduler", default=None)
     p.add_argument("--layers", default=None)
+    p.add_argument("--weight-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--top-k", type=int, default=8)
     p.set_defaults(func=cmd_analyze)
+    p = sub.add_parser("report", help="report.md / report.html / PNG figures of an analysed store")
+    p.add_argument("store")
+    p.add_argument("--out", default=None, help="folder (default: report-<suite> beside the store)")
+    p.add_argument("--suite", default=None, help="which analysis, if the store has several")
+    p.add_argument("--saes", default=None, help="the suite YAML, if it moved since the analysis (heat maps)")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("demo", help="run the embedded demo on a CPU")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
@@ -136,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except StoreError as exc:
+    except (StoreError, ValueError) as exc:
         print(f"actstore: error: {exc}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,7 @@ import argparse
 import json
 from contextlib import ExitStack
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import xarray as xr
@@ -46,6 +47,7 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
     stats["alignment"] = ("layer", [s for s, _ in scores])
     stats["alignment_baseline"] = ("layer", [b for _, b in scores])
     stats.attrs["description_sources"] = json.dumps({str(k): v for k, v in described_by.items()})
+    stats.attrs["suite_path"] = str(Path(suite_path).resolve())  # the report's heat maps reload the SAEs from it
     stats.attrs.update({"suite": suite.name, "store": str(store), "computed": datetime.now(timezone.utc).isoformat(),
                         "sources": json.dumps({str(k): v for k, v in suite.sources.items()}),
                         "actstore_version": actstore.__version__})

@@ -9,6 +9,9 @@ import torch
 # Without a GPU, the Triton kernels run in Triton's interpreter; this must be set before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Triton decides interpreted vs compiled when its own library functions (tl.cumsum...) are decorated, at import:
+    # import it now, so a test that later unsets the variable (the demo's) cannot leave them compiled.
+    import triton  # noqa: E402,F401
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

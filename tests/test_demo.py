@@ -11,7 +11,7 @@ def test_demo_runs_end_to_end(miniature, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as users run it on a CPU: the kernels' reference path
     path = run_demo(out=str(tmp_path / "demo"))
     out = capsys.readouterr().out
-    assert "integrity: OK" in out and "5/5" in out
+    assert "integrity: OK" in out and "6/6 report" in out
     info = store_info(path)
     assert info["images"] == 512 and info["blocks_complete"] == info["blocks_total"]
     assert info["provenance"]["adapter_sha256"]
@@ -27,6 +27,13 @@ def test_demo_runs_end_to_end(miniature, tmp_path, capsys, monkeypatch):
     for layer in stats.layer.values:  # the demo's printed table shows the saved statistics
         assert f"{float(stats.fvu.sel(layer=layer, kind='image')):9.3f}" in out
     assert np.isfinite(ds.image_resid.sel(layer=4).values.astype(np.float32)).all()
+    # the report shows per-layer curves and the same numbers as the statistics
+    from test_report import check_numbers, markdown_layer_table
+
+    report = tmp_path / "demo" / "report"
+    check_numbers(markdown_layer_table((report / "report.md").read_text()), stats)
+    assert all((report / name).stat().st_size > 10_000 for name in ("layers.png", "frequencies.png", "heatmaps.png"))
+    assert np.isfinite(stats.alignment.values).all() and (stats.description != "").sum() > 100
     # a rerun reuses the trained adapter and rebuilds the same store
     again = run_demo(out=str(tmp_path / "demo"))
     np.testing.assert_array_equal(actstore.open(again).image_resid.values.view(np.uint16),

@@ -1,0 +1,288 @@
+"""``actstore report STORE``: the layer-wise picture of an analysed store as a folder with ``report.md``,
+``report.html`` and PNG figures: FVU, L0, cosine and semantic alignment against the layer for image and text
+tokens; latent-frequency histograms; per layer, the top latents on image tokens with their descriptions; and a few
+images with per-patch heat maps of one latent.
+
+Every number comes from the statistics that ``actstore analyze`` saved in the store (``analysis/<suite>``); only the
+heat maps read activations again (one image at a time) and need the suite's SAEs.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+TABLE_COLUMNS = (
+    ("state", None, None), ("FVU image", "fvu", "image"), ("FVU text", "fvu", "text"),
+    ("L0 image", "l0_mean", "image"), ("L0 text", "l0_mean", "text"), ("cosine image", "mean_cos", "image"),
+    ("cosine text", "mean_cos", "text"), ("alignment", "alignment", None), ("random", "alignment_baseline", None),
+)
+
+
+def analysis_names(store: str | Path) -> list[str]:
+    """The suites a store has been analysed with (groups under ``analysis/``)."""
+    import zarr
+
+    try:
+        group = zarr.open_group(str(store), path="analysis", mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return []
+    return sorted(name for name, _ in group.groups())
+
+
+def layer_value(stats: xr.Dataset, layer: int, name: str, kind: str | None) -> float:
+    """One number of the layer table (NaN where the store lacks the variable or token kind)."""
+    if name not in stats:
+        return float("nan")
+    row = stats[name].sel(layer=layer)
+    if kind is not None:
+        if kind not in row.kind.values:
+            return float("nan")
+        row = row.sel(kind=kind)
+    return float(row)
+
+
+def layer_table(stats: xr.Dataset) -> list[list[float]]:
+    """Rows of the per-layer table, in TABLE_COLUMNS order."""
+    return [[int(layer)] + [layer_value(stats, int(layer), name, kind) for _, name, kind in TABLE_COLUMNS[1:]]
+            for layer in stats.layer.values]
+
+
+def fmt(value: float) -> str:
+    """Four significant digits (the report's tests read them back)."""
+    return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.4g}"
+
+
+def top_image_latents(stats: xr.Dataset, layer: int, n: int) -> list[dict[str, Any]]:
+    """The ``n`` latents firing most often on image tokens at ``layer``, with text frequency and description."""
+    freq = stats.fire_freq.sel(layer=layer)
+    image = freq.sel(kind="image").values
+    text = freq.sel(kind="text").values if "text" in freq.kind.values else np.full_like(image, np.nan)
+    described = stats.description.sel(layer=layer).values if "description" in stats else np.full(len(image), "")
+    order = [int(j) for j in np.argsort(-image, kind="stable")[:n] if image[j] > 0]
+    return [{"latent": j, "image_freq": float(image[j]), "text_freq": float(text[j]),
+             "description": str(described[j]) or "(no description)"} for j in order]
+
+
+@dataclass
+class Figures:
+    """Figure files of a report, by role."""
+
+    layers: str = "layers.png"
+    frequencies: str = "frequencies.png"
+    heatmaps: str | None = None
+    heatmap_caption: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def plot_layers(stats: xr.Dataset, path: Path) -> None:
+    """FVU, L0, cosine and alignment against the layer, image vs text."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    layers = stats.layer.values
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    panels = (("fvu", "FVU (lower: better reconstructed)", True), ("l0_mean", "L0 (active latents per token)", False),
+              ("mean_cos", "cosine(x, x_hat)", False))
+    for ax, (name, title, log) in zip(axes.flat, panels):
+        for kind, style in (("image", "o-"), ("text", "s--")):
+            if kind in stats.kind.values:
+                ax.plot(layers, stats[name].sel(kind=kind).values, style, label=f"{kind} tokens")
+        ax.set_title(title)
+        ax.set_xlabel("residual state (0 = embeddings)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if log:
+            ax.set_yscale("log")
+        ax.legend()
+    ax = axes.flat[3]
+    if "alignment" in stats:
+        ax.plot(layers, stats.alignment.values, "o-", label="image's top latents")
+        ax.plot(layers, stats.alignment_baseline.values, "k:", label="random latents")
+        ax.legend()
+    ax.set_title("semantic alignment (share naming a caption word)")
+    ax.set_xlabel("residual state (0 = embeddings)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_frequencies(stats: xr.Dataset, path: Path) -> None:
+    """Histograms of log10 latent firing frequency, image vs text, at the first, middle and last layer."""
+    import matplotlib.pyplot as plt
+
+    layers = list(stats.layer.values)
+    chosen = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
+    fig, axes = plt.subplots(1, len(chosen), figsize=(4 * len(chosen), 3.2), squeeze=False)
+    for ax, layer in zip(axes[0], chosen):
+        for kind in stats.kind.values:
+            freq = stats.fire_freq.sel(layer=layer, kind=kind).values
+            ax.hist(np.log10(freq[freq > 0]), bins=30, alpha=0.6, label=f"{kind} ({int((freq == 0).sum())} dead)")
+        ax.set_title(f"state {layer}")
+        ax.set_xlabel("log10 firing frequency")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def patch_activations(ds: xr.Dataset, sae: Any, layer: int, image: int, latent: int) -> np.ndarray:
+    """One latent's activation at every image token of one image (reads one image of one layer)."""
+    import torch
+
+    from kernels import sae_encode_sparse
+
+    x = torch.from_numpy(np.asarray(ds.image_resid.sel(layer=layer).isel(image=image).values, dtype=np.float32))
+    codes = sae_encode_sparse(x, sae.W_enc, sae.b_enc, activation=sae.activation, threshold=sae.threshold, k=sae.k,
+                              apply_b_dec_to_input=sae.apply_b_dec_to_input, b_dec=sae.b_dec, backend="reference")
+    out = np.zeros(len(x))
+    for t in range(len(x)):
+        indices, values = codes.token(t)
+        hit = (indices == latent).nonzero().flatten()
+        if len(hit):
+            out[t] = float(values[hit[0]])
+    return out
+
+
+def plot_heatmaps(ds: xr.Dataset, stats: xr.Dataset, sae: Any, layer: int, latent: int, n_images: int,
+                  path: Path) -> str:
+    """Per-patch heat maps of ``latent`` on the images where it is most active; returns the figure's caption."""
+    import matplotlib.pyplot as plt
+
+    n_tokens = ds.sizes["image_token"]
+    top = stats.top_token.sel(layer=layer, kind="image", latent=latent).values if "top_token" in stats else []
+    images = list(dict.fromkeys(int(t) // n_tokens for t in top if t >= 0))[:n_images]
+    images = images or list(range(min(n_images, ds.sizes["image"])))
+    side = int(round(math.sqrt(n_tokens)))
+    shape = (side, side) if side * side == n_tokens else (1, n_tokens)
+    fig, axes = plt.subplots(1, len(images), figsize=(3 * len(images), 3.3), squeeze=False)
+    for ax, image in zip(axes[0], images):
+        acts = patch_activations(ds, sae, layer, image, latent)
+        shown = ax.imshow(acts.reshape(shape), cmap="magma", vmin=0)
+        caption = str(ds.prompt.values[image]) if "prompt" in ds.coords else ""
+        ax.set_title("\n".join([f"image {image}", caption[:40]]), fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(shown, ax=ax, fraction=0.046)
+    description = str(stats.description.sel(layer=layer, latent=latent).values) if "description" in stats else ""
+    fig.suptitle(f"latent {latent} at state {layer}: {description or '(no description)'}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return (f"Per-patch activation of latent {latent} at state {layer} ({description or 'no description'}) on the "
+            f"images where it is most active.")
+
+
+def heatmap_choice(stats: xr.Dataset) -> tuple[int, int]:
+    """The layer of best alignment over its baseline (else the middle one), and there the most strongly activating
+    selective image latent (firing on at most 20% of image tokens; a dense latent shows no structure)."""
+    layers = list(stats.layer.values)
+    layer = layers[len(layers) // 2]
+    if "alignment" in stats and np.isfinite(stats.alignment.values).any():
+        gain = np.nan_to_num(stats.alignment.values - stats.alignment_baseline.values, nan=-np.inf)
+        layer = layers[int(np.argmax(gain))]
+    freq = stats.fire_freq.sel(layer=layer, kind="image").values
+    strength = np.where((freq > 0) & (freq <= 0.2), stats.act_max.sel(layer=layer, kind="image").values, -np.inf)
+    return int(layer), int(np.argmax(strength) if np.isfinite(strength).any() else np.argmax(freq))
+
+
+def render_markdown(title: str, facts: list[str], table: list[list[float]], tops: dict[int, list[dict]],
+                    figures: Figures) -> str:
+    """The report as Markdown."""
+    lines = [f"# {title}", "", *[f"- {f}" for f in facts], "", "## Per layer", "",
+             "| " + " | ".join(c for c, _, _ in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join([str(row[0])] + [fmt(v) for v in row[1:]]) + " |" for row in table]
+    lines += ["", f"![FVU, L0, cosine and alignment per layer]({figures.layers})", "",
+              "## Latent firing frequencies", "", f"![firing frequency histograms]({figures.frequencies})", ""]
+    if figures.heatmaps:
+        lines += ["## Heat maps", "", figures.heatmap_caption, "", f"![per-patch heat maps]({figures.heatmaps})", ""]
+    lines += ["## Top latents on image tokens", ""]
+    for layer, rows in tops.items():
+        lines += [f"### State {layer}", "", "| latent | image freq | text freq | description |", "|---|---|---|---|"]
+        lines += [f"| {r['latent']} | {fmt(r['image_freq'])} | {fmt(r['text_freq'])} | {r['description']} |"
+                  for r in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_html(title: str, facts: list[str], table: list[list[float]], tops: dict[int, list[dict]],
+                figures: Figures) -> str:
+    """The report as a self-contained HTML page (figures are files beside it)."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c, _, _ in TABLE_COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{esc(fmt(v) if i else str(v))}</td>" for i, v in enumerate(row)) + "</tr>"
+                   for row in table)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
+             "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>",
+             f"<h1>{esc(title)}</h1><ul>" + "".join(f"<li>{esc(f)}</li>" for f in facts) + "</ul>",
+             f"<h2>Per layer</h2><table id='layers'><tr>{head}</tr>{body}</table>",
+             f"<p><img src='{figures.layers}' alt='per-layer curves'></p>",
+             f"<h2>Latent firing frequencies</h2><p><img src='{figures.frequencies}' alt='frequencies'></p>"]
+    if figures.heatmaps:
+        parts.append(f"<h2>Heat maps</h2><p>{esc(figures.heatmap_caption)}</p>"
+                     f"<p><img src='{figures.heatmaps}' alt='heat maps'></p>")
+    parts.append("<h2>Top latents on image tokens</h2>")
+    for layer, rows in tops.items():
+        parts.append(f"<h3>State {layer}</h3><table><tr><th>latent</th><th>image freq</th><th>text freq</th>"
+                     "<th>description</th></tr>" + "".join(
+                         f"<tr><td>{r['latent']}</td><td>{fmt(r['image_freq'])}</td><td>{fmt(r['text_freq'])}</td>"
+                         f"<td style='text-align:left'>{esc(r['description'])}</td></tr>" for r in rows) + "</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(store: str | Path, out: str | Path | None = None, suite: str | None = None,
+                 suite_path: str | Path | None = None, n_top: int = 5, n_images: int = 4) -> Path:
+    """Write the report of ``store``'s analysis ``suite`` (the only one if not given) into ``out``; returns it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import actstore
+    from actstore.saes import load_suite
+    from actstore.stats import open_stats
+
+    names = analysis_names(store)
+    if not names:
+        raise ValueError(f"{store} has no analysis yet: run `actstore analyze {store} --saes SUITE.yaml` first")
+    if suite is None:
+        if len(names) > 1:
+            raise ValueError(f"{store} has analyses {names}; choose one with --suite")
+        suite = names[0]
+    if suite not in names:
+        raise ValueError(f"{store} has no analysis {suite!r}; it has {names}")
+    stats = open_stats(str(store), suite)
+    ds = actstore.open(store)
+    out = Path(out) if out is not None else Path(store).parent / f"report-{suite}"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = Figures()
+    plot_layers(stats, out / figures.layers)
+    plot_frequencies(stats, out / figures.frequencies)
+    suite_path = suite_path or stats.attrs.get("suite_path")
+    if suite_path and Path(suite_path).exists():
+        layer, latent = heatmap_choice(stats)
+        sae = load_suite(suite_path).saes[layer]
+        figures.heatmaps = "heatmaps.png"
+        figures.heatmap_caption = plot_heatmaps(ds, stats, sae, layer, latent, n_images, out / figures.heatmaps)
+    table = layer_table(stats)
+    tops = {int(layer): top_image_latents(stats, int(layer), n_top) for layer in stats.layer.values}
+    sources = json.loads(stats.attrs.get("description_sources", "{}"))
+    facts = [f"store `{store}`: {ds.sizes['image']} images x {ds.sizes['image_token']} image tokens, "
+             f"{ds.sizes.get('text_token', 0)} text tokens, {ds.sizes['layer']} residual states",
+             f"SAE suite `{suite}`, analysed {stats.attrs.get('computed', '?')}",
+             "FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over all tokens of a kind; L0 = active latents per "
+             "token; alignment = share of an image's 5 most active latents whose description names a caption word",
+             "descriptions: " + (", ".join(sorted(set(sources.values()))) or "none")]
+    if not figures.heatmaps:
+        facts.append("no heat maps: the suite's SAEs were not found (pass --saes)")
+    title = f"actstore report: {Path(store).name} / {suite}"
+    (out / "report.md").write_text(render_markdown(title, facts, table, tops, figures))
+    (out / "report.html").write_text(render_html(title, facts, table, tops, figures))
+    return out

@@ -1,0 +1,74 @@
+"""The report: its tables carry the statistics' numbers, its figures are real PNGs, and bad requests are named."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from actstore.report import write_report
+from actstore.stats import open_stats
+from jobs.analyze import run_analysis
+from test_analyze import store_and_suite  # noqa: F401 - fixture
+
+# Which statistic each report column shows, written out independently of actstore.report.
+COLUMNS = {"FVU image": ("fvu", "image"), "FVU text": ("fvu", "text"), "L0 image": ("l0_mean", "image"),
+           "L0 text": ("l0_mean", "text"), "cosine image": ("mean_cos", "image"), "cosine text": ("mean_cos", "text"),
+           "alignment": ("alignment", None), "random": ("alignment_baseline", None)}
+
+
+def markdown_layer_table(text: str) -> list[dict[str, str]]:
+    """The rows of the report's per-layer table, as {column: cell}."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("| state |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != len(header) or not cells[0].isdigit():
+            break
+        rows.append(dict(zip(header, cells)))
+    return rows
+
+
+def check_numbers(rows: list[dict[str, str]], stats) -> None:
+    """Every cell equals its statistic to the 4 significant digits shown."""
+    assert [int(r["state"]) for r in rows] == [int(x) for x in stats.layer.values]
+    for row in rows:
+        layer = int(row["state"])
+        for column, (name, kind) in COLUMNS.items():
+            value = stats[name].sel(layer=layer)
+            value = float(value.sel(kind=kind) if kind else value)
+            if np.isnan(value):
+                assert row[column] == "n/a", (layer, column)
+            else:
+                assert float(row[column]) == pytest.approx(value, rel=5e-4, abs=1e-12), (layer, column)
+
+
+def test_report_tables_carry_the_statistics(store_and_suite, tmp_path):  # noqa: F811
+    root, _ = store_and_suite
+    store = str(root / "s.zarr")
+    with pytest.raises(ValueError, match="has no analysis yet"):
+        write_report(store, tmp_path / "none")
+    run_analysis(store, str(root / "suite.yaml"), backend="reference")
+    out = write_report(store, tmp_path / "report")
+    stats = open_stats(store, "test-suite")
+    check_numbers(markdown_layer_table((out / "report.md").read_text()), stats)
+    page = (out / "report.html").read_text()
+    table = re.search(r"<table id='layers'>(.*?)</table>", page).group(1)
+    cells = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table)[1:]]
+    assert [c[1] for c in cells] == [f"{float(stats.fvu.sel(layer=x, kind='image')):.4g}" for x in stats.layer.values]
+    for name in ("layers.png", "frequencies.png", "heatmaps.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.size[0] > 300
+        assert name in page
+    # a second analysis makes the choice explicit
+    suite = yaml.safe_load((root / "suite.yaml").read_text())
+    (root / "other.yaml").write_text(yaml.safe_dump({**suite, "name": "other"}))
+    run_analysis(store, str(root / "other.yaml"), backend="reference")
+    with pytest.raises(ValueError, match=r"has analyses \['other', 'test-suite'\]; choose one"):
+        write_report(store, tmp_path / "two")
+    assert (write_report(store, tmp_path / "two", suite="other") / "report.md").exists()
