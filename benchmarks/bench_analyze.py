@@ -114,6 +114,23 @@ def kernel_only(ds, saes, device: torch.device, repeat: int, weight_dtype: str) 
     return tokens * len(chunks) / statistics.median(times)
 
 
+def profile_chunk(ds, saes, device: torch.device) -> list[dict]:  # noqa: ANN001
+    """The ten costliest operations of one chunk's analysis task (torch.profiler), to see where its time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from actstore.stats import chunk_partial
+
+    block = np.asarray(ds.image_resid.data.blocks[0, 0])
+    chunk_partial(block, saes[0], 0)  # warm
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        chunk_partial(block, saes[0], 0)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+    return [{"name": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+             "device_ms": getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e3}
+            for e in events]
+
+
 def main() -> None:
     """Run the benchmark and write its JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,6 +174,7 @@ def main() -> None:
             client = Client(LocalCluster(n_workers=1, threads_per_worker=os.cpu_count(), dashboard_address=None))
             scheduler = client
         kernel = {w: kernel_only(ds, saes, device, args.repeat, w) for w in WEIGHT_DTYPES}
+        chunk_profile = profile_chunk(ds, saes, device)
         cold = drop_page_cache()
         read_cold = tokens / read_only(ds, scheduler)
         read_warm = tokens / read_only(ds, scheduler)
@@ -199,6 +217,7 @@ def main() -> None:
         "read_GBps_logical": {"cold": read_cold * bytes_per_token / GB if cold else None,
                               "warm": read_warm * bytes_per_token / GB},
         "page_cache_dropped": cold,
+        "chunk_profile": chunk_profile,
         "ratios": ratios,
     }
     print(json.dumps({k: report[k] for k in ("tokens_per_s", "read_GBps_logical", "ratios", "mean_l0_image")},

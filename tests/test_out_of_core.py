@@ -15,7 +15,7 @@ from actstore.schema import StoreSchema
 from actstore.stats import SAEParams, compute_layer_stats
 from actstore.writer import StoreWriter
 
-MEMORY_LIMIT = 700 * 2**20  # the worker process alone (torch, xarray, zarr, dask imported) takes ~350-400 MiB
+MEMORY_LIMIT = 640 * 2**20  # the worker process alone (torch, xarray, zarr, dask imported) takes ~350-400 MiB
 LAYERS, TOKENS, D, F, BLOCK = 2, 64, 256, 64, 64  # 2 MiB chunks
 
 
@@ -46,7 +46,7 @@ def test_analysis_of_a_store_three_times_the_worker_memory(tmp_path):
     saes = {layer: SAEParams(torch.randn(D, F, generator=g) / D**0.5, torch.full((F,), -0.5),
                              torch.randn(F, D, generator=g) / F**0.5, torch.zeros(D), "relu") for layer in range(LAYERS)}
     ds = actstore.open(tmp_path / "big.zarr")
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit=MEMORY_LIMIT,
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, memory_limit=MEMORY_LIMIT,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         before = client.run(os.getpid)
         stats = compute_layer_stats(ds, saes, backend="reference", scheduler=client)
