@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,18 +122,30 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log=print) -> dict[str, Any]:
     start = time.perf_counter()
     futures = []
     bar = tqdm(todo, disable=None if rank == 0 else True, desc="harvest", unit="block")
-    for block in bar:
+
+    def load(block: int) -> tuple[list[int], list[Any]]:
         indices = [i for i in writer.block_images(block) if i < len(examples)]
-        # Undecodable images are skipped (listed below); the block holds the others, named by their image_id.
-        loaded = [examples[i] for i in indices]
-        chosen = [e for e in loaded if e is not None]
-        skipped = [examples.skipped_rows[i] for i, e in zip(indices, loaded) if e is None]
-        if not chosen:
-            raise ValueError(f"every image of block {block} (dataset rows {indices[0]}..{indices[-1]}) is undecodable")
-        prompts = [h.prompt.format(caption=e["caption"]) for e in chosen]
-        futures.append(harvest_block(vlm, writer, block, chosen, prompts, states, h.batch_size, stats, skipped, ring))
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(img_s=f"{stats.images / elapsed:.1f}", GB_s=f"{stats.bytes_logical / elapsed / 1e9:.3f}")
+        return indices, [examples[i] for i in indices]
+
+    # One loader thread decodes the next block's images while this block runs on the device (the only thread that
+    # touches the dataset, so sources need not be thread-safe).
+    with ThreadPoolExecutor(1, thread_name_prefix="harvest-loader") as loader:
+        pending = loader.submit(load, todo[0]) if todo else None
+        for position, block in enumerate(bar):
+            indices, loaded = pending.result()
+            if position + 1 < len(todo):
+                pending = loader.submit(load, todo[position + 1])
+            # Undecodable images are skipped (listed below); the block holds the others, named by their image_id.
+            chosen = [e for e in loaded if e is not None]
+            skipped = [examples.skipped_rows[i] for i, e in zip(indices, loaded) if e is None]
+            if not chosen:
+                raise ValueError(f"every image of block {block} (dataset rows {indices[0]}..{indices[-1]}) is "
+                                 "undecodable")
+            prompts = [h.prompt.format(caption=e["caption"]) for e in chosen]
+            futures.append(harvest_block(vlm, writer, block, chosen, prompts, states, h.batch_size, stats, skipped,
+                                         ring))
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(img_s=f"{stats.images / elapsed:.1f}", GB_s=f"{stats.bytes_logical / elapsed / 1e9:.3f}")
     t0 = time.perf_counter()
     for f in futures:
         f.result()
