@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The GPU runs of one device lease, in the order they belong together; every step is time-boxed and logged, and a
 # failing step does not stop the others. Results land in $OUT (or benchmarks/results/ without it).
+# Wheels for the device (once, here): ../shared/device/wheels.sh crc32c==2.9.post0   then carry .whl and start with
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+#     .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit; bash benchmarks/gpu_session.sh tests-harvest-analyze
 #   benchmarks/gpu_session.sh kernels    # GPU kernel tests + bench_kernels + bench_analyze
 #   benchmarks/gpu_session.sh harvest    # bench_harvest + bench_store on the GPU host's disk
 #   benchmarks/gpu_session.sh all        # kernel tests, bench_harvest, bench_kernels, bench_analyze
