@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ class Figures:
     frequencies: str = "frequencies.png"
     heatmaps: str | None = None
     heatmap_caption: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def plot_layers(stats: xr.Dataset, path: Path) -> None:
