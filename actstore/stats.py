@@ -101,6 +101,7 @@ class Partial:
     act_argmax: np.ndarray  # (d_sae,) global token index, -1 if never fired
     top_act: np.ndarray  # (d_sae, k) the k largest activations of each latent, descending (0 where fewer fired)
     top_token: np.ndarray  # (d_sae, k) their global token indices (-1 where fewer fired)
+    image_top: np.ndarray  # (images, m) each image's m most active latents, in image order (image chunks only)
 
     def merge(self, other: "Partial") -> "Partial":
         """The partial of the union of both token sets."""
@@ -120,6 +121,7 @@ class Partial:
             act_argmax=np.where(better, other.act_argmax, self.act_argmax),
             **dict(zip(("top_act", "top_token"), merge_top_k(self.top_act, self.top_token, other.top_act,
                                                             other.top_token))),
+            image_top=np.concatenate([self.image_top, other.image_top]),  # self holds the earlier images
         )
 
 
@@ -151,6 +153,19 @@ def latent_top_k(codes: Any, first_token: int, d_sae: int, k: int) -> tuple[np.n
     return top_act.cpu().numpy(), top_token.cpu().numpy()
 
 
+def image_top_latents(codes: Any, n_tokens: int, d_sae: int, m: int) -> np.ndarray:
+    """For each image of a chunk (``n_tokens`` consecutive tokens each): its ``m`` latents of largest activation
+    summed over its tokens, descending (-1 where fewer fire). Holds images x latents, never tokens x latents."""
+    counts = codes.indptr.diff()
+    device = codes.values.device
+    n_images = len(counts) // n_tokens
+    image = torch.repeat_interleave(torch.arange(len(counts), device=device), counts) // n_tokens
+    mass = torch.zeros(n_images * d_sae, dtype=torch.float64, device=device)
+    mass.index_add_(0, image * d_sae + codes.indices.long(), codes.values.double())
+    values, latents = mass.reshape(n_images, d_sae).topk(min(m, d_sae), dim=1)
+    return torch.where(values > 0, latents, -1).cpu().numpy().astype(np.int32)
+
+
 def compute_device(backend: str = "auto") -> torch.device:
     """Where a worker runs its chunks: its GPU when it has one (and the backend is not the CPU reference)."""
     return torch.device("cuda") if backend != "reference" and torch.cuda.is_available() else torch.device("cpu")
@@ -160,12 +175,16 @@ WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def chunk_partial(x: np.ndarray, sae: SAEParams, first_token: int, backend: str = "auto",
-                  weight_dtype: str = "float32", top_k: int = 0) -> Partial:
+                  weight_dtype: str = "float32", top_k: int = 0, image_top: int = 0) -> Partial:
     """The partial of one chunk of tokens ``x`` (..., d), whose first token has global index ``first_token``.
+
+    ``top_k`` keeps each latent's k most activating tokens; ``image_top`` (for an image chunk (1, images, tokens,
+    d)) each image's most active latents. Both come from one sparse encode of the chunk.
 
     ``weight_dtype="bfloat16"`` runs the SAE's matrix products on bf16 tensor cores (about 10x the float32 rate on an
     H100) with bf16-rounded weights; float32 (the default) is exact to the SAE's own arithmetic."""
     x = np.asarray(x)
+    n_image_tokens = x.shape[-2] if x.ndim > 2 else 1
     x = x.reshape(-1, x.shape[-1])
     device = compute_device(backend)
     # The chunk crosses to the GPU in its stored dtype (half the bytes of float32 for bf16), and every per-token
@@ -184,11 +203,15 @@ def chunk_partial(x: np.ndarray, sae: SAEParams, first_token: int, backend: str 
     fired = s.act_argmax >= 0
     host = lambda t: t.cpu().numpy()  # noqa: E731
     top = (np.zeros((sae.d_sae, 0)), np.zeros((sae.d_sae, 0), dtype=np.int64))
-    if top_k:  # a second, sparse encode: the stats kernel keeps no per-token codes
+    per_image = np.zeros((0, image_top), dtype=np.int32)
+    if top_k or image_top:  # a second, sparse encode: the stats kernel keeps no per-token codes
         codes = sae_encode_sparse(x_in, sae.W_enc, sae.b_enc, activation=sae.activation, threshold=sae.threshold,
                                   k=sae.k, apply_b_dec_to_input=sae.apply_b_dec_to_input, b_dec=sae.b_dec,
                                   backend=backend)
-        top = latent_top_k(codes, first_token, sae.d_sae, top_k)
+        if top_k:
+            top = latent_top_k(codes, first_token, sae.d_sae, top_k)
+        if image_top:
+            per_image = image_top_latents(codes, n_image_tokens, sae.d_sae, image_top)
     return Partial(
         n=len(x), mean=host(mean), m2=float(m2), sq_err=float(s.sq_err.double().sum()),
         rel_err=float(rel.sum()), cos=float(cos.sum()),
@@ -196,7 +219,7 @@ def chunk_partial(x: np.ndarray, sae: SAEParams, first_token: int, backend: str 
         fire=host(s.fire_count.double()).astype(np.int64), act_sum=host(s.act_sum.double()),
         act_max=host(s.act_max.double()),
         act_argmax=host(torch.where(fired, s.act_argmax + first_token, -1)).astype(np.int64),
-        top_act=top[0], top_token=top[1],
+        top_act=top[0], top_token=top[1], image_top=per_image,
     )
 
 
@@ -211,7 +234,7 @@ def merge_tree(parts: list[Any]) -> Any:
 
 
 def layer_partials(ds: xr.Dataset, layer: int, sae: Any, backend: str = "auto",
-                   weight_dtype: str = "float32", top_k: int = 0) -> dict[str, Any]:
+                   weight_dtype: str = "float32", top_k: int = 0, image_top: int = 0) -> dict[str, Any]:
     """Delayed partials of one layer, per token kind, one task per stored chunk."""
     out = {}
     for kind, name in (("image", "image_resid"), ("text", "text_resid")):
@@ -221,8 +244,9 @@ def layer_partials(ds: xr.Dataset, layer: int, sae: Any, backend: str = "auto",
         tokens_per_row = int(np.prod(data.shape[1:-1])) if data.ndim > 2 else 1
         blocks = data.to_delayed().reshape(-1)
         starts = np.cumsum((0,) + data.chunks[0])[:-1]
-        parts = [dask.delayed(chunk_partial)(block, sae, int(start) * tokens_per_row, backend, weight_dtype, top_k)
-                 for block, start in zip(blocks, starts)]
+        per_image = image_top if kind == "image" else 0
+        parts = [dask.delayed(chunk_partial)(block, sae, int(start) * tokens_per_row, backend, weight_dtype, top_k,
+                                             per_image) for block, start in zip(blocks, starts)]
         out[kind] = merge_tree(parts)
     return out
 
@@ -240,16 +264,18 @@ def finalize(p: Partial) -> dict[str, Any]:
         "l0_hist": p.l0_hist, "fire_freq": p.fire / n, "fire_count": p.fire,
         "act_mean": np.divide(p.act_sum, p.fire, out=np.zeros_like(p.act_sum), where=p.fire > 0),
         "act_max": p.act_max, "act_argmax": p.act_argmax, "top_act": p.top_act, "top_token": p.top_token,
+        "image_top": p.image_top,
     }
 
 
 def compute_layer_stats(
     ds: xr.Dataset, saes: dict[int, SAEParams], layers: Sequence[int] | None = None, backend: str = "auto",
-    scheduler: Any = None, weight_dtype: str = "float32", top_k: int = 0,
+    scheduler: Any = None, weight_dtype: str = "float32", top_k: int = 0, image_top: int = 0,
 ) -> xr.Dataset:
     """Statistics of every layer's SAE on the image and text tokens of ``ds`` (an ``actstore.open`` dataset); with
     ``top_k``, each latent's k most activating tokens per kind (``top_token`` indexes image tokens as
-    image * image_tokens + position, text tokens along ``text_token``)."""
+    image * image_tokens + position, text tokens along ``text_token``); with ``image_top``, each image's most active
+    latents (``image_top_latents``, by activation summed over the image's tokens). One pass over the store."""
     layers = list(layers) if layers is not None else [int(x) for x in ds.layer.values if int(x) in saes]
     missing = [x for x in layers if x not in saes]
     if missing:
@@ -266,7 +292,7 @@ def compute_layer_stats(
     # One opaque object per layer (traverse=False), which every task of the layer receives as is: SAEParams.on then
     # copies it to a worker's GPU once, not once per chunk (tests/test_stats.py holds this).
     graph = {layer: layer_partials(ds, layer, dask.delayed(saes[layer], pure=True, traverse=False), backend,
-                                   weight_dtype, top_k) for layer in layers}
+                                   weight_dtype, top_k, image_top) for layer in layers}
     (computed,) = dask.compute(graph, scheduler=scheduler)
     kinds = [k for k in KINDS if k in computed[layers[0]]]
     rows = {layer: {kind: finalize(computed[layer][kind]) for kind in kinds} for layer in layers}
@@ -279,6 +305,8 @@ def compute_layer_stats(
     data["l0_hist"] = (("layer", "kind", "l0"), np.stack([[rows[x][k]["l0_hist"] for k in kinds] for x in layers]))
     for name in ("top_act", "top_token"):
         data[name] = (("layer", "kind", "latent", "rank"), np.stack([[rows[x][k][name] for k in kinds] for x in layers]))
+    if image_top:
+        data["image_top_latents"] = (("layer", "image", "top"), np.stack([rows[x]["image"]["image_top"] for x in layers]))
     out = xr.Dataset(data, coords={"layer": layers, "kind": kinds})
     if {"image", "text"} <= set(kinds):
         fires_image = out.fire_count.sel(kind="image") > 0
@@ -304,37 +332,3 @@ def open_stats(location: str, name: str) -> xr.Dataset:
     """Statistics saved by :func:`save_stats`."""
     return xr.open_zarr(str(location), group=analysis_group(name), consolidated=False, zarr_format=3).load()
 
-
-def chunk_image_top_latents(x: np.ndarray, sae: SAEParams, m: int, backend: str = "auto",
-                            weight_dtype: str = "float32") -> np.ndarray:
-    """For each image of an image chunk (1, images, tokens, d): its ``m`` latents of largest activation summed over
-    its tokens, descending (-1 where fewer fire)."""
-    x = np.asarray(x)
-    n_images, n_tokens = x.shape[-3], x.shape[-2]
-    device = compute_device(backend)
-    sae = sae.on(device, WEIGHT_DTYPES[weight_dtype])
-    xt = to_torch(np.ascontiguousarray(x.reshape(-1, x.shape[-1]))).to(device).to(sae.W_enc.dtype)
-    codes = sae_encode_sparse(xt, sae.W_enc, sae.b_enc, activation=sae.activation, threshold=sae.threshold, k=sae.k,
-                              apply_b_dec_to_input=sae.apply_b_dec_to_input, b_dec=sae.b_dec, backend=backend)
-    image = torch.repeat_interleave(torch.arange(len(xt), device=device), codes.indptr.diff()) // n_tokens
-    mass = torch.zeros(n_images * sae.d_sae, dtype=torch.float64, device=device)  # images x latents, never tokens
-    mass.index_add_(0, image * sae.d_sae + codes.indices.long(), codes.values.double())
-    mass = mass.reshape(n_images, sae.d_sae)
-    values, latents = mass.topk(min(m, sae.d_sae), dim=1)
-    return torch.where(values > 0, latents, -1).cpu().numpy().astype(np.int32)
-
-
-def compute_image_top_latents(ds: xr.Dataset, saes: dict[int, SAEParams], m: int = 5,
-                              layers: Sequence[int] | None = None, backend: str = "auto", scheduler: Any = None,
-                              weight_dtype: str = "float32") -> xr.DataArray:
-    """(layer, image, top) the ``m`` most active latents of every image, per layer (one task per stored chunk)."""
-    layers = list(layers) if layers is not None else [int(x) for x in ds.layer.values if int(x) in saes]
-    graph = {}
-    for layer in layers:
-        sae = dask.delayed(saes[layer], pure=True, traverse=False)
-        blocks = ds.image_resid.sel(layer=layer).data.to_delayed().reshape(-1)
-        graph[layer] = [dask.delayed(chunk_image_top_latents)(b, sae, m, backend, weight_dtype) for b in blocks]
-    (computed,) = dask.compute(graph, scheduler=scheduler)
-    data = np.stack([np.concatenate(computed[layer]) for layer in layers])
-    return xr.DataArray(data, dims=("layer", "image", "top"), coords={"layer": layers, "image": ds.image.values},
-                        name="image_top_latents")

@@ -22,7 +22,7 @@ import xarray as xr
 import actstore
 from actstore.descriptions import alignment_score, suite_descriptions
 from actstore.saes import load_suite
-from actstore.stats import compute_image_top_latents, compute_layer_stats, save_stats
+from actstore.stats import compute_layer_stats, save_stats
 
 
 def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None, scheduler: Any = None,
@@ -36,13 +36,10 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
     log(f"[analyze] {store}: suite {suite.name!r}, layers {sorted(layers or suite.saes)}, "
         f"{ds.sizes['image']} images, {ds.sizes.get('text_token', 0)} text tokens")
     stats = compute_layer_stats(ds, suite.saes, layers, backend=backend, scheduler=scheduler,
-                                weight_dtype=weight_dtype, top_k=top_k)
+                                weight_dtype=weight_dtype, top_k=top_k, image_top=top_latents)
     descriptions, described_by = suite_descriptions(suite, stats, ds)
     stats["description"] = (("layer", "latent"), descriptions)  # object strings: zarr v3's variable-length UTF-8
-    top = compute_image_top_latents(ds, suite.saes, top_latents, [int(x) for x in stats.layer.values],
-                                    backend=backend, scheduler=scheduler, weight_dtype=weight_dtype)
-    stats["image_top_latents"] = top.drop_vars("image")
-    scores = [alignment_score(top.sel(layer=layer).values, descriptions[i], ds.prompt.values)
+    scores = [alignment_score(stats.image_top_latents.sel(layer=layer).values, descriptions[i], ds.prompt.values)
               for i, layer in enumerate(stats.layer.values)]
     stats["alignment"] = ("layer", [s for s, _ in scores])
     stats["alignment_baseline"] = ("layer", [b for _, b in scores])

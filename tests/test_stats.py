@@ -93,6 +93,13 @@ def check(stats, saes) -> None:
             for name in ("n_tokens", "l0_hist", "fire_count", "act_argmax"):
                 np.testing.assert_array_equal(got[name].values, want[name], err_msg=f"{layer} {kind} {name}")
             np.testing.assert_allclose(got.act_max.values, want["act_max"], rtol=1e-5)
+            if kind == "image" and "image_top_latents" in stats:
+                mass = want["z"].reshape(N_IMAGES, T, F).sum(1)
+                m = stats.sizes["top"]
+                order = np.argsort(-mass, axis=1, kind="stable")[:, :m]
+                expected = np.where(np.take_along_axis(mass, order, 1) > 0, order, -1)
+                np.testing.assert_array_equal(stats.image_top_latents.sel(layer=layer).values, expected,
+                                              err_msg=f"{layer} image_top_latents")
             if "rank" in stats.dims:
                 top_act, top_token = numpy_top_k(want["z"], stats.sizes["rank"])
                 np.testing.assert_array_equal(got.top_token.values, top_token, err_msg=f"{layer} {kind} top_token")
@@ -111,7 +118,7 @@ def stores(tmp_path_factory):
 def test_stats_equal_numpy_over_the_whole_data(stores, store):
     saes = make_saes()
     stats = compute_layer_stats(actstore.open(stores / store), saes, backend="reference", scheduler="threads",
-                                top_k=5)
+                                top_k=5, image_top=4)
     assert stats.sizes["rank"] == 5
     check(stats, saes)
     assert stats.fvu.sel(kind="image").min() > 0
@@ -134,7 +141,8 @@ def test_several_worker_processes_give_the_same_result(stores):
 
 def test_the_triton_path_gives_the_same_statistics(stores):
     saes = make_saes()
-    check(compute_layer_stats(actstore.open(stores / "b6.zarr"), saes, backend="triton", scheduler="sync", top_k=3),
+    check(compute_layer_stats(actstore.open(stores / "b6.zarr"), saes, backend="triton", scheduler="sync", top_k=3,
+                              image_top=30),
           saes)
 
 
