@@ -13,7 +13,8 @@ def test_bench_analyze_quick(tmp_path):
     subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(out)], check=True, timeout=600)
     report = json.loads(out.read_text())
     rates = report["tokens_per_s"]
-    assert set(rates["analysis"]) == {"float32-threads", "bfloat16-threads", "float32-sync"}
+    assert set(rates["analysis"]) == {"float32-threads", "bfloat16-threads", "float32-sync",
+                                       "float32-threads-full"}
     assert min(rates["analysis"].values()) > 0 and min(rates["kernel_only"].values()) > 0 and rates["read_warm"] > 0
     assert report["config"]["tokens_total"] == 2 * (8 * 8 + 8 * 2)  # 2 states x (image + text tokens)
     for dtype in ("float32", "bfloat16"):
