@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saes", required=True)
     p.add_argument("--scheduler", default=None)
     p.add_argument("--layers", default=None)
-    p.add_argument("--weight-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--weight-dtype", default="float32", help="float32 or bfloat16 (jobs.analyze checks it)")
     p.add_argument("--top-k", type=int, default=8)
     p.set_defaults(func=cmd_analyze)
     p = sub.add_parser("report", help="report.md / report.html / PNG figures of an analysed store")

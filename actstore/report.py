@@ -136,17 +136,15 @@ def patch_activations(ds: xr.Dataset, sae: Any, layer: int, image: int, latent: 
     """One latent's activation at every image token of one image (reads one image of one layer)."""
     import torch
 
+    from actstore.stats import code_tokens
     from kernels import sae_encode_sparse
 
     x = torch.from_numpy(np.asarray(ds.image_resid.sel(layer=layer).isel(image=image).values, dtype=np.float32))
     codes = sae_encode_sparse(x, sae.W_enc, sae.b_enc, activation=sae.activation, threshold=sae.threshold, k=sae.k,
                               apply_b_dec_to_input=sae.apply_b_dec_to_input, b_dec=sae.b_dec, backend="reference")
+    hit = codes.indices == latent
     out = np.zeros(len(x))
-    for t in range(len(x)):
-        indices, values = codes.token(t)
-        hit = (indices == latent).nonzero().flatten()
-        if len(hit):
-            out[t] = float(values[hit[0]])
+    out[code_tokens(codes)[hit].numpy()] = codes.values[hit].double().numpy()
     return out
 
 

@@ -135,11 +135,16 @@ def merge_top_k(act_a: np.ndarray, token_a: np.ndarray, act_b: np.ndarray, token
     return np.take_along_axis(act, order, 1), np.take_along_axis(token, order, 1)
 
 
+def code_tokens(codes: Any) -> torch.Tensor:
+    """The chunk-local token index of every entry of CSR sparse codes (the row each entry belongs to)."""
+    counts = codes.indptr.diff()
+    return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+
+
 def latent_top_k(codes: Any, first_token: int, d_sae: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per latent, its k largest activations in a chunk's sparse codes and their global token indices."""
-    counts = codes.indptr.diff()
     device = codes.values.device
-    token = torch.repeat_interleave(torch.arange(len(counts), device=device), counts) + first_token
+    token = code_tokens(codes) + first_token
     latent, act = codes.indices.long(), codes.values.double()
     order = torch.argsort(-act, stable=True)  # activation descending; ties keep token order
     order = order[torch.argsort(latent[order], stable=True)]  # grouped by latent
@@ -156,10 +161,9 @@ def latent_top_k(codes: Any, first_token: int, d_sae: int, k: int) -> tuple[np.n
 def image_top_latents(codes: Any, n_tokens: int, d_sae: int, m: int) -> np.ndarray:
     """For each image of a chunk (``n_tokens`` consecutive tokens each): its ``m`` latents of largest activation
     summed over its tokens, descending (-1 where fewer fire). Holds images x latents, never tokens x latents."""
-    counts = codes.indptr.diff()
     device = codes.values.device
-    n_images = len(counts) // n_tokens
-    image = torch.repeat_interleave(torch.arange(len(counts), device=device), counts) // n_tokens
+    n_images = (len(codes.indptr) - 1) // n_tokens
+    image = code_tokens(codes) // n_tokens
     mass = torch.zeros(n_images * d_sae, dtype=torch.float64, device=device)
     mass.index_add_(0, image * d_sae + codes.indices.long(), codes.values.double())
     values, latents = mass.reshape(n_images, d_sae).topk(min(m, d_sae), dim=1)
@@ -331,4 +335,3 @@ def save_stats(location: str, name: str, stats: xr.Dataset) -> None:
 def open_stats(location: str, name: str) -> xr.Dataset:
     """Statistics saved by :func:`save_stats`."""
     return xr.open_zarr(str(location), group=analysis_group(name), consolidated=False, zarr_format=3).load()
-

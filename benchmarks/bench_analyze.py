@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -27,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_kernels import make_sae  # noqa: E402
-from bench_store import GB, activation_like, drop_page_cache  # noqa: E402
+from bench_kernels import make_sae, timed  # noqa: E402
+from bench_store import GB, activation_like, drop_page_cache, save_result  # noqa: E402
 
 
 def build_store(path: Path, args: argparse.Namespace) -> dict:
@@ -100,18 +99,12 @@ def kernel_only(ds, saes, device: torch.device, repeat: int, weight_dtype: str) 
     def run(x: torch.Tensor) -> None:
         sae_stats(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, activation=sae.activation, threshold=sae.threshold)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for x in chunks:  # warm-up: compile / autotune
-        run(x)
-    sync()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for x in chunks:  # rotate among distinct chunks so the inputs are not served from L2
+    def rotate() -> None:  # among distinct chunks, so the inputs are not served from L2
+        for x in chunks:
             run(x)
-        sync()
-        times.append(time.perf_counter() - start)
-    return tokens * len(chunks) / statistics.median(times)
+
+    seconds, _ = timed(rotate, device.type, warmup=1, repeat=repeat)  # warm-up: compile / autotune
+    return tokens * len(chunks) / seconds
 
 
 def profile_chunk(ds, saes, device: torch.device) -> list[dict]:  # noqa: ANN001
@@ -224,10 +217,7 @@ def main() -> None:
     print(json.dumps({k: report[k] for k in ("tokens_per_s", "read_GBps_logical", "ratios", "mean_l0_image")},
                      indent=1))
     tag = "gpu" if device.type == "cuda" else "cpu-quick"
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"analyze-{tag}-{platform.node()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    save_result(report, f"analyze-{tag}", args.out)
 
 
 if __name__ == "__main__":

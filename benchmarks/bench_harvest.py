@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_store import GB, raw_sequential_write  # noqa: E402
+from bench_store import GB, raw_sequential_write, save_result  # noqa: E402
 
 from actstore.harvest import HarvestStats, HostRing, forward_states, harvest_block, n_states  # noqa: E402
 from actstore.integrity import store_info  # noqa: E402
@@ -192,10 +192,7 @@ def main() -> None:
     }
     print(json.dumps({k: report[k] for k in ("images_per_s", "ratios", "raw_write_GBps", "time_split_s")}, indent=1))
     tag = "gpu" if device.type == "cuda" else "cpu-quick"
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"harvest-{tag}-{platform.node()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    save_result(report, f"harvest-{tag}", args.out)
 
 
 if __name__ == "__main__":

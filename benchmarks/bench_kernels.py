@@ -8,13 +8,10 @@ reference, and the encode GEMM alone (the floor), all in one run. Writes JSON to
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -66,7 +63,7 @@ def make_sae(d: int, F: int, target_l0: float, device: str, dtype: torch.dtype, 
     # kthvalue, not torch.quantile: quantile refuses inputs of more than 2^24 elements (4096 x 16k already is).
     pre = sample.to(device=device, dtype=torch.float32) @ W_enc
     rank = min(len(pre), max(1, round(len(pre) * (1 - target_l0 / F))))
-    threshold = torch.kthvalue(pre.cpu(), rank, dim=0).values.to(device).clamp(min=1e-3)
+    threshold = torch.kthvalue(pre, rank, dim=0).values.clamp(min=1e-3)
     W_dec = torch.randn(F, d, device=device, generator=g) / F**0.5
     return {"W_enc": W_enc.to(dtype), "b_enc": b_enc, "W_dec": W_dec.to(dtype), "b_dec": torch.zeros(d, device=device),
             "threshold": threshold}
@@ -169,10 +166,9 @@ def main() -> None:
     except ImportError:
         pass
     tag = "gpu" if device == "cuda" else "cpu-quick"
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"kernels-{tag}-{platform.node()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    from bench_store import save_result  # the results helper; imported here so make_sae/timed stay import-light
+
+    save_result(report, f"kernels-{tag}", args.out)
 
 
 if __name__ == "__main__":

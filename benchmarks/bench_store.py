@@ -31,6 +31,15 @@ from actstore.writer import StoreWriter, default_threads
 GB = 1e9
 
 
+def save_result(report: dict, name: str, out: str | None) -> Path:
+    """Write a benchmark's JSON to ``out``, by default benchmarks/results/<name>-<host>.json; returns the path."""
+    path = Path(out) if out else Path(__file__).parent / "results" / f"{name}-{platform.node()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+    return path
+
+
 def drop_page_cache() -> bool:
     """Ask the kernel to drop clean pages so reads hit the disk (root only); True if it worked."""
     try:
@@ -200,10 +209,7 @@ def main() -> None:
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "dir")},
         "results": results,
     }
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"store-{platform.node()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    save_result(report, "store", args.out)
 
 
 if __name__ == "__main__":

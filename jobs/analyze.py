@@ -22,7 +22,7 @@ import xarray as xr
 import actstore
 from actstore.descriptions import alignment_score, suite_descriptions
 from actstore.saes import load_suite
-from actstore.stats import compute_layer_stats, save_stats
+from actstore.stats import WEIGHT_DTYPES, compute_layer_stats, save_stats
 
 
 def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None, scheduler: Any = None,
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> xr.Dataset:
     parser.add_argument("--saes", required=True, help="SAE suite YAML")
     parser.add_argument("--scheduler", default=None, help="'local' or a scheduler address")
     parser.add_argument("--layers", default=None, help="comma-separated store states (default: all in the suite)")
-    parser.add_argument("--weight-dtype", default="float32", choices=["float32", "bfloat16"],
+    parser.add_argument("--weight-dtype", default="float32", choices=sorted(WEIGHT_DTYPES),
                         help="SAE matrix products in bf16 on tensor cores (GPU) instead of exact float32")
     parser.add_argument("--top-k", type=int, default=8, help="top-activating examples kept per latent and kind")
     args = parser.parse_args(argv)

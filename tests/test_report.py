@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from actstore.report import write_report
+from actstore.report import patch_activations, write_report
 from actstore.stats import open_stats
 from jobs.analyze import run_analysis
 from test_analyze import store_and_suite  # noqa: F401 - fixture
@@ -72,3 +72,16 @@ def test_report_tables_carry_the_statistics(store_and_suite, tmp_path):  # noqa:
     with pytest.raises(ValueError, match=r"has analyses \['other', 'test-suite'\]; choose one"):
         write_report(store, tmp_path / "two")
     assert (write_report(store, tmp_path / "two", suite="other") / "report.md").exists()
+
+
+def test_patch_activations_equal_the_dense_latent(store_and_suite):  # noqa: F811
+    import actstore
+
+    root, saes = store_and_suite
+    ds = actstore.open(root / "s.zarr")
+    sae = saes[5]
+    x = ds.image_resid.sel(layer=5).isel(image=7).values.astype(np.float64)
+    z = np.maximum(x @ sae.W_enc.double().numpy() + sae.b_enc.double().numpy(), 0)
+    latent = int(np.argmax((z > 0).sum(0)))  # one that fires on some of the image's tokens
+    assert 0 < (z[:, latent] > 0).sum()
+    np.testing.assert_allclose(patch_activations(ds, sae, 5, 7, latent), z[:, latent], rtol=1e-5, atol=1e-6)
