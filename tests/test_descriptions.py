@@ -49,3 +49,8 @@ def test_alignment_score_and_its_random_baseline():
     assert score == pytest.approx(1 / 3)
     # a random latent names a caption word with probability 2/4, 2/4, 1/4
     assert baseline == pytest.approx((0.5 + 0.5 + 0.25) / 3)
+
+
+def test_a_latent_naming_two_caption_words_counts_once_in_the_baseline():
+    score, baseline = alignment_score(np.array([[0]]), ["red, circle", "red", "blue"], ["one red circle"])
+    assert score == 1.0 and baseline == pytest.approx(2 / 3)
