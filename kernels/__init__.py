@@ -38,11 +38,13 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
 def sae_stats(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
     activation: str, threshold: torch.Tensor | None = None, k: int | None = None,
-    apply_b_dec_to_input: bool = False, feature_stats: bool = True, backend: str = "auto",
+    apply_b_dec_to_input: bool = False, feature_stats: bool = True, return_codes: bool = False,
+    backend: str = "auto",
 ) -> SAEStats:
-    """Per-token reconstruction error terms and L0, and per-latent firing statistics (see kernels.reference)."""
+    """Per-token reconstruction error terms and L0, and per-latent firing statistics (see kernels.reference); with
+    ``return_codes``, each token's active latents too, from the same encode."""
     kwargs = dict(activation=activation, threshold=threshold, k=k, apply_b_dec_to_input=apply_b_dec_to_input,
-                  feature_stats=feature_stats)
+                  feature_stats=feature_stats, return_codes=return_codes)
     if _use_triton(x, backend):
         from kernels.sae_triton import sae_stats_triton
 

@@ -41,6 +41,7 @@ class SAEStats:
     act_sum: torch.Tensor | None = None
     act_max: torch.Tensor | None = None
     act_argmax: torch.Tensor | None = None
+    codes: "SparseCodes | None" = None  # each token's active latents, when asked for (``return_codes``)
 
 
 @dataclass
@@ -56,6 +57,22 @@ class SparseCodes:
         """Latent indices and activations of token ``t``."""
         lo, hi = int(self.indptr[t]), int(self.indptr[t + 1])
         return self.indices[lo:hi], self.values[lo:hi]
+
+    @classmethod
+    def from_blocks(cls, counts: list[torch.Tensor], indices: list[torch.Tensor], values: list[torch.Tensor],
+                    n_tokens: int, device: torch.device) -> "SparseCodes":
+        """Codes from consecutive token blocks' per-token counts, latent indices and activations."""
+        indptr = torch.zeros(n_tokens + 1, dtype=torch.int64, device=device)
+        if n_tokens:
+            indptr[1:] = torch.cat(counts).cumsum(0)
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return cls(indptr, torch.cat(indices) if indices else empty, torch.cat(values) if values else empty.float())
+
+
+def dense_codes(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token counts, latent indices (ascending within a token) and activations of a block of latents z."""
+    token, latent = (z > 0).nonzero(as_tuple=True)  # row-major: ascending latent within each token
+    return torch.bincount(token, minlength=z.shape[0]), latent, z[token, latent]
 
 
 def check_sae_inputs(
@@ -121,9 +138,11 @@ def _encode_block(
 def sae_stats_reference(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
     activation: str, threshold: torch.Tensor | None = None, k: int | None = None,
-    apply_b_dec_to_input: bool = False, feature_stats: bool = True, max_block_elements: int = MAX_BLOCK_ELEMENTS,
+    apply_b_dec_to_input: bool = False, feature_stats: bool = True, return_codes: bool = False,
+    max_block_elements: int = MAX_BLOCK_ELEMENTS,
 ) -> SAEStats:
-    """Per-token errors and L0, and per-latent firing statistics, of an SAE on ``x`` (tokens, d_in)."""
+    """Per-token errors and L0, and per-latent firing statistics, of an SAE on ``x`` (tokens, d_in); with
+    ``return_codes``, also every token's active latents (``SAEStats.codes``)."""
     check_sae_inputs(x, W_enc, b_enc, W_dec, b_dec, activation, threshold, k, apply_b_dec_to_input)
     N, F = x.shape[0], W_enc.shape[1]
     dev = x.device
@@ -133,8 +152,12 @@ def sae_stats_reference(
     act_max = torch.zeros(F, dtype=torch.float32, device=dev)
     act_argmax = torch.full((F,), -1, dtype=torch.int64, device=dev)
     W_dec32, b_dec32 = W_dec.float(), b_dec.float()
+    blocks = ([], [], [])
     for rows in token_chunks(N, F, max_block_elements):
         z = _encode_block(x[rows], W_enc, b_enc, b_dec, activation, threshold, k, apply_b_dec_to_input)
+        if return_codes:
+            for kept, part in zip(blocks, dense_codes(z)):
+                kept.append(part)
         x32 = x[rows].float()
         x_hat = z @ W_dec32 + b_dec32
         per_token["sq_err"][rows] = (x32 - x_hat).square().sum(-1)
@@ -153,6 +176,8 @@ def sae_stats_reference(
             act_max = torch.where(better, block_max, act_max)
             act_argmax = torch.where(better, block_arg, act_argmax)
     stats = SAEStats(**per_token)
+    if return_codes:
+        stats.codes = SparseCodes.from_blocks(*blocks, N, dev)
     if feature_stats:
         stats.fire_count, stats.act_sum, stats.act_max, stats.act_argmax = fire, act_sum, act_max, act_argmax
     return stats
@@ -167,19 +192,9 @@ def sae_encode_sparse_reference(
     """The active latents of every token of ``x`` and their activations, in CSR form."""
     check_sae_inputs(x, W_enc, b_enc, None, b_dec, activation, threshold, k, apply_b_dec_to_input)
     N, F = x.shape[0], W_enc.shape[1]
-    counts, indices, values = [], [], []
+    blocks = ([], [], [])
     for rows in token_chunks(N, F, max_block_elements):
         z = _encode_block(x[rows], W_enc, b_enc, b_dec, activation, threshold, k, apply_b_dec_to_input)
-        token, latent = (z > 0).nonzero(as_tuple=True)  # row-major: ascending latent within each token
-        counts.append(torch.bincount(token, minlength=z.shape[0]))
-        indices.append(latent)
-        values.append(z[token, latent])
-    indptr = torch.zeros(N + 1, dtype=torch.int64, device=x.device)
-    if N:
-        indptr[1:] = torch.cat(counts).cumsum(0)
-    empty = torch.zeros(0, dtype=torch.int64, device=x.device)
-    return SparseCodes(
-        indptr,
-        torch.cat(indices) if indices else empty,
-        torch.cat(values) if values else empty.float(),
-    )
+        for kept, part in zip(blocks, dense_codes(z)):
+            kept.append(part)
+    return SparseCodes.from_blocks(*blocks, N, x.device)

@@ -9,8 +9,9 @@ Two kernels:
   ``c = b_enc - b_dec @ W_enc`` folds ``apply_b_dec_to_input`` into the bias, so the GEMM reads ``x`` unchanged.
 - ``_decode_kernel`` (grid: token tiles): gathers the ``L0`` active rows of ``W_dec`` per token (L0 << d_sae) and
   reduces ``||x - x_hat||^2``, ``||x||^2``, ``x . x_hat``, ``||x_hat||^2`` on the fly.
-Extra memory is O(N * cap + d_sae). Tokens with more than ``cap`` active latents are recomputed by the chunked
-reference (a fallback, never a truncation). TopK needs each token's whole row of pre-activations before it can
+Extra memory is O(N * cap + d_sae); ``cap`` (slots per token) grows as far as a fixed buffer budget allows, so that
+out-of-distribution tokens with L0 in the thousands (image tokens under a text SAE) stay on the fast path. Tokens
+with more than ``cap`` active latents are recomputed by the chunked reference (a fallback, never a truncation). TopK needs each token's whole row of pre-activations before it can
 select, so its encode is a chunked GEMM + ``torch.topk`` (bounded memory) feeding the same decode kernel.
 """
 
@@ -32,7 +33,10 @@ from kernels.reference import (
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEFAULT_CAP = 256
+MIN_CAP = 256
+# The (N, cap) code buffer (int32 index + float32 value per slot) may use this much device memory; torch.empty
+# leaves it untouched beyond the slots written, so a larger cap costs memory, not time.
+CODE_BUFFER_BYTES = 128 << 20
 _INDEX_BITS = 2147483647  # token t is stored as (2^31 - 1 - t) so that the smallest t wins ties in an atomic max
 _INDEX_BITS_C = tl.constexpr(_INDEX_BITS)  # compiled Triton reads only constexpr globals
 
@@ -188,6 +192,44 @@ def _effective_threshold(activation: str, threshold: torch.Tensor | None, F: int
     return zero if activation == "relu" else torch.maximum(threshold.float(), zero).contiguous()
 
 
+def code_capacity(n_tokens: int, d_sae: int, cap: int | None = None) -> int:
+    """Code slots per token: ``cap`` if given, else as many as ``CODE_BUFFER_BYTES`` holds (at least ``MIN_CAP``),
+    never more than ``d_sae``."""
+    if cap is None:
+        cap = max(MIN_CAP, CODE_BUFFER_BYTES // (8 * max(n_tokens, 1)))
+    return max(1, min(cap, d_sae))
+
+
+def _buffer_codes(lengths: torch.Tensor, codes_idx: torch.Tensor, codes_val: torch.Tensor, valid: torch.Tensor,
+                  overflow: torch.Tensor, exact: SparseCodes | None) -> SparseCodes:
+    """CSR codes from the per-token slot buffer (``valid`` marks the slots holding codes, ``lengths`` each token's
+    true count); the ``overflow`` tokens take their codes from ``exact`` instead."""
+    N, dev = len(lengths), lengths.device
+    lengths = lengths.long()
+    columns = valid.any(0).nonzero()
+    used = int(columns.max()) + 1 if len(columns) else 0  # the buffer may be far wider than the largest L0
+    valid = valid[:, :used]
+    # Slots fill in tile order: sort each token's latents ascending, invalid slots last.
+    empty = torch.iinfo(torch.int64).max
+    idx, order = torch.where(valid, codes_idx[:, :used].long(), empty).sort(dim=1)
+    val, valid = codes_val[:, :used].gather(1, order), idx != empty
+    indptr = torch.zeros(N + 1, dtype=torch.int64, device=dev)
+    indptr[1:] = lengths.cumsum(0)
+    fits = torch.ones(N, dtype=torch.bool, device=dev)
+    fits[overflow] = False
+    keep = valid & fits[:, None]
+    indices = torch.empty(int(indptr[-1]), dtype=torch.int64, device=dev)
+    values = torch.empty(int(indptr[-1]), dtype=torch.float32, device=dev)
+    positions = (indptr[:-1, None] + torch.arange(used, device=dev)[None, :])[keep]
+    indices[positions], values[positions] = idx[keep], val[keep]
+    if len(overflow):
+        counts = exact.indptr.diff()
+        within = torch.arange(len(exact.indices), device=dev) - exact.indptr[:-1].repeat_interleave(counts)
+        at = indptr[overflow].repeat_interleave(counts) + within
+        indices[at], values[at] = exact.indices, exact.values
+    return SparseCodes(indptr, indices, values)
+
+
 def _launch_encode(
     x: torch.Tensor, W_enc: torch.Tensor, c: torch.Tensor, thr: torch.Tensor, cap: int, feature_stats: bool
 ) -> tuple[torch.Tensor, ...]:
@@ -266,30 +308,38 @@ def _topk_codes(
 def sae_stats_triton(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
     activation: str, threshold: torch.Tensor | None = None, k: int | None = None,
-    apply_b_dec_to_input: bool = False, feature_stats: bool = True, cap: int = DEFAULT_CAP,
+    apply_b_dec_to_input: bool = False, feature_stats: bool = True, return_codes: bool = False,
+    cap: int | None = None,
 ) -> SAEStats:
-    """:func:`kernels.reference.sae_stats_reference`, computed by the fused kernels."""
+    """:func:`kernels.reference.sae_stats_reference`, computed by the fused kernels (the codes, with
+    ``return_codes``, come from the encode's own buffer: no second encode)."""
     check_sae_inputs(x, W_enc, b_enc, W_dec, b_dec, activation, threshold, k, apply_b_dec_to_input)
-    F = W_enc.shape[1]
+    N, F = x.shape[0], W_enc.shape[1]
     c = _encode_bias(W_enc, b_enc, b_dec, apply_b_dec_to_input)
     if activation == "topk":
         l0, codes_idx, codes_val, fire, act_sum, packed = _topk_codes(x, W_enc, c, k, feature_stats)
         counts = torch.full_like(l0, k)  # every top-k slot is decoded; relu'd zeros add nothing
+        valid = codes_val > 0
     else:
-        cap = max(1, min(cap, F))
+        cap = code_capacity(N, F, cap)
         thr = _effective_threshold(activation, threshold, F, x.device)
         counts, codes_idx, codes_val, fire, act_sum, packed = _launch_encode(x, W_enc, c, thr, cap, feature_stats)
         l0 = counts
+        valid = torch.arange(cap, device=x.device)[None, :] < counts.clamp(max=cap)[:, None]
     out = _launch_decode(x, W_dec, b_dec, counts, codes_idx, codes_val)
     stats = SAEStats(sq_err=out[0], x_sq=out[1], x_dot_xhat=out[2], xhat_sq=out[3], l0=l0.float())
     overflow = (counts > codes_idx.shape[1]).nonzero().flatten()
+    exact = None
     if len(overflow):  # more active latents than the buffer holds: these tokens go through the reference
         exact = sae_stats_reference(
             x[overflow], W_enc, b_enc, W_dec, b_dec, activation=activation, threshold=threshold, k=k,
-            apply_b_dec_to_input=apply_b_dec_to_input, feature_stats=False,
+            apply_b_dec_to_input=apply_b_dec_to_input, feature_stats=False, return_codes=return_codes,
         )
         for name in ("sq_err", "x_sq", "x_dot_xhat", "xhat_sq"):
             getattr(stats, name)[overflow] = getattr(exact, name)
+    if return_codes:
+        stats.codes = _buffer_codes(valid.sum(1) if activation == "topk" else l0, codes_idx, codes_val, valid,
+                                    overflow, exact and exact.codes)
     if feature_stats:
         stats.fire_count, stats.act_sum = fire.float(), act_sum
         stats.act_max, stats.act_argmax = _unpack_max(packed)
@@ -300,7 +350,7 @@ def sae_stats_triton(
 def sae_encode_sparse_triton(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, *, activation: str,
     threshold: torch.Tensor | None = None, k: int | None = None, apply_b_dec_to_input: bool = False,
-    b_dec: torch.Tensor | None = None, cap: int = DEFAULT_CAP,
+    b_dec: torch.Tensor | None = None, cap: int | None = None,
 ) -> SparseCodes:
     """:func:`kernels.reference.sae_encode_sparse_reference`, with the fused encode kernel for JumpReLU/ReLU."""
     check_sae_inputs(x, W_enc, b_enc, None, b_dec, activation, threshold, k, apply_b_dec_to_input)
@@ -309,37 +359,16 @@ def sae_encode_sparse_triton(
             x, W_enc, b_enc, activation=activation, k=k, apply_b_dec_to_input=apply_b_dec_to_input, b_dec=b_dec
         )
     N, F = x.shape[0], W_enc.shape[1]
-    cap = max(1, min(cap, F))
+    cap = code_capacity(N, F, cap)
     c = _encode_bias(W_enc, b_enc, b_dec, apply_b_dec_to_input)
     thr = _effective_threshold(activation, threshold, F, x.device)
     counts, codes_idx, codes_val, *_ = _launch_encode(x, W_enc, c, thr, cap, feature_stats=False)
-    counts = counts.long()
-    kept = counts.clamp(max=cap)
-    slots = torch.arange(cap, device=x.device)[None, :]
-    valid = slots < kept[:, None]
-    # Slots fill in tile order; sort each token's latents ascending (invalid slots sort last).
-    order = torch.where(valid, codes_idx.long(), F).argsort(dim=1)
-    indices = codes_idx.long().gather(1, order)[valid]
-    values = codes_val.gather(1, order)[valid]
-    indptr = torch.zeros(N + 1, dtype=torch.int64, device=x.device)
-    indptr[1:] = counts.cumsum(0)
+    valid = torch.arange(cap, device=x.device)[None, :] < counts.clamp(max=cap)[:, None]
     overflow = (counts > cap).nonzero().flatten()
-    if not len(overflow):
-        return SparseCodes(indptr, indices, values)
-    # Rebuild with the overflowing tokens' complete codes from the reference.
-    exact = sae_encode_sparse_reference(
-        x[overflow], W_enc, b_enc, activation=activation, threshold=threshold,
-        apply_b_dec_to_input=apply_b_dec_to_input, b_dec=b_dec,
-    )
-    all_indices = torch.empty(int(indptr[-1]), dtype=torch.int64, device=x.device)
-    all_values = torch.empty(int(indptr[-1]), dtype=torch.float32, device=x.device)
-    fits = counts <= cap
-    positions = (indptr[:-1, None] + slots)[valid & fits[:, None]]
-    all_indices[positions] = indices[fits.repeat_interleave(kept)]
-    all_values[positions] = values[fits.repeat_interleave(kept)]
-    lengths = exact.indptr[1:] - exact.indptr[:-1]
-    starts = indptr[overflow].repeat_interleave(lengths)
-    within = torch.arange(len(exact.indices), device=x.device) - exact.indptr[:-1].repeat_interleave(lengths)
-    all_indices[starts + within] = exact.indices
-    all_values[starts + within] = exact.values
-    return SparseCodes(indptr, all_indices, all_values)
+    exact = None
+    if len(overflow):  # rebuilt with the overflowing tokens' complete codes from the reference
+        exact = sae_encode_sparse_reference(
+            x[overflow], W_enc, b_enc, activation=activation, threshold=threshold,
+            apply_b_dec_to_input=apply_b_dec_to_input, b_dec=b_dec,
+        )
+    return _buffer_codes(counts, codes_idx, codes_val, valid, overflow, exact)

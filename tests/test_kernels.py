@@ -179,11 +179,14 @@ def test_mixed_dtypes(x_dtype, w_dtype):
 @pytest.mark.parametrize("activation", ["jumprelu", "relu"])
 @pytest.mark.parametrize("active_fraction", [0.0, 0.5, 1.0])
 def test_l0_from_zero_to_all_latents(activation, active_fraction):
-    # L0 = F = 300 exceeds the kernel's buffer of 256 latents per token: those tokens take the exact fallback.
+    from kernels.sae_triton import sae_stats_triton
+
     case = make_case(activation, active_fraction=active_fraction, apply_b_dec=True, seed=3)
     want, _ = oracle_stats(case)
     assert want.l0.mean() == pytest.approx(active_fraction * 300, abs=3)
     assert_stats_match(run(case, "triton"), want)
+    if want.l0.max() > 256:  # with a buffer of 256 slots, these tokens take the exact fallback
+        assert_stats_match(triton_call(sae_stats_triton, case, **case.params, **case.kwargs, cap=256), want)
     assert_stats_match(run(case, "reference"), want)
 
 
@@ -211,7 +214,7 @@ def test_feature_stats_off():
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-@pytest.mark.parametrize("activation, k, cap", [("jumprelu", None, 256), ("jumprelu", None, 8), ("topk", 9, 256)])
+@pytest.mark.parametrize("activation, k, cap", [("jumprelu", None, None), ("jumprelu", None, 8), ("topk", 9, None)])
 def test_encode_sparse_matches_sae_lens(backend, activation, k, cap):
     case = make_case(activation, k=k, active_fraction=0.1, apply_b_dec=True, seed=7)
     _, z = oracle_stats(case)
@@ -223,13 +226,48 @@ def test_encode_sparse_matches_sae_lens(backend, activation, k, cap):
                             **kwargs)
     else:
         codes = sae_encode_sparse(case.x, case.params["W_enc"], case.params["b_enc"], backend=backend, **kwargs)
-    dense = torch.zeros_like(z)
-    rows = torch.arange(len(codes.indptr) - 1).repeat_interleave(codes.indptr.diff())
-    dense[rows, codes.indices] = codes.values.double()
-    torch.testing.assert_close(dense, z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense_from_codes(codes, z.shape), z, rtol=1e-5, atol=1e-5)
     for t in (0, 40, 76):  # within a token, latents ascend
         indices, _ = codes.token(t)
         assert torch.equal(indices, indices.sort().values)
+
+
+def dense_from_codes(codes: SparseCodes, shape: tuple[int, int]) -> torch.Tensor:
+    """The tokens x latents matrix that CSR codes describe (float64)."""
+    dense = torch.zeros(shape, dtype=torch.float64)
+    rows = torch.arange(len(codes.indptr) - 1).repeat_interleave(codes.indptr.diff())
+    dense[rows, codes.indices] = codes.values.double()
+    return dense
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("activation, k, cap", [("jumprelu", None, None), ("jumprelu", None, 8), ("relu", None, None),
+                                                 ("topk", 9, None), ("topk", 300, None)])
+def test_stats_return_the_codes_of_their_own_encode(backend, activation, k, cap):
+    case = make_case(activation, k=k, active_fraction=0.1, apply_b_dec=True, seed=7)
+    want, z = oracle_stats(case)
+    assert k != 300 or (want.l0 < k).all()  # top-k slots that relu zeroes are not codes
+    if backend == "triton":
+        from kernels.sae_triton import sae_stats_triton
+
+        got = triton_call(sae_stats_triton, case, **case.params, **case.kwargs, return_codes=True, cap=cap)
+    else:
+        got = sae_stats(case.x, **case.params, **case.kwargs, backend=backend, return_codes=True)
+    assert_stats_match(got, want)
+    assert torch.equal(got.codes.indptr.diff().double(), want.l0), "codes per token != L0"
+    torch.testing.assert_close(dense_from_codes(got.codes, z.shape), z, rtol=1e-5, atol=1e-5)
+    for t in range(len(z)):  # within a token, latents ascend (also for the fallback's tokens)
+        indices, _ = got.codes.token(t)
+        assert torch.equal(indices, indices.sort().values)
+    assert run(case, backend).codes is None  # only when asked for
+
+
+def test_code_capacity_grows_with_fewer_tokens():
+    from kernels.sae_triton import CODE_BUFFER_BYTES, MIN_CAP, code_capacity
+
+    assert code_capacity(4096, 16384) == CODE_BUFFER_BYTES // (8 * 4096) > MIN_CAP
+    assert code_capacity(1 << 20, 16384) == MIN_CAP
+    assert code_capacity(10, 300) == 300 and code_capacity(10, 300, cap=8) == 8
 
 
 @pytest.mark.parametrize(

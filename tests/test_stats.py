@@ -181,3 +181,29 @@ def test_bf16_weights_stay_close_to_float32(stores):
     assert not np.array_equal(fast.fvu.values, exact.fvu.values)  # the weights really were rounded
     with pytest.raises(ValueError, match="weight_dtype must be one of"):
         compute_layer_stats(ds, saes, weight_dtype="float8")
+
+
+def test_threads_that_start_together_share_one_device_copy():
+    """A worker's threads start a layer's chunks at once; they must wait for one copy of the SAE, not make one each."""
+    import pickle
+    import threading
+
+    g = torch.Generator().manual_seed(0)
+    sae = SAEParams(torch.randn(512, 4096, generator=g), torch.zeros(4096), torch.randn(4096, 512, generator=g),
+                    torch.zeros(512), "relu")
+    start, copies = threading.Barrier(8), []
+
+    def fetch():
+        start.wait()
+        copies.append(sae.on(torch.device("cpu"), torch.bfloat16))
+
+    threads = [threading.Thread(target=fetch) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(c) for c in copies}) == 1
+    assert copies[0].W_enc.dtype == torch.bfloat16
+    clone = pickle.loads(pickle.dumps(sae))  # the copies and the lock stay behind; the clone gets its own
+    assert not clone._copies and torch.equal(clone.W_enc, sae.W_enc)
+    assert clone.on(torch.device("cpu"), torch.bfloat16) is not copies[0]
