@@ -15,8 +15,12 @@ Definitions over the N tokens of a (layer, kind):
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
-from dataclasses import dataclass, field
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import dask
@@ -42,33 +46,23 @@ class SAEParams:
     threshold: torch.Tensor | None = None
     k: int | None = None
     apply_b_dec_to_input: bool = False
-    # Copies of the weights per device, made once per worker process (not pickled with the SAE). The lock makes
-    # the threads of a worker, which start a layer's chunks together, wait for one copy instead of each making its
-    # own (a GPU worker's 16 threads would otherwise copy a 300 MB SAE 16 times).
-    _copies: dict = field(default_factory=dict, repr=False, compare=False)
-    _copy_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def __getstate__(self) -> dict:
-        """Pickle without the per-device copies and the lock."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("_copies", "_copy_lock")}
-
-    def __setstate__(self, state: dict) -> None:
-        """Unpickle with an empty copy cache and a new lock."""
-        self.__dict__.update(state, _copies={}, _copy_lock=threading.Lock())
+    def to(self, device: torch.device, weight_dtype: torch.dtype = torch.float32) -> "SAEParams":
+        """A copy on ``device`` with W_enc and W_dec in ``weight_dtype`` (biases and thresholds stay float32)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SAEParams(self.W_enc.to(device, weight_dtype), move(self.b_enc), self.W_dec.to(device, weight_dtype),
+                         move(self.b_dec), self.activation, move(self.threshold), self.k, self.apply_b_dec_to_input)
 
     def on(self, device: torch.device, weight_dtype: torch.dtype = torch.float32) -> "SAEParams":
-        """These weights on ``device``, W_enc and W_dec in ``weight_dtype`` (cached: a worker copies each SAE to its
-        GPU once; biases and thresholds stay float32)."""
+        """These weights on ``device`` in ``weight_dtype``, from this process's cache (see :class:`DeviceCopies`)."""
         if device.type == "cpu" and weight_dtype == self.W_enc.dtype:
             return self
-        key = (str(device), weight_dtype)
-        with self._copy_lock:
-            if key not in self._copies:
-                move = lambda t: None if t is None else t.to(device)  # noqa: E731
-                self._copies[key] = SAEParams(
-                    self.W_enc.to(device, weight_dtype), move(self.b_enc), self.W_dec.to(device, weight_dtype),
-                    move(self.b_dec), self.activation, move(self.threshold), self.k, self.apply_b_dec_to_input)
-            return self._copies[key]
+        return DEVICE_COPIES.get(self, device, weight_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all its tensors."""
+        tensors = (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     @property
     def d_in(self) -> int:
@@ -91,6 +85,60 @@ class SAEParams:
             activation=activation, threshold=detach(sae.threshold) if activation == "jumprelu" else None,
             k=getattr(sae.cfg, "k", None), apply_b_dec_to_input=bool(sae.cfg.apply_b_dec_to_input),
         )
+
+
+class DeviceCopies:
+    """This process's copies of SAEs on devices: each SAE is copied to a worker's GPU once, not once per chunk, and
+    the least recently used copies are dropped once a device's copies would pass ``budget(device)`` bytes, so that
+    an analysis of 26 layers of wide SAEs does not hold all 26 on one GPU.
+
+    Copies are made under one lock: a worker's threads start a layer's chunks together and must wait for one copy
+    instead of each making its own. A task still using a dropped copy keeps it alive until it finishes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple, tuple[weakref.ref, SAEParams, int]] = OrderedDict()
+
+    @staticmethod
+    def budget(device: torch.device) -> int:
+        """Bytes of SAE copies a device may hold: ``ACTSTORE_SAE_COPY_BYTES`` if set, else half a GPU's memory."""
+        if "ACTSTORE_SAE_COPY_BYTES" in os.environ:
+            return int(os.environ["ACTSTORE_SAE_COPY_BYTES"])
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory // 2
+        return sys.maxsize
+
+    def get(self, sae: SAEParams, device: torch.device, weight_dtype: torch.dtype) -> SAEParams:
+        """The copy of ``sae`` on ``device`` in ``weight_dtype``, made now if this process has none."""
+        key = (id(sae), str(device), weight_dtype)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0]() is sae:
+                self._entries.move_to_end(key)
+                return entry[1]
+            need = sae.W_enc.numel() * 2 * torch.finfo(weight_dtype).bits // 8
+            self._drop(str(device), self.budget(device) - need)
+            copy = sae.to(device, weight_dtype)
+            self._entries[key] = (weakref.ref(sae), copy, copy.nbytes)
+            return copy
+
+    def held(self, device: torch.device) -> int:
+        """Bytes of copies now cached for ``device``."""
+        with self._lock:
+            return sum(size for (_, dev, _), (_, _, size) in self._entries.items() if dev == str(device))
+
+    def _drop(self, device: str, keep_at_most: int) -> None:
+        for key in [k for k, (owner, _, _) in self._entries.items() if owner() is None]:
+            del self._entries[key]  # copies of SAEs that no longer exist (their id may be reused)
+        mine = [k for k in self._entries if k[1] == device]
+        held = sum(self._entries[k][2] for k in mine)
+        for key in mine:  # oldest first
+            if held <= keep_at_most:
+                break
+            held -= self._entries.pop(key)[2]
+
+
+DEVICE_COPIES = DeviceCopies()
 
 
 @dataclass

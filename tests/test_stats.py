@@ -183,14 +183,18 @@ def test_bf16_weights_stay_close_to_float32(stores):
         compute_layer_stats(ds, saes, weight_dtype="float8")
 
 
+def random_sae(seed: int, d: int = 512, f: int = 4096) -> SAEParams:
+    g = torch.Generator().manual_seed(seed)
+    return SAEParams(torch.randn(d, f, generator=g), torch.zeros(f), torch.randn(f, d, generator=g), torch.zeros(d),
+                     "relu")
+
+
 def test_threads_that_start_together_share_one_device_copy():
     """A worker's threads start a layer's chunks at once; they must wait for one copy of the SAE, not make one each."""
     import pickle
     import threading
 
-    g = torch.Generator().manual_seed(0)
-    sae = SAEParams(torch.randn(512, 4096, generator=g), torch.zeros(4096), torch.randn(4096, 512, generator=g),
-                    torch.zeros(512), "relu")
+    sae = random_sae(0)
     start, copies = threading.Barrier(8), []
 
     def fetch():
@@ -203,7 +207,23 @@ def test_threads_that_start_together_share_one_device_copy():
     for t in threads:
         t.join()
     assert len({id(c) for c in copies}) == 1
-    assert copies[0].W_enc.dtype == torch.bfloat16
-    clone = pickle.loads(pickle.dumps(sae))  # the copies and the lock stay behind; the clone gets its own
-    assert not clone._copies and torch.equal(clone.W_enc, sae.W_enc)
+    assert copies[0].W_enc.dtype == torch.bfloat16 and torch.equal(copies[0].W_enc, sae.W_enc.bfloat16())
+    clone = pickle.loads(pickle.dumps(sae))  # what a distributed worker receives: a new SAE, with its own copy
+    assert torch.equal(clone.W_enc, sae.W_enc)
     assert clone.on(torch.device("cpu"), torch.bfloat16) is not copies[0]
+
+
+def test_device_copies_beyond_the_budget_are_dropped_oldest_first(monkeypatch):
+    from actstore.stats import DEVICE_COPIES
+
+    cpu = torch.device("cpu")
+    saes = [random_sae(seed) for seed in range(3)]
+    one = saes[0].to(cpu, torch.bfloat16).nbytes
+    monkeypatch.setenv("ACTSTORE_SAE_COPY_BYTES", str(int(2.5 * one)))
+    first = [s.on(cpu, torch.bfloat16) for s in saes[:2]]
+    assert DEVICE_COPIES.held(cpu) >= 2 * one
+    assert saes[0].on(cpu, torch.bfloat16) is first[0]  # cached; now the most recently used
+    saes[2].on(cpu, torch.bfloat16)  # a third does not fit: the least recently used (saes[1]) goes
+    assert DEVICE_COPIES.held(cpu) <= 2.5 * one
+    assert saes[0].on(cpu, torch.bfloat16) is first[0]
+    assert saes[1].on(cpu, torch.bfloat16) is not first[1]
