@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from actstore.models import VLMBatch
+from actstore.models import VLMBatch, to_device
 from actstore.writer import StoreWriter, TextTokens
 
 
@@ -93,7 +93,8 @@ def capture_states(
 
 def forward_states(vlm: Any, batch: VLMBatch, states: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Residuals of ``states`` at the batch's image positions (S, B, T, d) and text positions (S, m, d)."""
-    text_index = batch.text_mask.nonzero(as_tuple=True)
+    device = batch.image_positions.device
+    text_index = tuple(to_device(t, device) for t in batch.host_text_index())  # no device sync
     with torch.inference_mode(), capture_states(vlm.lm, states, batch.image_positions, text_index) as got:
         vlm.run_decoder(batch)
     missing = [s for s in states if s not in got]
@@ -153,10 +154,12 @@ def harvest_block(
         buffers["image"][:, start : start + len(part)].copy_(img.to(dtype), non_blocking=True)
         buffers["text"][:, m : m + txt.shape[1]].copy_(txt.to(dtype), non_blocking=True)
         m += txt.shape[1]
-        rows, cols = batch.text_mask.nonzero(as_tuple=True)
-        text_image.append(rows.cpu() + start)
-        text_pos.append(cols.cpu())
-        text_ids.append(batch.input_ids[rows, cols].cpu())
+        # From the batch's CPU copies: nothing in this loop waits for the device, so the next micro-batch is prepared
+        # while the device still runs this one.
+        rows, cols = batch.host_text_index()
+        text_image.append(rows + start)
+        text_pos.append(cols)
+        text_ids.append(batch.host_input_ids[rows, cols])
         stats.seconds_forward += t1 - t0
         stats.seconds_copy += time.perf_counter() - t1
     t1 = time.perf_counter()

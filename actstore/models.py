@@ -55,11 +55,27 @@ class VLMBatch:
     input_ids: torch.Tensor  # image slots hold pad ids; use image_positions to find them
     image_positions: torch.Tensor  # (B, T_image) sequence positions of the image tokens
     text_mask: torch.Tensor  # (B, S) True at the text tokens (prompt or caption, not BOS/prefix/EOS/padding)
+    # CPU copies, so that the harvester finds text tokens and their ids without waiting for the device.
+    host_text_mask: torch.Tensor
+    host_input_ids: torch.Tensor
     pixel_values: torch.Tensor | None = None  # for models that place image features themselves (LLaVA)
 
     def text_positions(self, i: int) -> torch.Tensor:
         """Sequence positions of the text tokens of example ``i``."""
         return self.text_mask[i].nonzero().flatten()
+
+    def host_text_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(example, position) of every text token in row-major order, on the CPU."""
+        return self.host_text_mask.nonzero(as_tuple=True)
+
+
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` on ``device`` without waiting for the work queued there: a CPU tensor bound for a GPU goes through pinned
+    memory, because a copy from pageable memory first synchronises the stream and would stall the harvester's
+    pipeline (the next batch could not be prepared while the device runs this one)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, dtype=dtype, non_blocking=True)
+    return t.to(device, dtype=dtype)
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -192,7 +208,7 @@ class AdapterVLM(nn.Module):
     def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
         """Preprocess PIL images / HxWx3 arrays with the vision tower's own image processor."""
         values = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-        return values.to(self.device, dtype=next(self.vision.parameters()).dtype)
+        return to_device(values, self.device, next(self.vision.parameters()).dtype)
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, T_image, d_model): the adapter applied to each patch of the chosen vision hidden state."""
@@ -230,12 +246,15 @@ class AdapterVLM(nn.Module):
             labels[i, head + T : head + T + len(ids)] = torch.tensor(ids, dtype=torch.long)
             n_text = len(ids) - (1 if add_eos else 0)
             text_mask[i, head + T : head + T + n_text] = True
-        input_ids, attention, labels, text_mask = (t.to(self.device) for t in (input_ids, attention, labels, text_mask))
+        host_input_ids, host_text_mask = input_ids, text_mask
+        input_ids, attention, labels, text_mask = (to_device(t, self.device)
+                                                   for t in (input_ids, attention, labels, text_mask))
         with torch.no_grad():
             embeds = embed(input_ids)
         image_positions = torch.arange(head, head + T, device=self.device).expand(B, T)
         embeds = torch.cat([embeds[:, :head], img.to(embeds.dtype), embeds[:, head + T :]], dim=1)
-        return VLMBatch(embeds, attention, labels, input_ids, image_positions, text_mask)
+        return VLMBatch(embeds, attention, labels, input_ids, image_positions, text_mask,
+                        host_text_mask=host_text_mask, host_input_ids=host_input_ids)
 
     def prepare(self, images: Sequence[Any], texts: Sequence[str]) -> VLMBatch:
         """The batch for raw images and their prompts (what the harvester calls)."""
@@ -317,15 +336,18 @@ class LlavaVLM(nn.Module):
         """Tokenize the templated prompts, expand the image tokens, and locate image and text positions."""
         prompts = [self.prompt_template.format(text=t) for t in texts]
         enc = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
-        input_ids = enc["input_ids"].to(self.device)
-        attention = enc["attention_mask"].to(self.device)
-        positions, image_mask = llava_positions(input_ids, self.image_token_id)
-        after_image = torch.arange(input_ids.shape[1], device=self.device)[None, :] > positions[:, -1:]
+        # Positions are found on the CPU (where the processor left them), then everything moves without a sync.
+        input_ids, attention = enc["input_ids"], enc["attention_mask"]
+        positions, _ = llava_positions(input_ids, self.image_token_id)
+        after_image = torch.arange(input_ids.shape[1])[None, :] > positions[:, -1:]
         text_mask = after_image & attention.bool()
+        device = self.device
         return VLMBatch(
-            inputs_embeds=None, attention_mask=attention, labels=torch.full_like(input_ids, -100), input_ids=input_ids,
-            image_positions=positions, text_mask=text_mask,
-            pixel_values=enc["pixel_values"].to(self.device, dtype=next(self.model.parameters()).dtype),
+            inputs_embeds=None, attention_mask=to_device(attention, device),
+            labels=to_device(torch.full_like(input_ids, -100), device), input_ids=to_device(input_ids, device),
+            image_positions=to_device(positions, device), text_mask=to_device(text_mask, device),
+            host_text_mask=text_mask, host_input_ids=input_ids,
+            pixel_values=to_device(enc["pixel_values"], device, next(self.model.parameters()).dtype),
         )
 
     def run_decoder(self, batch: VLMBatch) -> None:

@@ -18,3 +18,6 @@ def test_bench_harvest_quick(tmp_path):
     assert report["config"]["states"] == 5 and report["config"]["image_tokens"] == 16
     assert report["ratios"]["harvest_vs_limit"] == rates["harvest"] / min(rates["forward_only"], rates["disk_bound"])
     assert report["bytes_per_image_logical"] == 5 * 64 * 2 * (16 + 4)  # 5 states x d 64 x bf16 x (16 image + 4 text)
+    launches = report["launches_per_s"]
+    assert launches["alone"] > 0 and launches["beside_writer"] > 0
+    assert launches["ratio"] == launches["beside_writer"] / launches["alone"]

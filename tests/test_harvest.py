@@ -175,6 +175,8 @@ def test_llava_harvest_equals_hidden_states(tiny_llava_dir, tmp_path):
     rows = world.generate(8, seed=5)
     batch = llava.prepare([r["image"] for r in rows], [r["caption"] for r in rows])
     assert (batch.input_ids[torch.arange(8)[:, None], batch.image_positions] == llava.image_token_id).all()
+    assert torch.equal(batch.host_text_mask, batch.text_mask.cpu()) and batch.host_text_mask.any()
+    assert torch.equal(batch.host_input_ids, batch.input_ids.cpu())
     with torch.no_grad():
         hidden = llava.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
                              attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states

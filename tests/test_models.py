@@ -28,6 +28,8 @@ def test_positions_follow_the_template(miniature, prefix):
         assert batch.image_positions[i].tolist() == list(range(1 + n_prefix, 1 + n_prefix + T))
         assert batch.input_ids[i, 0] == tok.bos_token_id
         assert int(batch.attention_mask[i].sum()) == 1 + n_prefix + T + len(expected)
+    assert torch.equal(batch.host_text_mask, batch.text_mask.cpu()) and batch.host_text_mask.device.type == "cpu"
+    assert torch.equal(batch.host_input_ids, batch.input_ids.cpu()) and batch.host_input_ids.device.type == "cpu"
     # The embeddings at image positions are the adapter applied to the vision patches (CLS dropped).
     with torch.no_grad():
         patches = vlm.vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
