@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -19,12 +20,27 @@ from kernels.reference import (
 
 BACKENDS = ("auto", "triton", "reference")
 # Triton's interpreter patches triton.language globally while a kernel runs, so interpreted kernels must not run in
-# two threads at once (Dask's threaded scheduler would); compiled kernels need no lock.
+# two threads at once (Dask's threaded scheduler would). Compiled kernels may, once tuned: Triton's autotuner is not
+# thread-safe (triton-lang/triton#11494: concurrent first calls of one kernel crash, or time their configs against
+# each other), so the first call of each kernel variant (entry point, flags, SAE shape, dtypes) runs alone.
 _INTERPRETER_LOCK = threading.Lock()
+_TUNING_LOCK = threading.Lock()
+_TUNED: set[tuple] = set()
 
 
-def _triton_guard():  # noqa: ANN202
-    return _INTERPRETER_LOCK if os.environ.get("TRITON_INTERPRET") == "1" else nullcontext()
+@contextmanager
+def _triton_guard(*variant: object) -> Iterator[None]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        with _INTERPRETER_LOCK:
+            yield
+        return
+    key = tuple(str(v) if isinstance(v, (torch.device, torch.dtype)) else v for v in variant)
+    if key in _TUNED:
+        yield
+        return
+    with _TUNING_LOCK:
+        yield
+        _TUNED.add(key)
 
 
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
@@ -48,7 +64,8 @@ def sae_stats(
     if _use_triton(x, backend):
         from kernels.sae_triton import sae_stats_triton
 
-        with _triton_guard():
+        with _triton_guard("stats", activation, feature_stats, x.device, x.dtype, W_enc.dtype, W_dec.dtype,
+                           tuple(W_enc.shape)):
             return sae_stats_triton(x, W_enc, b_enc, W_dec, b_dec, **kwargs)
     return sae_stats_reference(x, W_enc, b_enc, W_dec, b_dec, **kwargs)
 
@@ -64,7 +81,7 @@ def sae_encode_sparse(
     if _use_triton(x, backend):
         from kernels.sae_triton import sae_encode_sparse_triton
 
-        with _triton_guard():
+        with _triton_guard("encode", activation, x.device, x.dtype, W_enc.dtype, tuple(W_enc.shape)):
             return sae_encode_sparse_triton(x, W_enc, b_enc, **kwargs)
     return sae_encode_sparse_reference(x, W_enc, b_enc, **kwargs)
 

@@ -325,3 +325,45 @@ def test_triton_on_gpu_never_allocates_tokens_by_latents():
     ref = sae_stats(x[:4096], W_enc, torch.zeros(F, device="cuda"), W_dec, torch.zeros(d, device="cuda"),
                     activation="jumprelu", threshold=torch.full((F,), 3.0, device="cuda"), backend="reference")
     assert torch.equal(stats.l0[:4096], ref.l0)
+
+
+def test_first_compiled_call_of_a_kernel_variant_runs_alone(monkeypatch):
+    """Triton's autotuner is not thread-safe: Dask's threads must not tune one kernel at once, but may run it at once
+    after."""
+    import threading
+    import time
+
+    import kernels.sae_triton
+
+    running, most = [0], [0]
+    guard = threading.Lock()
+
+    def fake_stats(*args, **kwargs):
+        with guard:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with guard:
+            running[0] -= 1
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kernels.sae_triton, "sae_stats_triton", fake_stats)
+    x, W_enc, W_dec = torch.zeros(4, 3), torch.zeros(3, 17), torch.zeros(17, 3)  # a shape no other test uses
+
+    def wave() -> int:
+        most[0] = 0
+        start = threading.Barrier(6)
+
+        def call():
+            start.wait()
+            sae_stats(x, W_enc, torch.zeros(17), W_dec, torch.zeros(3), activation="relu", backend="triton")
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return most[0]
+
+    assert wave() == 1  # first calls: one at a time
+    assert wave() > 1  # tuned: concurrent
