@@ -33,7 +33,7 @@ case "${1:-all}" in
     step bench-analyze 120 python3 benchmarks/bench_analyze.py --out "$out/analyze-gpu-$host.json"
     ;;
   tests-harvest-analyze)
-    step gpu-tests 110 python3 -m pytest -q tests/test_kernels.py tests/test_stats.py
+    step gpu-tests 150 python3 -m pytest -q tests/test_kernels.py tests/test_stats.py
     step bench-harvest 150 python3 benchmarks/bench_harvest.py --out "$out/harvest-gpu-$host.json"
     step bench-analyze 200 python3 benchmarks/bench_analyze.py --out "$out/analyze-gpu-$host.json"
     ;;
