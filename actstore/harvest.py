@@ -29,6 +29,7 @@ class HarvestStats:
     text_tokens: int = 0
     blocks: int = 0
     bytes_logical: int = 0
+    bytes_stored: int = 0  # the activation chunks' encoded bytes, once the writer has finished
     seconds_forward: float = 0.0
     seconds_copy: float = 0.0
     seconds_write_wait: float = 0.0
@@ -40,7 +41,8 @@ class HarvestStats:
         total = max(self.seconds_total, 1e-9)
         return (
             f"{self.images} images, {self.text_tokens} text tokens, {self.blocks} blocks, "
-            f"{self.bytes_logical / 1e9:.3f} GB logical in {total:.1f} s ({self.images / total:.1f} images/s, "
+            f"{self.bytes_logical / 1e9:.3f} GB logical ({self.bytes_stored / 1e9:.3f} GB on disk) in {total:.1f} s "
+            f"({self.images / total:.1f} images/s, "
             f"{self.bytes_logical / total / 1e9:.3f} GB/s); forward {self.seconds_forward:.1f} s, copy "
             f"{self.seconds_copy:.1f} s, waiting for the writer {self.seconds_write_wait:.1f} s; "
             f"{len(self.skipped)} image(s) skipped"

@@ -164,7 +164,20 @@ class StoreWriter:
         self._committer = ThreadPoolExecutor(max_workers=max(1, max_pending_blocks), thread_name_prefix="actstore-commit")
         self._pending = threading.BoundedSemaphore(max(1, max_pending_blocks))
         self._grow_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._bytes_written = 0
         self.sink.remove_partials()
+
+    @property
+    def bytes_written(self) -> int:
+        """Encoded bytes of the activation chunks this writer has written so far (what they take on disk)."""
+        with self._count_lock:
+            return self._bytes_written
+
+    def _put_chunk(self, key: str, data: bytes | memoryview) -> None:
+        self.sink.put(key, data)
+        with self._count_lock:
+            self._bytes_written += len(data)
 
     @property
     def schema(self) -> StoreSchema:
@@ -375,11 +388,11 @@ class StoreWriter:
         s = self.schema
         rows = self._padded(rows, s.block_images)
         data = encode_shard(self.encoder, rows, s.chunk_images) if s.sharded else self.encoder.encode(rows[None])
-        self.sink.put(image_chunk_key(layer_index, block), data)
+        self._put_chunk(image_chunk_key(layer_index, block), data)
 
     def _put_text_chunk(self, block: int, layer_index: int, rows: np.ndarray) -> None:
         rows = self._padded(rows, self.schema.text_slots_per_block)
-        self.sink.put(text_chunk_key(layer_index, block), self.encoder.encode(rows[None]))
+        self._put_chunk(text_chunk_key(layer_index, block), self.encoder.encode(rows[None]))
 
     def _write_coordinates(
         self, block: int, image_ids: list[str], prompts: list[str], text: tuple[np.ndarray, ...] | None

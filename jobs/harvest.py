@@ -150,6 +150,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log=print) -> dict[str, Any]:
     for f in futures:
         f.result()
     writer.close()
+    stats.bytes_stored = writer.bytes_written
     stats.seconds_write_wait += time.perf_counter() - t0
     stats.seconds_total = time.perf_counter() - start
     stats.skipped = list(getattr(getattr(examples, "skips", None), "skipped", []))

@@ -45,8 +45,12 @@ def write_config(path: Path, adapter: Path, **harvest) -> Path:
 def test_stored_residuals_equal_hidden_states(adapter_dir, tmp_path):
     # 5 blocks through 3 host buffers: a buffer is reused while the writer may still hold an earlier block
     cfg = HarvestConfig.from_yaml(write_config(tmp_path / "h.yaml", adapter_dir, n_images=40))
-    run_harvest(cfg, str(tmp_path / "s.zarr"))
+    result = run_harvest(cfg, str(tmp_path / "s.zarr"))
+    chunk_files = [f for name in ("image_resid", "text_resid") for f in (tmp_path / "s.zarr" / name / "c").rglob("*")
+                   if f.is_file()]
     ds = actstore.open(tmp_path / "s.zarr")
+    assert len(chunk_files) == 2 * 5 * ds.sizes["layer"]  # image and text x 5 blocks x states
+    assert result["stats"]["bytes_stored"] == sum(f.stat().st_size for f in chunk_files)
     vlm = build_model(cfg.model, adapter=cfg.adapter)
     from actstore import world
 
