@@ -36,6 +36,37 @@ class HarvestStats:
     seconds_total: float = 0.0
     skipped: list[dict[str, str]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self._unread: list[tuple[str, Any, Any]] = []  # (field, start event, end event) of GPU stages
+
+    @staticmethod
+    def clock(device: torch.device) -> Any:
+        """A time mark: host seconds on a CPU; on a GPU a recorded CUDA event, since the work there runs
+        asynchronously and the host's clock would only time launching it."""
+        if device.type != "cuda":
+            return time.perf_counter()
+        mark = torch.cuda.Event(enable_timing=True)
+        mark.record()
+        return mark
+
+    def charge(self, name: str, begun: Any, ended: Any) -> None:
+        """Add the time between two marks to the field ``name`` (GPU times once their events have completed)."""
+        if isinstance(begun, float):
+            setattr(self, name, getattr(self, name) + ended - begun)
+        else:
+            self._unread.append((name, begun, ended))
+
+    def settle(self, wait: bool = False) -> None:
+        """Add the GPU stage times whose events have completed; with ``wait``, wait for all of them."""
+        unread = []
+        for name, begun, ended in self._unread:
+            if wait or ended.query():
+                ended.synchronize()
+                setattr(self, name, getattr(self, name) + begun.elapsed_time(ended) / 1e3)
+            else:
+                unread.append((name, begun, ended))
+        self._unread = unread
+
     def summary(self) -> str:
         """One paragraph for the end of a job."""
         total = max(self.seconds_total, 1e-9)
@@ -43,7 +74,7 @@ class HarvestStats:
             f"{self.images} images, {self.text_tokens} text tokens, {self.blocks} blocks, "
             f"{self.bytes_logical / 1e9:.3f} GB logical ({self.bytes_stored / 1e9:.3f} GB on disk) in {total:.1f} s "
             f"({self.images / total:.1f} images/s, "
-            f"{self.bytes_logical / total / 1e9:.3f} GB/s); forward {self.seconds_forward:.1f} s, copy "
+            f"{self.bytes_logical / total / 1e9:.3f} GB/s); forward {self.seconds_forward:.1f} s, copy to host "
             f"{self.seconds_copy:.1f} s, waiting for the writer {self.seconds_write_wait:.1f} s; "
             f"{len(self.skipped)} image(s) skipped"
         )
@@ -135,20 +166,26 @@ def harvest_block(
     states: Sequence[int], batch_size: int, stats: HarvestStats, skipped: Sequence[dict[str, str]] = (),
     ring: HostRing | None = None,
 ) -> Any:
-    """Run one block's images through the model and hand its activations to the writer (returns its future)."""
+    """Run one block's images through the model and hand its activations to the writer (returns its future).
+
+    ``stats`` gets the forward and copy times (device time on a GPU: call ``stats.settle(wait=True)`` at the end)
+    and the time spent waiting for the writer (for a free host buffer, or to queue the block)."""
     schema = writer.schema
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[schema.dtype]
     ring = ring if ring is not None else HostRing(1, pin=False)
+    device = vlm.device
     n = len(examples)
+    t_wait = time.perf_counter()
     buffers = ring.acquire((len(states), schema.block_images, schema.image_tokens, schema.d_model),
                            (len(states), schema.text_slots_per_block, schema.d_model), dtype)
+    stats.seconds_write_wait += time.perf_counter() - t_wait
     text_image, text_pos, text_ids, m = [], [], [], 0
     for start in range(0, n, batch_size):
         part = examples[start : start + batch_size]
-        t0 = time.perf_counter()
+        t0 = stats.clock(device)
         batch = vlm.prepare([e["image"] for e in part], prompts[start : start + batch_size])
         img, txt = forward_states(vlm, batch, states)
-        t1 = time.perf_counter()
+        t1 = stats.clock(device)
         if m + txt.shape[1] > buffers["text"].shape[1]:
             raise ValueError(f"the prompts of block {block} have {m + txt.shape[1]} text tokens, more than the store's "
                              f"{schema.text_tokens_per_image} per image; raise harvest.text_tokens_per_image")
@@ -162,16 +199,20 @@ def harvest_block(
         text_image.append(rows + start)
         text_pos.append(cols)
         text_ids.append(batch.host_input_ids[rows, cols])
-        stats.seconds_forward += t1 - t0
-        stats.seconds_copy += time.perf_counter() - t1
-    t1 = time.perf_counter()
-    if torch.cuda.is_available():
-        torch.cuda.current_stream().synchronize()  # the writer reads the host buffers next
-    stats.seconds_copy += time.perf_counter() - t1
+        stats.charge("seconds_forward", t0, t1)
+        stats.charge("seconds_copy", t1, stats.clock(device))
+    stats.settle()
+    ready = None
+    if torch.cuda.is_available() and buffers["image"].is_pinned():
+        # The writer waits for this block's copies on its own thread; this thread goes on to the next block at once.
+        copied = torch.cuda.Event()
+        copied.record()
+        ready = copied.synchronize
     image_resid = buffers["image"][:, :n]
     text = TextTokens(buffers["text"][:, :m], torch.cat(text_image), torch.cat(text_pos), torch.cat(text_ids))
     t2 = time.perf_counter()
-    future = writer.submit_block(block, image_resid, [e["image_id"] for e in examples], list(prompts), text, skipped)
+    future = writer.submit_block(block, image_resid, [e["image_id"] for e in examples], list(prompts), text, skipped,
+                                 ready=ready)
     buffers["future"] = future
     stats.seconds_write_wait += time.perf_counter() - t2  # submit blocks only when too many blocks are in flight
     stats.images += n

@@ -9,7 +9,7 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import zarr
@@ -260,12 +260,15 @@ class StoreWriter:
     def submit_block(
         self, block: int, image_resid: Any, image_ids: Sequence[str], prompts: Sequence[str] | None = None,
         text: TextTokens | None = None, skipped: Sequence[dict[str, str]] = (),
+        ready: Callable[[], object] | None = None,
     ) -> "Future[dict[str, Any]]":
         """Validate a block now and write it in the background; blocks when too many blocks are in flight.
 
         ``image_resid`` is (layers, n, image_tokens, d_model) in the store's dtype, n <= block_images (numpy or
         CPU torch). ``skipped`` lists the block's inputs that could not be used (``{"id", "reason"}``); they are
-        stored with the block. The future's result is the block's completion marker.
+        stored with the block. ``ready``, if given, is called in the background before the activations are read:
+        e.g. a CUDA event's ``synchronize`` when they are still being copied from the GPU (only their shapes and the
+        text coordinates are read now). The future's result is the block's completion marker.
         """
         images = self._check_images(block, image_resid, image_ids, prompts)
         text_arrays = self._check_text(text, images.shape[1]) if text is not None else None
@@ -274,7 +277,7 @@ class StoreWriter:
         try:
             future = self._committer.submit(
                 self._write_block, block, images, list(image_ids), list(prompts or [""] * len(image_ids)), text_arrays,
-                [dict(x) for x in skipped],
+                [dict(x) for x in skipped], ready,
             )
         except BaseException:
             self._pending.release()
@@ -357,8 +360,10 @@ class StoreWriter:
 
     def _write_block(
         self, block: int, images: np.ndarray, image_ids: list[str], prompts: list[str],
-        text: tuple[np.ndarray, ...] | None, skipped: list[dict[str, str]],
+        text: tuple[np.ndarray, ...] | None, skipped: list[dict[str, str]], ready: Callable[[], object] | None = None,
     ) -> dict[str, Any]:
+        if ready is not None:
+            ready()
         s, n = self.schema, images.shape[1]
         # A rewrite first withdraws the old marker, so a crash mid-rewrite leaves the block missing, not mixed.
         self.sink.delete(marker_key(block))

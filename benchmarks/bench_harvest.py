@@ -177,6 +177,7 @@ def harvest(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, direc
     sync(device)
     seconds = time.perf_counter() - start
     stats.seconds_total = seconds
+    stats.settle(wait=True)
     info = store_info(path)
     shutil.rmtree(path)
     return n / seconds, info, stats
@@ -229,7 +230,9 @@ def main() -> None:
         "bytes_per_image_stored": stored_per_image,
         "compression_ratio": info["compression_ratio"],
         "time_split_s": {"forward": stats.seconds_forward, "copy": stats.seconds_copy,
-                         "write_wait": stats.seconds_write_wait, "total": stats.seconds_total},
+                         "write_wait": stats.seconds_write_wait, "total": stats.seconds_total,
+                         "note": "forward and copy: device time (CUDA events) on a GPU, host time on a CPU; "
+                                 "write_wait: host time waiting for a free host buffer or a writer slot"},
         "seconds_per_image_by_stage": stages,
         "launches_per_s": launches,  # one thread's tiny-op launch rate, alone and beside a busy in-process writer
         "ratios": {"harvest_vs_forward_only": ours / fwd, "harvest_vs_disk_bound": ours / disk_bound,

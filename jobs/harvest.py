@@ -151,6 +151,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log=print) -> dict[str, Any]:
         f.result()
     writer.close()
     stats.bytes_stored = writer.bytes_written
+    stats.settle(wait=True)
     stats.seconds_write_wait += time.perf_counter() - t0
     stats.seconds_total = time.perf_counter() - start
     stats.skipped = list(getattr(getattr(examples, "skips", None), "skipped", []))

@@ -237,3 +237,30 @@ def test_host_ring_waits_for_the_writer_before_reusing_a_buffer():
     pending.set_result({})
     thread.join(timeout=5)
     assert got["entry"]["image"] is first["image"]  # same buffer, reused only now
+
+
+def test_gpu_stage_times_are_read_once_their_events_complete():
+    """On a GPU the harvester times stages with CUDA events and never waits for them mid-harvest."""
+    from actstore.harvest import HarvestStats
+
+    class FakeEvent:
+        def __init__(self, at_ms: float, done: bool) -> None:
+            self.at_ms, self.done = at_ms, done
+
+        def query(self) -> bool:
+            return self.done
+
+        def synchronize(self) -> None:
+            self.done = True
+
+        def elapsed_time(self, end: "FakeEvent") -> float:
+            return end.at_ms - self.at_ms
+
+    stats = HarvestStats()
+    stats.charge("seconds_forward", FakeEvent(0, True), FakeEvent(250, True))
+    stats.charge("seconds_forward", FakeEvent(250, True), FakeEvent(1250, False))  # still running on the device
+    stats.charge("seconds_copy", 1.0, 1.5)  # host clock (CPU)
+    stats.settle()
+    assert stats.seconds_forward == pytest.approx(0.25) and stats.seconds_copy == pytest.approx(0.5)
+    stats.settle(wait=True)
+    assert stats.seconds_forward == pytest.approx(1.25)

@@ -85,6 +85,20 @@ def test_submit_block_overlaps_blocks(store_path):
     np.testing.assert_array_equal(bits(ds.image_resid.values), bits(want))
 
 
+def test_ready_runs_before_the_block_is_read(store_path):
+    """A block whose values arrive late (a GPU copy in flight) is written as it is once ``ready`` returns."""
+    schema = small_schema(capacity=8)
+    want, ids = block_data(schema, 0)[:2]
+    late = np.zeros_like(want)
+
+    def arrive():
+        late[...] = want
+
+    with StoreWriter.create(store_path, schema) as writer:
+        writer.submit_block(0, late, ids, ready=arrive).result()
+    np.testing.assert_array_equal(bits(actstore.open(store_path).image_resid.values[:, : want.shape[1]]), bits(want))
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
