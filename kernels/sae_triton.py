@@ -11,8 +11,9 @@ Two kernels:
   reduces ``||x - x_hat||^2``, ``||x||^2``, ``x . x_hat``, ``||x_hat||^2`` on the fly.
 Extra memory is O(N * cap + d_sae); ``cap`` (slots per token) grows as far as a fixed buffer budget allows, so that
 out-of-distribution tokens with L0 in the thousands (image tokens under a text SAE) stay on the fast path. Tokens
-with more than ``cap`` active latents are recomputed by the chunked reference (a fallback, never a truncation). TopK needs each token's whole row of pre-activations before it can
-select, so its encode is a chunked GEMM + ``torch.topk`` (bounded memory) feeding the same decode kernel.
+with more than ``cap`` active latents are recomputed by the chunked reference (a fallback, never a truncation).
+TopK needs each token's whole row of pre-activations before it can select, so its encode is a chunked GEMM +
+``torch.topk`` (bounded memory) feeding the same decode kernel.
 """
 
 from __future__ import annotations
@@ -200,6 +201,11 @@ def code_capacity(n_tokens: int, d_sae: int, cap: int | None = None) -> int:
     return max(1, min(cap, d_sae))
 
 
+def _filled_slots(counts: torch.Tensor, cap: int) -> torch.Tensor:
+    """(N, cap) mask of the buffer slots the encode kernel filled: the first min(count, cap) of each token."""
+    return torch.arange(cap, device=counts.device)[None, :] < counts.clamp(max=cap)[:, None]
+
+
 def _buffer_codes(lengths: torch.Tensor, codes_idx: torch.Tensor, codes_val: torch.Tensor, valid: torch.Tensor,
                   overflow: torch.Tensor, exact: SparseCodes | None) -> SparseCodes:
     """CSR codes from the per-token slot buffer (``valid`` marks the slots holding codes, ``lengths`` each token's
@@ -319,13 +325,11 @@ def sae_stats_triton(
     if activation == "topk":
         l0, codes_idx, codes_val, fire, act_sum, packed = _topk_codes(x, W_enc, c, k, feature_stats)
         counts = torch.full_like(l0, k)  # every top-k slot is decoded; relu'd zeros add nothing
-        valid = codes_val > 0
     else:
         cap = code_capacity(N, F, cap)
         thr = _effective_threshold(activation, threshold, F, x.device)
         counts, codes_idx, codes_val, fire, act_sum, packed = _launch_encode(x, W_enc, c, thr, cap, feature_stats)
         l0 = counts
-        valid = torch.arange(cap, device=x.device)[None, :] < counts.clamp(max=cap)[:, None]
     out = _launch_decode(x, W_dec, b_dec, counts, codes_idx, codes_val)
     stats = SAEStats(sq_err=out[0], x_sq=out[1], x_dot_xhat=out[2], xhat_sq=out[3], l0=l0.float())
     overflow = (counts > codes_idx.shape[1]).nonzero().flatten()
@@ -338,8 +342,13 @@ def sae_stats_triton(
         for name in ("sq_err", "x_sq", "x_dot_xhat", "xhat_sq"):
             getattr(stats, name)[overflow] = getattr(exact, name)
     if return_codes:
-        stats.codes = _buffer_codes(valid.sum(1) if activation == "topk" else l0, codes_idx, codes_val, valid,
-                                    overflow, exact and exact.codes)
+        if activation == "topk":  # the slots that relu zeroed are not codes
+            valid = codes_val > 0
+            lengths = valid.sum(1)
+        else:
+            valid, lengths = _filled_slots(counts, codes_idx.shape[1]), l0
+        stats.codes = _buffer_codes(lengths, codes_idx, codes_val, valid, overflow,
+                                    exact.codes if exact is not None else None)
     if feature_stats:
         stats.fire_count, stats.act_sum = fire.float(), act_sum
         stats.act_max, stats.act_argmax = _unpack_max(packed)
@@ -363,7 +372,7 @@ def sae_encode_sparse_triton(
     c = _encode_bias(W_enc, b_enc, b_dec, apply_b_dec_to_input)
     thr = _effective_threshold(activation, threshold, F, x.device)
     counts, codes_idx, codes_val, *_ = _launch_encode(x, W_enc, c, thr, cap, feature_stats=False)
-    valid = torch.arange(cap, device=x.device)[None, :] < counts.clamp(max=cap)[:, None]
+    valid = _filled_slots(counts, cap)
     overflow = (counts > cap).nonzero().flatten()
     exact = None
     if len(overflow):  # rebuilt with the overflowing tokens' complete codes from the reference
