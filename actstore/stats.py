@@ -46,6 +46,7 @@ class SAEParams:
     threshold: torch.Tensor | None = None
     k: int | None = None
     apply_b_dec_to_input: bool = False
+
     def to(self, device: torch.device, weight_dtype: torch.dtype = torch.float32) -> "SAEParams":
         """A copy on ``device`` with W_enc and W_dec in ``weight_dtype`` (biases and thresholds stay float32)."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
