@@ -35,7 +35,7 @@ def open_zarr_store(
 
 
 def make_sink(location: str | os.PathLike[str], store: Store) -> LocalSink | StoreSink:
-    """The durable writer for ``location``: fsync'd files when local, the store's own puts otherwise."""
+    """The durable writer for ``location``: synced files when local, the store's own puts otherwise."""
     path = local_path(location)
     return LocalSink(path) if path is not None else StoreSink(store)
 

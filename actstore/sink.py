@@ -1,12 +1,19 @@
 """Durable, atomic puts of whole objects into a store: a local directory or any zarr store (fsspec, memory).
 
 zarr's LocalStore writes through a temporary file and a rename (atomic) but never fsyncs, so a block it wrote may
-still be lost by a power cut after we mark it complete. ``LocalSink`` adds the fsyncs; other stores (object
+still be lost by a power cut after we mark it complete. ``LocalSink`` adds the durability; other stores (object
 stores, memory) make a put atomic and durable themselves, so ``StoreSink`` just forwards to zarr.
+
+A writer puts a block's chunks ``deferred`` and calls ``flush`` before it writes the block's completion marker.
+Where Linux's ``syncfs`` exists, deferred puts are not fsync'd one by one: ``flush`` makes the whole file system's
+pending writes durable at once. On the dev VM's disk (ext4) our writer put 19 MB chunks, 8 threads, at
+0.47-0.49 GB/s that way against 0.38-0.45 GB/s with an fsync of each file and its directory (three alternating runs
+each): every directory fsync forces a journal commit. Elsewhere every put is durable on return.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
@@ -21,6 +28,16 @@ from actstore.errors import StoreWriteError
 
 PARTIAL_SUFFIX = ".partial"
 _HOST = socket.gethostname().replace(".", "-")
+
+
+def _load_syncfs():  # noqa: ANN202 - a ctypes function, or None
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _load_syncfs()
 
 
 def _alive(pid: int) -> bool:
@@ -47,13 +64,19 @@ def as_write_error(key: str, where: str, exc: OSError) -> StoreWriteError:
 
 
 class LocalSink:
-    """Writes keys under a local directory: temporary file, fsync, rename, fsync of the directory."""
+    """Writes keys under a local directory: temporary file, rename; durable through an fsync of the file and its
+    directory, or (``batched``, the default where syncfs exists) deferred puts through one syncfs in ``flush``."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], batched: bool | None = None) -> None:
         self.root = Path(root)
+        self.batched = _SYNCFS is not None if batched is None else batched
+        if self.batched and _SYNCFS is None:
+            raise ValueError("batched durability needs syncfs (Linux)")
 
-    def put(self, key: str, data: bytes | memoryview) -> None:
-        """Write ``data`` at ``key`` so that after return it is complete, durable, and never seen half-written."""
+    def put(self, key: str, data: bytes | memoryview, deferred: bool = False) -> None:
+        """Write ``data`` at ``key`` so that it is never seen half-written, and durable on return (``deferred``: once
+        :meth:`flush` returns)."""
+        now = not (deferred and self.batched)
         path = self.root / key
         tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
         try:
@@ -63,17 +86,37 @@ class LocalSink:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                if now:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-            self._fsync_dir(path.parent)
+            if now:
+                self._fsync_dir(path.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise as_write_error(key, str(self.root), exc) from exc
 
-    def make_durable(self, key: str) -> None:
-        """fsync a key that zarr wrote (atomically); zarr writes no chunk that is all fill value, so absent is fine."""
+    def flush(self) -> None:
+        """Make every deferred put durable: one syncfs of the file system that holds the store."""
+        if not self.batched:
+            return
+        try:
+            fd = os.open(self.root, os.O_RDONLY)
+            try:
+                if _SYNCFS(fd) != 0:
+                    code = ctypes.get_errno()
+                    raise OSError(code, os.strerror(code))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise as_write_error("(syncfs)", str(self.root), exc) from exc
+
+    def make_durable(self, key: str, deferred: bool = False) -> None:
+        """fsync a key that zarr wrote (atomically); zarr writes no chunk that is all fill value, so absent is fine.
+        ``deferred``: leave it to :meth:`flush` where that is batched."""
+        if deferred and self.batched:
+            return
         path = self.root / key
         try:
             if not path.exists():
@@ -128,16 +171,19 @@ class StoreSink:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def put(self, key: str, data: bytes | memoryview) -> None:
-        """Write ``data`` at ``key``."""
+    def put(self, key: str, data: bytes | memoryview, deferred: bool = False) -> None:
+        """Write ``data`` at ``key`` (durable on return, deferred or not)."""
         buffer = default_buffer_prototype().buffer.from_bytes(bytes(data))
         try:
             sync(self.store.set(key, buffer))
         except OSError as exc:
             raise as_write_error(key, str(self.store), exc) from exc
 
-    def make_durable(self, key: str) -> None:
+    def make_durable(self, key: str, deferred: bool = False) -> None:
         """Nothing to do: the store's put is already durable."""
+
+    def flush(self) -> None:
+        """Nothing to do: every put is already durable."""
 
     def delete(self, key: str) -> None:
         """Remove ``key`` (absent is fine)."""

@@ -175,7 +175,7 @@ class StoreWriter:
             return self._bytes_written
 
     def _put_chunk(self, key: str, data: bytes | memoryview) -> None:
-        self.sink.put(key, data)
+        self.sink.put(key, data, deferred=True)  # durable by the flush before the block's marker
         with self._count_lock:
             self._bytes_written += len(data)
 
@@ -377,7 +377,8 @@ class StoreWriter:
             job.result()
         self._write_coordinates(block, image_ids, prompts, text)
         record = np.array([json.dumps(skipped) if skipped else ""], dtype=object)
-        self._zarr_write(BLOCK_SKIPPED, slice(block, block + 1), record, f"{BLOCK_SKIPPED}/c/{block}")
+        self._zarr_write(BLOCK_SKIPPED, slice(block, block + 1), record, f"{BLOCK_SKIPPED}/c/{block}", deferred=True)
+        self.sink.flush()  # everything of the block is durable before its marker exists
         marker = {"block": block, "images": n, "text_tokens": m, "skipped": len(skipped)}
         self._zarr_write(BLOCK_STATUS, slice(block, block + 1), np.array([[n, m]], dtype="int64"), marker_key(block))
         return marker
@@ -402,13 +403,13 @@ class StoreWriter:
     def _write_coordinates(
         self, block: int, image_ids: list[str], prompts: list[str], text: tuple[np.ndarray, ...] | None
     ) -> None:
-        # Small arrays go through zarr's own writer (whole chunks, atomic renames); we only add the fsync.
+        # Small arrays go through zarr's own writer (whole chunks, atomic renames); we only add the durability.
         s, n = self.schema, len(image_ids)
         B, R = s.block_images, s.text_slots_per_block
         region = slice(block * B, (block + 1) * B)
         for name, values in (("image_id", image_ids), ("prompt", prompts)):
             padded = np.array(list(values) + [""] * (B - n), dtype=object)
-            self._zarr_write(name, region, padded, f"{name}/c/{block}")
+            self._zarr_write(name, region, padded, f"{name}/c/{block}", deferred=True)
         if R:
             m = 0 if text is None else len(text[1])
             columns = (np.zeros(0, "int64"),) * 3 if text is None else text[1:]
@@ -416,14 +417,14 @@ class StoreWriter:
             for name, values, offset, dtype in zip(TEXT_COORDS, columns, offsets, ("int64", "int32", "int32")):
                 padded = np.full(R, -1, dtype=dtype)
                 padded[:m] = values.astype(dtype) + offset
-                self._zarr_write(name, slice(block * R, (block + 1) * R), padded, f"{name}/c/{block}")
+                self._zarr_write(name, slice(block * R, (block + 1) * R), padded, f"{name}/c/{block}", deferred=True)
 
-    def _zarr_write(self, name: str, region: slice, values: np.ndarray, key: str) -> None:
+    def _zarr_write(self, name: str, region: slice, values: np.ndarray, key: str, deferred: bool = False) -> None:
         try:
             self.group[name][region] = values
         except OSError as exc:
             raise as_write_error(key, self.location, exc) from exc
-        self.sink.make_durable(key)
+        self.sink.make_durable(key, deferred)
 
     def close(self) -> None:
         """Wait for blocks in flight and release the threads."""

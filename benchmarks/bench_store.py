@@ -75,7 +75,7 @@ def activation_like(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.
 
 
 def bench_ours(directory: Path, schema: StoreSchema, blocks: list[np.ndarray], threads: int) -> dict:
-    """Write every block with StoreWriter (threads, fsync per chunk), then read it back."""
+    """Write every block with StoreWriter (threads, durable before each block's marker), then read it back."""
     path = directory / f"ours-{schema.codec}.zarr"
     n_blocks = len(blocks)
     ids = [f"i{i}" for i in range(schema.block_images)]
