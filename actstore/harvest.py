@@ -46,7 +46,7 @@ class HarvestStats:
         if device.type != "cuda":
             return time.perf_counter()
         mark = torch.cuda.Event(enable_timing=True)
-        mark.record()
+        mark.record(torch.cuda.current_stream(device))
         return mark
 
     def charge(self, name: str, begun: Any, ended: Any) -> None:
@@ -203,10 +203,10 @@ def harvest_block(
         stats.charge("seconds_copy", t1, stats.clock(device))
     stats.settle()
     ready = None
-    if torch.cuda.is_available() and buffers["image"].is_pinned():
+    if device.type == "cuda":
         # The writer waits for this block's copies on its own thread; this thread goes on to the next block at once.
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(device))
         ready = copied.synchronize
     image_resid = buffers["image"][:, :n]
     text = TextTokens(buffers["text"][:, :m], torch.cat(text_image), torch.cat(text_pos), torch.cat(text_ids))

@@ -27,7 +27,7 @@ from actstore.models import adapter_sha256
 from actstore.schema import StoreSchema
 from actstore.writer import StoreWriter
 from jobs.config import parse_sections
-from jobs.train_adapter import DataSection, ModelSection, build_model, load_examples
+from jobs.train_adapter import DataSection, ModelSection, build_model, load_examples, local_device
 
 
 @dataclass
@@ -87,8 +87,8 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log=print) -> dict[str, Any]:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     say = log if rank == 0 else (lambda *_: None)
     h = cfg.harvest
+    device = local_device()
     vlm = build_model(cfg.model, adapter=cfg.adapter, log=say)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     vlm.to(device).eval()
     if device.type == "cuda" and cfg.model.dtype == "float32":
         vlm.to(torch.bfloat16)  # inference in bf16 on GPUs, the store's dtype

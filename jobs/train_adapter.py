@@ -160,6 +160,16 @@ def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> lis
 
 
 # ---- distributed ---------------------------------------------------------------------------------------------
+def local_device() -> torch.device:
+    """This process's device: GPU ``LOCAL_RANK`` under torchrun, made current so that the streams, CUDA events and
+    NCCL calls that name no device use it rather than GPU 0; the CPU without a GPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
+
+
 def dist_info() -> tuple[int, int]:
     """(rank, world size), initialising the process group under torchrun."""
     import torch.distributed as dist
@@ -229,11 +239,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     """Run the job (``stop_after`` steps at most, as if stopped there); returns the adapter, its hash, the losses."""
     from tqdm import tqdm
 
+    device = local_device()
     rank, world_size = dist_info()
     say = log if rank == 0 else (lambda *_: None)
     torch.manual_seed(cfg.train.seed)
     vlm = build_model(cfg.model, log=say)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     vlm.to(device)
     vlm.train()
     train_set = load_examples(cfg.data, "train")
