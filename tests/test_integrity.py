@@ -181,3 +181,26 @@ def test_both_durability_modes_write_the_same_store(tmp_path, monkeypatch, batch
     want = np.concatenate([block_data(schema, b)[0] for b in (0, 1)], axis=1)
     got = actstore.open(tmp_path / "s.zarr").image_resid.values[:, : want.shape[1]]
     np.testing.assert_array_equal(bits(got), bits(want))
+
+
+@pytest.mark.parametrize("code, fallback", [(errno.ENOSYS, True), (errno.EIO, False)])
+def test_flush_falls_back_to_sync_only_where_syncfs_is_unsupported(tmp_path, monkeypatch, code, fallback):
+    import ctypes
+
+    import actstore.sink as sink
+
+    def syncfs(fd):
+        ctypes.set_errno(code)
+        return -1
+
+    synced = []
+    monkeypatch.setattr(sink, "_SYNCFS", syncfs)
+    monkeypatch.setattr(sink.os, "sync", lambda: synced.append(True))
+    target = sink.LocalSink(tmp_path)
+    if fallback:
+        target.flush()
+        assert synced == [True]
+    else:
+        with pytest.raises(StoreWriteError, match="syncfs"):
+            target.flush()
+        assert not synced
