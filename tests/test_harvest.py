@@ -214,7 +214,7 @@ def test_undecodable_images_are_skipped_and_recorded_in_the_store(adapter_dir, t
     assert list(ds.image_id.values) == ["ex0", "ex1", "ex3", "ex4", "ex5"]
     (skip,) = ds.attrs["skipped_images"]
     assert skip["id"] == "ex2" and skip["block"] == 0 and "UnidentifiedImageError" in skip["reason"]
-    from actstore.cli import main as cli
+    from jobs.cli import main as cli
 
     assert cli(["info", str(tmp_path / "s.zarr")]) == 0
 

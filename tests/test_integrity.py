@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import actstore
-from actstore.cli import main as cli
+from jobs.cli import main as cli
 from actstore.errors import ChunkCorruptError, NotAStoreError, SchemaVersionError, StoreWriteError
 from actstore.integrity import store_info, verify
 from actstore.schema import image_chunk_key

@@ -1,12 +1,25 @@
-"""The ``actstore`` command line."""
+"""The ``actstore`` command line: store inspection (info, verify, report) and the jobs (train-adapter, harvest,
+analyze, demo). A job's options are its own: ``actstore harvest ...`` hands everything after ``harvest`` to
+``jobs.harvest.main``, the same entry that ``torchrun -m jobs.harvest`` runs."""
+
+# It lives in ``jobs`` because it starts jobs: ``actstore`` (the library) imports nothing of ``jobs``.
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
 from actstore.errors import StoreError
+
+# subcommand -> (module whose main(argv) runs it, help)
+JOBS = {
+    "train-adapter": ("jobs.train_adapter",
+                      "train the linear adapter of a VLM (torchrun -m jobs.train_adapter for DDP)"),
+    "harvest": ("jobs.harvest", "harvest residual streams into a store (torchrun -m jobs.harvest for many GPUs)"),
+    "analyze": ("jobs.analyze", "per-layer SAE statistics of a store (Dask; --scheduler for a cluster)"),
+}
 
 
 def _human(n: float) -> str:
@@ -68,34 +81,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train_adapter(args: argparse.Namespace) -> int:
-    """Train an adapter (see jobs/train_adapter.py)."""
-    from jobs.train_adapter import main as train_main
-
-    argv = ["--config", args.config] + (["--out", args.out] if args.out else []) + (["--resume"] if args.resume else [])
-    train_main(argv + (["--steps", str(args.steps)] if args.steps is not None else []))
-    return 0
-
-
-def cmd_harvest(args: argparse.Namespace) -> int:
-    """Harvest residual streams into a store (see jobs/harvest.py)."""
-    from jobs.harvest import main as harvest_main
-
-    argv = ["--config", args.config, "--out", args.out] + (["--adapter", args.adapter] if args.adapter else [])
-    harvest_main(argv + (["--n-images", str(args.n_images)] if args.n_images is not None else []))
-    return 0
-
-
-def cmd_analyze(args: argparse.Namespace) -> int:
-    """Analyse a store with an SAE suite (see jobs/analyze.py)."""
-    from jobs.analyze import main as analyze_main
-
-    argv = [args.store, "--saes", args.saes] + (["--scheduler", args.scheduler] if args.scheduler else [])
-    argv += ["--weight-dtype", args.weight_dtype, "--top-k", str(args.top_k)]
-    analyze_main(argv + (["--layers", args.layers] if args.layers else []))
-    return 0
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report of an analysed store."""
     from actstore.report import write_report
@@ -117,26 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--threads", type=int, default=4)
     p.set_defaults(func=cmd_verify)
-    p = sub.add_parser("train-adapter", help="train the linear adapter of a VLM (torchrun -m jobs.train_adapter for DDP)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--out", default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--steps", type=int, default=None)
-    p.set_defaults(func=cmd_train_adapter)
-    p = sub.add_parser("harvest", help="harvest residual streams into a store (torchrun -m jobs.harvest for many GPUs)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--adapter", default=None)
-    p.add_argument("--n-images", type=int, default=None)
-    p.set_defaults(func=cmd_harvest)
-    p = sub.add_parser("analyze", help="per-layer SAE statistics of a store (Dask; --scheduler for a cluster)")
-    p.add_argument("store")
-    p.add_argument("--saes", required=True)
-    p.add_argument("--scheduler", default=None)
-    p.add_argument("--layers", default=None)
-    p.add_argument("--weight-dtype", default="float32", help="float32 or bfloat16 (jobs.analyze checks it)")
-    p.add_argument("--top-k", type=int, default=8)
-    p.set_defaults(func=cmd_analyze)
+    for name, (_, help_text) in JOBS.items():  # options are parsed by the job itself
+        sub.add_parser(name, help=help_text + "; see `actstore " + name + " --help`", add_help=False)
     p = sub.add_parser("report", help="report.md / report.html / PNG figures of an analysed store")
     p.add_argument("store")
     p.add_argument("--out", default=None, help="folder (default: report-<suite> beside the store)")
@@ -151,8 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``actstore`` console script."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] in JOBS:
+            importlib.import_module(JOBS[argv[0]][0]).main(argv[1:])
+            return 0
+        args = build_parser().parse_args(argv)
         return int(args.func(args))
     except (StoreError, ValueError) as exc:
         print(f"actstore: error: {exc}", file=sys.stderr)
