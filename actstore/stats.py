@@ -329,9 +329,26 @@ def finalize(p: Partial) -> dict[str, Any]:
     }
 
 
+def compute_with_progress(tasks: list[Any], scheduler: Any, progress: bool) -> list[Any]:
+    """Compute delayed objects; with ``progress``, under a progress bar: distributed's for a cluster client, dask's
+    own for the local schedulers."""
+    if progress and hasattr(scheduler, "gather"):  # a distributed.Client
+        from distributed import progress as show
+
+        futures = scheduler.compute(tasks)
+        show(futures)
+        return scheduler.gather(futures)
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(dt=1.0):
+            return list(dask.compute(*tasks, scheduler=scheduler))
+    return list(dask.compute(*tasks, scheduler=scheduler))
+
+
 def compute_layer_stats(
     ds: xr.Dataset, saes: dict[int, SAEParams], layers: Sequence[int] | None = None, backend: str = "auto",
-    scheduler: Any = None, weight_dtype: str = "float32", top_k: int = 0, image_top: int = 0,
+    scheduler: Any = None, weight_dtype: str = "float32", top_k: int = 0, image_top: int = 0, progress: bool = False,
 ) -> xr.Dataset:
     """Statistics of every layer's SAE on the image and text tokens of ``ds`` (an ``actstore.open`` dataset); with
     ``top_k``, each latent's k most activating tokens per kind (``top_token`` indexes image tokens as
@@ -354,7 +371,10 @@ def compute_layer_stats(
     # copies it to a worker's GPU once, not once per chunk (tests/test_stats.py holds this).
     graph = {layer: layer_partials(ds, layer, dask.delayed(saes[layer], pure=True, traverse=False), backend,
                                    weight_dtype, top_k, image_top) for layer in layers}
-    (computed,) = dask.compute(graph, scheduler=scheduler)
+    flat = [(layer, kind, part) for layer, parts in graph.items() for kind, part in parts.items()]
+    computed: dict[int, dict[str, Partial]] = {}
+    for (layer, kind, _), value in zip(flat, compute_with_progress([p for _, _, p in flat], scheduler, progress)):
+        computed.setdefault(layer, {})[kind] = value
     kinds = [k for k in KINDS if k in computed[layers[0]]]
     rows = {layer: {kind: finalize(computed[layer][kind]) for kind in kinds} for layer in layers}
     scalar = ("n_tokens", "fvu", "mse", "mean_rel_err", "mean_cos", "l0_mean", "l0_q10", "l0_median", "l0_q90")

@@ -36,7 +36,7 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
     log(f"[analyze] {store}: suite {suite.name!r}, layers {sorted(layers or suite.saes)}, "
         f"{ds.sizes['image']} images, {ds.sizes.get('text_token', 0)} text tokens")
     stats = compute_layer_stats(ds, suite.saes, layers, backend=backend, scheduler=scheduler,
-                                weight_dtype=weight_dtype, top_k=top_k, image_top=top_latents)
+                                weight_dtype=weight_dtype, top_k=top_k, image_top=top_latents, progress=True)
     descriptions, described_by = suite_descriptions(suite, stats, ds)
     stats["description"] = (("layer", "latent"), descriptions)  # object strings: zarr v3's variable-length UTF-8
     scores = [alignment_score(stats.image_top_latents.sel(layer=layer).values, descriptions[i], ds.prompt.values)

@@ -124,14 +124,18 @@ def test_stats_equal_numpy_over_the_whole_data(stores, store):
     assert stats.fvu.sel(kind="image").min() > 0
 
 
-def test_several_worker_processes_give_the_same_result(stores):
+def test_several_worker_processes_give_the_same_result(stores, capsys):
     from distributed import Client, LocalCluster
 
     saes = make_saes()
-    single = compute_layer_stats(actstore.open(stores / "b4.zarr"), saes, backend="reference", scheduler="sync")
+    single = compute_layer_stats(actstore.open(stores / "b4.zarr"), saes, backend="reference", scheduler="sync",
+                                 progress=True)
+    assert "100% Completed" in capsys.readouterr().out  # dask's bar for the local schedulers
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        multi = compute_layer_stats(actstore.open(stores / "b4.zarr"), saes, backend="reference", scheduler=client)
+        multi = compute_layer_stats(actstore.open(stores / "b4.zarr"), saes, backend="reference", scheduler=client,
+                                    progress=True)
+    assert "100% Completed" in capsys.readouterr().out  # distributed's bar for a cluster
     check(multi, saes)
     # Merges are exact and in a fixed order; the float32 kernel's sums may differ in the last bits with the BLAS
     # thread count of each worker, hence float32-level agreement (counts and argmax are compared exactly above).
