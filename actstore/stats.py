@@ -412,3 +412,34 @@ def save_stats(location: str, name: str, stats: xr.Dataset) -> None:
 def open_stats(location: str, name: str) -> xr.Dataset:
     """Statistics saved by :func:`save_stats`."""
     return xr.open_zarr(str(location), group=analysis_group(name), consolidated=False, zarr_format=3).load()
+
+
+def checkpoint_group(name: str, layer: int | None = None) -> str:
+    """Where an analysis keeps its finished layers until the whole result is saved (outside ``analysis/``, so that
+    an unfinished run is never listed as an analysis)."""
+    return f"analysis_partial/{name}" + (f"/layer_{layer}" if layer is not None else "")
+
+
+def save_layer_checkpoint(location: str, name: str, layer: int, stats: xr.Dataset, fingerprint: str) -> None:
+    """Keep one finished layer's statistics, tagged with what produced them."""
+    stats = stats.assign_coords(kind=stats.kind.values.astype(object)).assign_attrs(fingerprint=fingerprint)
+    stats.to_zarr(str(location), group=checkpoint_group(name, layer), mode="w", zarr_format=3, consolidated=False)
+
+
+def load_layer_checkpoint(location: str, name: str, layer: int, fingerprint: str) -> xr.Dataset | None:
+    """A layer's statistics kept by an interrupted run with the same ``fingerprint``, else None."""
+    try:
+        stats = xr.open_zarr(str(location), group=checkpoint_group(name, layer), consolidated=False,
+                             zarr_format=3).load()
+    except (FileNotFoundError, KeyError, ValueError, OSError):  # absent, or torn by the crash: compute it again
+        return None
+    return stats if stats.attrs.get("fingerprint") == fingerprint else None
+
+
+def remove_checkpoints(location: str, name: str) -> None:
+    """Drop an analysis's kept layers (after its result is saved)."""
+    import zarr
+
+    root = zarr.open_group(str(location), mode="r+", zarr_format=3)
+    if checkpoint_group(name) in root:
+        del root[checkpoint_group(name)]

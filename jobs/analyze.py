@@ -5,7 +5,8 @@
 Without ``--scheduler`` Dask's threaded scheduler runs in this process; ``local`` starts a
 ``distributed.LocalCluster``; an address (``tcp://host:8786``) uses an existing cluster, e.g. one started with
 ``dask scheduler`` / ``dask worker`` or with dask-cuda's ``dask cuda worker`` (one worker per GPU: each task's kernel
-then runs on that worker's GPU). Results go into the store under ``analysis/<suite name>``.
+then runs on that worker's GPU). Results go into the store under ``analysis/<suite name>``; each finished layer is
+kept under ``analysis_partial/<suite name>`` until then, so a rerun after a crash computes only the missing layers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import xarray as xr
 import actstore
 from actstore.descriptions import alignment_score, suite_descriptions
 from actstore.saes import load_suite
-from actstore.stats import WEIGHT_DTYPES, compute_layer_stats, save_stats
+from actstore.stats import (
+    WEIGHT_DTYPES,
+    compute_layer_stats,
+    load_layer_checkpoint,
+    remove_checkpoints,
+    save_layer_checkpoint,
+    save_stats,
+)
 
 
 def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None, scheduler: Any = None,
@@ -33,10 +41,28 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
     suite = load_suite(suite_path)
     ds = actstore.open(store)
     suite.check_store(ds.sizes["d_model"], [int(x) for x in ds.layer.values])
-    log(f"[analyze] {store}: suite {suite.name!r}, layers {sorted(layers or suite.saes)}, "
+    layers = sorted(layers or suite.saes)
+    log(f"[analyze] {store}: suite {suite.name!r}, layers {layers}, "
         f"{ds.sizes['image']} images, {ds.sizes.get('text_token', 0)} text tokens")
-    stats = compute_layer_stats(ds, suite.saes, layers, backend=backend, scheduler=scheduler,
-                                weight_dtype=weight_dtype, top_k=top_k, image_top=top_latents, progress=True)
+    # Layer by layer, each kept in the store when done: a rerun after a crash computes only the missing layers. The
+    # fingerprint makes a rerun with other SAEs, settings or a grown store start afresh.
+    fingerprint = json.dumps({"sources": {str(k): v for k, v in suite.sources.items()}, "backend": backend,
+                              "weight_dtype": weight_dtype, "top_k": top_k, "image_top": top_latents,
+                              "images": ds.sizes["image"], "text_tokens": ds.sizes.get("text_token", 0)},
+                             sort_keys=True, default=str)
+    per_layer = []
+    for i, layer in enumerate(layers):
+        done = load_layer_checkpoint(store, suite.name, layer, fingerprint)
+        if done is not None:
+            log(f"[analyze] state {layer} ({i + 1}/{len(layers)}): kept from an interrupted run")
+        else:
+            log(f"[analyze] state {layer} ({i + 1}/{len(layers)})")
+            done = compute_layer_stats(ds, suite.saes, [layer], backend=backend, scheduler=scheduler,
+                                       weight_dtype=weight_dtype, top_k=top_k, image_top=top_latents, progress=True)
+            save_layer_checkpoint(store, suite.name, layer, done, fingerprint)
+        done.attrs.clear()  # the fingerprint; the combined result gets its own attributes below
+        per_layer.append(done)
+    stats = xr.concat(per_layer, dim="layer")
     descriptions, described_by = suite_descriptions(suite, stats, ds)
     stats["description"] = (("layer", "latent"), descriptions)  # object strings: zarr v3's variable-length UTF-8
     scores = [alignment_score(stats.image_top_latents.sel(layer=layer).values, descriptions[i], ds.prompt.values)
@@ -49,6 +75,7 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
                         "sources": json.dumps({str(k): v for k, v in suite.sources.items()}),
                         "actstore_version": actstore.__version__})
     save_stats(store, suite.name, stats)
+    remove_checkpoints(store, suite.name)
     for layer in stats.layer.values:
         row = stats.sel(layer=layer)
         log("[analyze] state {:>3}: FVU image {:.3f} / text {:.3f}, L0 image {:.1f} / text {:.1f}, "

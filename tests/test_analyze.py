@@ -107,3 +107,38 @@ def test_descriptions_from_a_neuronpedia_export_or_derived_from_text(store_and_s
     saved = open_stats(str(root / "s.zarr"), "test-suite")
     assert saved.description.sel(layer=5).values[3] == "red things"
     assert saved.image_top_latents.shape == (2, 22, 5)
+
+
+def test_an_interrupted_analysis_resumes_with_the_missing_layers(store_and_suite, monkeypatch):
+    import jobs.analyze
+    from actstore.stats import checkpoint_group
+
+    root, _ = store_and_suite
+    store, suite = str(root / "s.zarr"), str(root / "suite.yaml")
+    whole = run_analysis(store, suite, backend="reference")
+    calls, crash = [], [True]
+
+    def crash_on_second_layer(ds, saes, layers, **kwargs):
+        calls.append(list(layers))
+        if crash[0] and len(calls) == 2:
+            raise RuntimeError("worker lost")
+        return compute_layer_stats(ds, saes, layers, **kwargs)
+
+    monkeypatch.setattr(jobs.analyze, "compute_layer_stats", crash_on_second_layer)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_analysis(store, suite, backend="reference")
+    assert (root / "s.zarr" / checkpoint_group("test-suite", 0)).is_dir()
+    calls.clear()
+    resumed = run_analysis(store, suite, backend="reference")
+    assert calls == [[5]]  # state 0 was kept
+    for name in whole.data_vars:
+        np.testing.assert_array_equal(resumed[name].values, whole[name].values, err_msg=name)
+    assert not (root / "s.zarr" / checkpoint_group("test-suite")).exists()
+    # another setting does not reuse kept layers
+    with pytest.raises(RuntimeError):
+        calls.clear()
+        run_analysis(store, suite, backend="reference")  # crashes on state 5, keeps state 0
+    calls.clear()
+    crash[0] = False
+    run_analysis(store, suite, backend="reference", top_k=3)
+    assert calls == [[0], [5]]
