@@ -17,7 +17,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from actstore.models import VLMBatch, to_device
+from actstore.devices import to_device
+from actstore.models import VLMBatch
 from actstore.writer import StoreWriter, TextTokens
 
 

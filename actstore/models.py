@@ -21,6 +21,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from actstore.devices import to_device
+
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -67,15 +69,6 @@ class VLMBatch:
     def host_text_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(example, position) of every text token in row-major order, on the CPU."""
         return self.host_text_mask.nonzero(as_tuple=True)
-
-
-def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``t`` on ``device`` without waiting for the work queued there: a CPU tensor bound for a GPU goes through pinned
-    memory, because a copy from pageable memory first synchronises the stream and would stall the harvester's
-    pipeline (the next batch could not be prepared while the device runs this one)."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, dtype=dtype, non_blocking=True)
-    return t.to(device, dtype=dtype)
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -65,13 +65,11 @@ def as_write_error(key: str, where: str, exc: OSError) -> StoreWriteError:
 
 class LocalSink:
     """Writes keys under a local directory: temporary file, rename; durable through an fsync of the file and its
-    directory, or (``batched``, the default where syncfs exists) deferred puts through one syncfs in ``flush``."""
+    directory, or (``batched``, wherever syncfs exists) deferred puts through one syncfs in ``flush``."""
 
-    def __init__(self, root: str | os.PathLike[str], batched: bool | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        self.batched = _SYNCFS is not None if batched is None else batched
-        if self.batched and _SYNCFS is None:
-            raise ValueError("batched durability needs syncfs (Linux)")
+        self.batched = _SYNCFS is not None
 
     def put(self, key: str, data: bytes | memoryview, deferred: bool = False) -> None:
         """Write ``data`` at ``key`` so that it is never seen half-written, and durable on return (``deferred``: once

@@ -29,6 +29,7 @@ import torch
 import xarray as xr
 
 from actstore.bfloat16 import to_torch
+from actstore.devices import to_device
 from kernels import sae_stats
 
 KINDS = ("image", "text")
@@ -251,9 +252,7 @@ def chunk_partial(x: np.ndarray, sae: SAEParams, first_token: int, backend: str 
     device = compute_device(backend)
     # The chunk crosses to the GPU in its stored dtype (half the bytes of float32 for bf16), and every per-token
     # reduction runs there: on a GPU worker the host only decompresses.
-    xt = to_torch(np.ascontiguousarray(x))
-    if device.type == "cuda":  # through pinned memory: pageable copies ran at 1.3 GB/s on the H100 host, pinned 55
-        xt = xt.pin_memory().to(device, non_blocking=True)
+    xt = to_device(to_torch(np.ascontiguousarray(x)), device)
     sae = sae.on(device, WEIGHT_DTYPES[weight_dtype])
     x_in = xt.to(sae.W_enc.dtype)  # the kernel uses tensor cores when x and W share a 16-bit dtype
     s = sae_stats(x_in, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, activation=sae.activation,
@@ -402,16 +401,24 @@ def analysis_group(name: str) -> str:
     return f"analysis/{name}"
 
 
-def save_stats(location: str, name: str, stats: xr.Dataset) -> None:
-    """Write statistics into the store under ``analysis/<name>`` (replacing a previous run: reruns are idempotent)."""
+def _write_group(location: str, group: str, stats: xr.Dataset) -> None:
     # Strings as objects: zarr v3 stores them as variable-length UTF-8 (its fixed-width form has no stable spec yet).
     stats = stats.assign_coords(kind=stats.kind.values.astype(object))
-    stats.to_zarr(str(location), group=analysis_group(name), mode="w", zarr_format=3, consolidated=False)
+    stats.to_zarr(str(location), group=group, mode="w", zarr_format=3, consolidated=False)
+
+
+def _read_group(location: str, group: str) -> xr.Dataset:
+    return xr.open_zarr(str(location), group=group, consolidated=False, zarr_format=3).load()
+
+
+def save_stats(location: str, name: str, stats: xr.Dataset) -> None:
+    """Write statistics into the store under ``analysis/<name>`` (replacing a previous run: reruns are idempotent)."""
+    _write_group(location, analysis_group(name), stats)
 
 
 def open_stats(location: str, name: str) -> xr.Dataset:
     """Statistics saved by :func:`save_stats`."""
-    return xr.open_zarr(str(location), group=analysis_group(name), consolidated=False, zarr_format=3).load()
+    return _read_group(location, analysis_group(name))
 
 
 def checkpoint_group(name: str, layer: int | None = None) -> str:
@@ -422,15 +429,13 @@ def checkpoint_group(name: str, layer: int | None = None) -> str:
 
 def save_layer_checkpoint(location: str, name: str, layer: int, stats: xr.Dataset, fingerprint: str) -> None:
     """Keep one finished layer's statistics, tagged with what produced them."""
-    stats = stats.assign_coords(kind=stats.kind.values.astype(object)).assign_attrs(fingerprint=fingerprint)
-    stats.to_zarr(str(location), group=checkpoint_group(name, layer), mode="w", zarr_format=3, consolidated=False)
+    _write_group(location, checkpoint_group(name, layer), stats.assign_attrs(fingerprint=fingerprint))
 
 
 def load_layer_checkpoint(location: str, name: str, layer: int, fingerprint: str) -> xr.Dataset | None:
     """A layer's statistics kept by an interrupted run with the same ``fingerprint``, else None."""
     try:
-        stats = xr.open_zarr(str(location), group=checkpoint_group(name, layer), consolidated=False,
-                             zarr_format=3).load()
+        stats = _read_group(location, checkpoint_group(name, layer))
     except (FileNotFoundError, KeyError, ValueError, OSError):  # absent, or torn by the crash: compute it again
         return None
     return stats if stats.attrs.get("fingerprint") == fingerprint else None

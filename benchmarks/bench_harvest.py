@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_store import GB, raw_sequential_write, save_result  # noqa: E402
+from bench_store import GB, activation_like, raw_sequential_write, save_result  # noqa: E402
 
 from actstore.harvest import HarvestStats, HostRing, forward_states, harvest_block, n_states  # noqa: E402
 from actstore.integrity import store_info  # noqa: E402
@@ -132,9 +132,9 @@ def launch_rate_beside_writer(device: torch.device, directory: Path, schema: Sto
     device's feeder."""
     import threading
 
-    rng = np.random.default_rng(0)
-    data = rng.standard_normal((len(schema.layers), schema.block_images, schema.image_tokens, schema.d_model),
-                               dtype=np.float32).astype(schema.numpy_dtype)
+    data = activation_like(np.random.default_rng(0),
+                           (len(schema.layers), schema.block_images, schema.image_tokens, schema.d_model),
+                           schema.numpy_dtype)
     alone = launch_rate(device)
     stop = threading.Event()
 
