@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,6 +60,32 @@ class TextTokens:
 def default_threads() -> int:
     """Encoder threads: twice the cores, because each thread alternates compressing and waiting on fsync'd I/O."""
     return max(4, 2 * (os.cpu_count() or 2))
+
+
+# Writer threads run this much nicer than the process (Linux: niceness is per thread). A harvest's Python thread must
+# launch the GPU's next kernels the moment it is runnable; writer threads that compete with it as equals delay every
+# launch and starve the GPU. Measured on the dev VM (2 cores, 4 writer threads writing bf16 blocks): one thread's op
+# launch rate beside the writer rose from 0.47-0.52x to 0.64-0.67x of its rate alone. The writer loses no throughput
+# where cores are spare; where they are not, the disk falls behind and the harvest waits for the writer anyway.
+WRITER_NICENESS_INCREMENT = 10
+
+
+def thread_niceness() -> int:
+    """The calling thread's niceness (0 where the OS has no per-thread priority)."""
+    if sys.platform != "linux":
+        return 0
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def set_thread_niceness(niceness: int) -> None:
+    """Make the calling thread at least this nice (Linux); a thread may always lower its own priority."""
+    if sys.platform != "linux":
+        return
+    try:
+        if niceness > thread_niceness():
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, niceness))
+    except OSError:  # a sandbox that forbids it: the writer still works, only without yielding the CPU
+        pass
 
 
 def _utc_now() -> str:
@@ -160,8 +187,13 @@ class StoreWriter:
         self.attrs = attrs
         self.sink = make_sink(location, store)
         self.encoder = ChunkEncoder(attrs.schema.codec, attrs.schema.clevel)
-        self._pool = ThreadPoolExecutor(max_workers=threads or default_threads(), thread_name_prefix="actstore-encode")
-        self._committer = ThreadPoolExecutor(max_workers=max(1, max_pending_blocks), thread_name_prefix="actstore-commit")
+        # Absolute, from the creating thread: Linux threads inherit niceness from the thread that starts them (the
+        # encode threads start on a commit thread), so an increment applied per thread would compound.
+        nicer = (thread_niceness() + WRITER_NICENESS_INCREMENT,)
+        self._pool = ThreadPoolExecutor(max_workers=threads or default_threads(), thread_name_prefix="actstore-encode",
+                                        initializer=set_thread_niceness, initargs=nicer)
+        self._committer = ThreadPoolExecutor(max_workers=max(1, max_pending_blocks), thread_name_prefix="actstore-commit",
+                                             initializer=set_thread_niceness, initargs=nicer)
         self._pending = threading.BoundedSemaphore(max(1, max_pending_blocks))
         self._grow_lock = threading.Lock()
         self._count_lock = threading.Lock()

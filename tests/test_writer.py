@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from zarr.storage import LocalStore
 
 import actstore
 from actstore.errors import SchemaMismatchError, StoreWriteError
-from actstore.writer import StoreWriter
+from actstore.codecs import ChunkEncoder
+from actstore.writer import WRITER_NICENESS_INCREMENT, StoreWriter, thread_niceness
 from conftest import bits, block_data, small_schema, write_blocks
 
 
@@ -97,6 +100,27 @@ def test_ready_runs_before_the_block_is_read(store_path):
     with StoreWriter.create(store_path, schema) as writer:
         writer.submit_block(0, late, ids, ready=arrive).result()
     np.testing.assert_array_equal(bits(actstore.open(store_path).image_resid.values[:, : want.shape[1]]), bits(want))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
+def test_writer_threads_yield_the_cpu_to_the_caller(store_path, monkeypatch):
+    """Chunks are encoded and blocks committed on threads nicer than the one that submits them (the GPU feeder)."""
+    seen = {}
+
+    encode = ChunkEncoder.encode
+
+    def watched(self, chunk):
+        seen.setdefault("encode", thread_niceness())
+        return encode(self, chunk)
+
+    monkeypatch.setattr(ChunkEncoder, "encode", watched)
+    schema = small_schema(capacity=8)
+    with StoreWriter.create(store_path, schema) as writer:
+        writer.submit_block(0, *block_data(schema, 0), ready=lambda: seen.setdefault("commit", thread_niceness())).result()
+    want = min(19, thread_niceness() + WRITER_NICENESS_INCREMENT)
+    assert seen == {"encode": want, "commit": want}
+    np.testing.assert_array_equal(bits(actstore.open(store_path).image_resid.values[:, :4]),
+                                  bits(block_data(schema, 0)[0]))
 
 
 @pytest.mark.parametrize(
