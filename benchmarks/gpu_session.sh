@@ -3,10 +3,11 @@
 # failing step does not stop the others. Results land in $OUT (or benchmarks/results/ without it).
 # Wheels for the device (once, here): ../shared/device/wheels.sh crc32c==2.9.post0   then carry .whl and start with
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-#     .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit; bash benchmarks/gpu_session.sh tests-harvest-analyze
-#   benchmarks/gpu_session.sh kernels    # GPU kernel tests + bench_kernels + bench_analyze
-#   benchmarks/gpu_session.sh harvest    # bench_harvest + bench_store on the GPU host's disk
-#   benchmarks/gpu_session.sh all        # kernel tests, bench_harvest, bench_kernels, bench_analyze
+#     .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit; bash benchmarks/gpu_session.sh tests-harvest
+# Modes, each sized to fit one 10-minute device call (two calls cover everything):
+#   tests-harvest     GPU kernel and statistics tests, then bench_harvest
+#   analyze-kernels   bench_analyze, then bench_kernels
+#   store             bench_store on the GPU host's disk
 set -u
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
@@ -20,25 +21,19 @@ step() {  # step NAME SECONDS COMMAND...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-case "${1:-all}" in
-  kernels)
-    step gpu-tests 150 python3 -m pytest -q -x tests/test_kernels.py tests/test_stats.py
-    step bench-kernels 240 python3 benchmarks/bench_kernels.py --out "$out/kernels-gpu-$host.json"
-    step bench-analyze 150 python3 benchmarks/bench_analyze.py --out "$out/analyze-gpu-$host.json"
-    ;;
-  all)
-    step gpu-tests 100 python3 -m pytest -q -x tests/test_kernels.py tests/test_stats.py
-    step bench-harvest 150 python3 benchmarks/bench_harvest.py --out "$out/harvest-gpu-$host.json"
-    step bench-kernels 200 python3 benchmarks/bench_kernels.py --out "$out/kernels-gpu-$host.json"
-    step bench-analyze 120 python3 benchmarks/bench_analyze.py --out "$out/analyze-gpu-$host.json"
-    ;;
-  tests-harvest-analyze)
+case "${1:-tests-harvest}" in
+  tests-harvest)
     step gpu-tests 150 python3 -m pytest -q tests/test_kernels.py tests/test_stats.py
-    step bench-harvest 150 python3 benchmarks/bench_harvest.py --out "$out/harvest-gpu-$host.json"
-    step bench-analyze 200 python3 benchmarks/bench_analyze.py --out "$out/analyze-gpu-$host.json"
+    step bench-harvest 300 python3 benchmarks/bench_harvest.py --out "$out/harvest-gpu-$host.json"
     ;;
-  harvest)
-    step bench-harvest 270 python3 benchmarks/bench_harvest.py --out "$out/harvest-gpu-$host.json"
-    step bench-store 240 python3 benchmarks/bench_store.py --out "$out/store-gpu-host-$host.json"
+  analyze-kernels)
+    step bench-analyze 270 python3 benchmarks/bench_analyze.py --out "$out/analyze-gpu-$host.json"
+    step bench-kernels 240 python3 benchmarks/bench_kernels.py --out "$out/kernels-gpu-$host.json"
+    ;;
+  store)
+    step bench-store 400 python3 benchmarks/bench_store.py --out "$out/store-gpu-host-$host.json"
+    ;;
+  *)
+    echo "unknown mode $1: tests-harvest, analyze-kernels or store"; exit 2
     ;;
 esac
