@@ -324,7 +324,11 @@ def test_triton_on_gpu_never_allocates_tokens_by_latents():
     assert peak < N * F * 4 / 16
     ref = sae_stats(x[:4096], W_enc, torch.zeros(F, device="cuda"), W_dec, torch.zeros(d, device="cuda"),
                     activation="jumprelu", threshold=torch.full((F,), 3.0, device="cuda"), backend="reference")
-    assert torch.equal(stats.l0[:4096], ref.l0)
+    # Random thresholds: a few of these 5e8 pre-activations lie within float32 summation error (~1e-6) of theirs and
+    # may flip between the tensor-core and the reference sums; a wrong kernel is off on most tokens, not a few by 1.
+    diff = (stats.l0[:4096] - ref.l0).abs()
+    assert diff.max() <= 2 and (diff > 0).float().mean() < 0.01, f"{int((diff > 0).sum())} tokens' L0 differ"
+    assert ref.l0.mean() > 50  # the comparison covers tokens with many active latents
 
 
 def test_first_compiled_call_of_a_kernel_variant_runs_alone(monkeypatch):
