@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -137,6 +138,14 @@ def forward_states(vlm: Any, batch: VLMBatch, states: Sequence[int]) -> tuple[to
     return torch.stack([got[s][0] for s in states]), torch.stack([got[s][1] for s in states])
 
 
+def wait_for_event(event: Any, device: torch.device) -> None:
+    """Wait for a CUDA ``event`` recorded on ``device``, from any thread. The thread makes that device current first:
+    CUDA's current device is per thread, and a thread that never chose one opens a context on GPU 0 at its first CUDA
+    call, so every rank of a multi-GPU harvest would take memory on GPU 0 for its writer's waits."""
+    with torch.cuda.device(device):
+        event.synchronize()
+
+
 class HostRing:
     """A few block-sized host buffers (pinned when the model is on a GPU) that device-to-host copies land in without
     blocking the next forward; a buffer is reused only once the writer has finished the block it held."""
@@ -208,7 +217,7 @@ def harvest_block(
         # The writer waits for this block's copies on its own thread; this thread goes on to the next block at once.
         copied = torch.cuda.Event()
         copied.record(torch.cuda.current_stream(device))
-        ready = copied.synchronize
+        ready = partial(wait_for_event, copied, device)
     image_resid = buffers["image"][:, :n]
     text = TextTokens(buffers["text"][:, :m], torch.cat(text_image), torch.cat(text_pos), torch.cat(text_ids))
     t2 = time.perf_counter()

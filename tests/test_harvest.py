@@ -264,3 +264,31 @@ def test_gpu_stage_times_are_read_once_their_events_complete():
     assert stats.seconds_forward == pytest.approx(0.25) and stats.seconds_copy == pytest.approx(0.5)
     stats.settle(wait=True)
     assert stats.seconds_forward == pytest.approx(1.25)
+
+
+def test_the_writer_waits_for_a_block_copy_on_the_copy_device(monkeypatch):
+    """The writer's thread waits for a block's device-to-host copies with their GPU current, never GPU 0 by default
+    (CUDA's current device is per thread; the main thread's choice does not reach the writer's)."""
+    import contextlib
+    import threading
+
+    from actstore.harvest import wait_for_event
+
+    current = threading.local()
+
+    @contextlib.contextmanager
+    def device(which):
+        current.device = which
+        yield
+        current.device = None
+
+    class Event:
+        def synchronize(self) -> None:
+            seen.append(getattr(current, "device", None))
+
+    seen: list = []
+    monkeypatch.setattr(torch.cuda, "device", device)
+    worker = threading.Thread(target=wait_for_event, args=(Event(), torch.device("cuda", 3)))
+    worker.start()
+    worker.join()
+    assert seen == [torch.device("cuda", 3)]
