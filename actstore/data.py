@@ -8,7 +8,10 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # PIL is imported where images are decoded, not when actstore is
+    from PIL import Image
 
 SOURCES = ("world", "imagefolder", "parquet", "arrow", "llava_json")
 
@@ -30,7 +33,7 @@ class SkipLog:
         return len(self.skipped)
 
 
-def decode_image(value: Any, base_dir: Path | None = None):  # -> PIL.Image.Image
+def decode_image(value: Any, base_dir: Path | None = None) -> "Image.Image":
     """A PIL RGB image from a PIL image, a path, bytes, or a datasets ``{"bytes", "path"}`` dict."""
     from PIL import Image
 

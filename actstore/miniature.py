@@ -10,7 +10,17 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # transformers is imported where a miniature is built, not when actstore is
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
 import numpy as np
 import torch
@@ -42,7 +52,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ACTSTORE_CACHE", Path.home() / ".cache" / "actstore"))
 
 
-def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast
+def build_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the world's vocabulary and prompt words, built with no download."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -55,7 +65,7 @@ def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast
     )
 
 
-def vision_config(spec: MiniatureSpec):  # -> CLIPVisionConfig
+def vision_config(spec: MiniatureSpec) -> CLIPVisionConfig:
     """A CLIP vision tower: 32x32 images in 8x8 patches, 16 image tokens (+ CLS)."""
     from transformers import CLIPVisionConfig
 
@@ -65,7 +75,7 @@ def vision_config(spec: MiniatureSpec):  # -> CLIPVisionConfig
     )
 
 
-def lm_config(spec: MiniatureSpec, vocab_size: int, tokenizer):  # -> Gemma2Config
+def lm_config(spec: MiniatureSpec, vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> Gemma2Config:
     """A Gemma-2 LM (the architecture of the real study's Gemma-2-2B), a few layers wide."""
     from transformers import Gemma2Config
 
@@ -77,7 +87,7 @@ def lm_config(spec: MiniatureSpec, vocab_size: int, tokenizer):  # -> Gemma2Conf
     )
 
 
-def image_processor():  # -> CLIPImageProcessor
+def image_processor() -> CLIPImageProcessor:
     """Preprocessing for the miniature ViT: no resizing, values scaled to [-1, 1]."""
     from transformers import CLIPImageProcessor
 
@@ -93,7 +103,7 @@ def _labels(rows: list[dict]) -> dict[str, torch.Tensor]:
     return {k: torch.tensor([tables[k].index(r[k]) for r in rows]) for k in tables}
 
 
-def pretrain_vision(spec: MiniatureSpec, log: Callable[[str], None] = print):  # -> CLIPVisionModel
+def pretrain_vision(spec: MiniatureSpec, log: Callable[[str], None] = print) -> CLIPVisionModel:
     """Train the ViT to classify every attribute from its patch tokens (so that patches carry the features)."""
     from transformers import CLIPVisionModel
 
@@ -137,7 +147,8 @@ def lm_corpus(n: int, seed: int) -> list[str]:
     return out
 
 
-def pretrain_lm(spec: MiniatureSpec, tokenizer, log: Callable[[str], None] = print):  # -> Gemma2ForCausalLM
+def pretrain_lm(spec: MiniatureSpec, tokenizer: PreTrainedTokenizerFast,
+                log: Callable[[str], None] = print) -> Gemma2ForCausalLM:
     """Train the LM on captions and sentences of the world (next-token loss)."""
     from transformers import Gemma2ForCausalLM
 

@@ -51,6 +51,7 @@ def _alive(pid: int) -> bool:
 
 
 def as_write_error(key: str, where: str, exc: OSError) -> StoreWriteError:
+    """A write error that names the key, the store and the cause in words, and says what a rerun does."""
     hint = {
         errno.ENOSPC: "the disk is full",
         errno.EROFS: "the file system is read-only",

@@ -20,9 +20,15 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from actstore.stats import SAEParams
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -51,7 +57,7 @@ def build_store(path: Path, args: argparse.Namespace) -> dict:
     return store_info(path)
 
 
-def sae_suite(ds, args: argparse.Namespace) -> dict:  # noqa: ANN001
+def sae_suite(ds: xr.Dataset, args: argparse.Namespace) -> dict[int, SAEParams]:
     """One random JumpReLU SAE per state (float32, on the CPU, as a suite loads them), with thresholds set on the
     store's own first chunk for a mean L0 of about ``--l0``."""
     from actstore.stats import SAEParams
@@ -65,13 +71,13 @@ def sae_suite(ds, args: argparse.Namespace) -> dict:  # noqa: ANN001
     return suite
 
 
-def token_count(ds) -> int:  # noqa: ANN001
+def token_count(ds: xr.Dataset) -> int:
     """Tokens the analysis visits: every state's image and text tokens."""
     per_state = ds.sizes["image"] * ds.sizes["image_token"] + ds.sizes.get("text_token", 0)
     return per_state * ds.sizes["layer"]
 
 
-def read_only(ds, scheduler) -> float:  # noqa: ANN001
+def read_only(ds: xr.Dataset, scheduler: Any) -> float:
     """Seconds to read and decode every chunk the analysis reads, through the same Dask graph shape (no compute)."""
     import dask
 
@@ -84,7 +90,8 @@ def read_only(ds, scheduler) -> float:  # noqa: ANN001
     return time.perf_counter() - start
 
 
-def kernel_only(ds, saes, device: torch.device, repeat: int, weight_dtype: str) -> float:  # noqa: ANN001
+def kernel_only(ds: xr.Dataset, saes: dict[int, SAEParams], device: torch.device, repeat: int,
+                weight_dtype: str) -> float:
     """Tokens/s of ``kernels.sae_stats`` alone on device-resident chunks of the store's image chunk shape."""
     from actstore.stats import WEIGHT_DTYPES
     from kernels import sae_stats
@@ -107,7 +114,7 @@ def kernel_only(ds, saes, device: torch.device, repeat: int, weight_dtype: str) 
     return tokens * len(chunks) / seconds
 
 
-def profile_chunk(ds, saes, device: torch.device) -> list[dict]:  # noqa: ANN001
+def profile_chunk(ds: xr.Dataset, saes: dict[int, SAEParams], device: torch.device) -> list[dict]:
     """The ten costliest operations of one chunk's analysis task (torch.profiler), to see where its time goes."""
     from torch.profiler import ProfilerActivity, profile
 

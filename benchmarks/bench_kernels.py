@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 
-def dense_chunk(x, W_enc, b_enc, W_dec, b_dec, threshold):
+def dense_chunk(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+                threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What peers do per batch: dense z, dense decode, then error and L0 (the eager / compiled baseline)."""
     pre = x @ W_enc + b_enc
     z = pre.relu() * (pre > threshold)
@@ -69,7 +70,8 @@ def make_sae(d: int, F: int, target_l0: float, device: str, dtype: torch.dtype, 
             "threshold": threshold}
 
 
-def bench_shape(N: int, d: int, F: int, target_l0: float, device: str, dtype: torch.dtype, args) -> dict:
+def bench_shape(N: int, d: int, F: int, target_l0: float, device: str, dtype: torch.dtype,
+                args: argparse.Namespace) -> dict:
     """Every contender at one shape."""
     from kernels import sae_stats
     from kernels.reference import sae_stats_reference

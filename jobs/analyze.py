@@ -16,7 +16,7 @@ import json
 from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import xarray as xr
 
@@ -35,7 +35,7 @@ from actstore.stats import (
 
 def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None, scheduler: Any = None,
                  backend: str = "auto", weight_dtype: str = "float32", top_k: int = 8, top_latents: int = 5,
-                 log=print) -> xr.Dataset:
+                 log: Callable[..., None] = print) -> xr.Dataset:
     """Compute and save the suite's statistics, latent descriptions and per-layer semantic alignment on the store;
     returns them."""
     suite = load_suite(suite_path)

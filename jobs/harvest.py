@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -80,7 +80,7 @@ def wait_for_store(location: str, timeout: float = 600.0) -> None:
             time.sleep(0.5)
 
 
-def run_harvest(cfg: HarvestConfig, out: str, *, log=print) -> dict[str, Any]:
+def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = print) -> dict[str, Any]:
     """Harvest this process's share of the missing blocks into ``out``."""
     from tqdm import tqdm
 

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -105,7 +105,7 @@ class TrainConfig:
 
 
 # ---- model and data --------------------------------------------------------------------------------------------
-def build_model(section: ModelSection, adapter: str | Path | None = None, log=print) -> Any:
+def build_model(section: ModelSection, adapter: str | Path | None = None, log: Callable[..., None] = print) -> Any:
     """The model a config names: an AdapterVLM (``miniature`` builds and loads the embedded tiny towers), or a
     LlavaVLM when ``llava`` names a checkpoint."""
     if section.llava:
@@ -134,7 +134,7 @@ def load_examples(section: DataSection, split: str) -> Any:
     return image_text_source(section, split, limit=n)
 
 
-def report_skips(examples: Any, log=print) -> None:
+def report_skips(examples: Any, log: Callable[..., None] = print) -> None:
     """Log the examples skipped for undecodable images, if any."""
     skips = getattr(examples, "skips", None)
     if skips:
@@ -235,7 +235,8 @@ def save_checkpoint(vlm: AdapterVLM, opt: torch.optim.Optimizer, sched: Any, ste
     return final
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None, log=print) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
+          log: Callable[..., None] = print) -> dict[str, Any]:
     """Run the job (``stop_after`` steps at most, as if stopped there); returns the adapter, its hash, the losses."""
     from tqdm import tqdm
 
