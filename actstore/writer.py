@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import threading
+import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -198,6 +199,7 @@ class StoreWriter:
         self._grow_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._bytes_written = 0
+        self._timings: list[dict[str, float]] = []
         self.sink.remove_partials()
 
     @property
@@ -205,6 +207,13 @@ class StoreWriter:
         """Encoded bytes of the activation chunks this writer has written so far (what they take on disk)."""
         with self._count_lock:
             return self._bytes_written
+
+    @property
+    def block_timings(self) -> list[dict[str, float]]:
+        """Seconds each written block spent per step on its commit thread: waiting for its data (``ready``), encoding
+        and writing its chunks, writing its coordinates, making it durable (``flush``) and writing its marker."""
+        with self._count_lock:
+            return list(self._timings)
 
     def _put_chunk(self, key: str, data: bytes | memoryview) -> None:
         self.sink.put(key, data, deferred=True)  # durable by the flush before the block's marker
@@ -394,8 +403,10 @@ class StoreWriter:
         self, block: int, images: np.ndarray, image_ids: list[str], prompts: list[str],
         text: tuple[np.ndarray, ...] | None, skipped: list[dict[str, str]], ready: Callable[[], object] | None = None,
     ) -> dict[str, Any]:
+        marks = [time.perf_counter()]
         if ready is not None:
             ready()
+        marks.append(time.perf_counter())
         s, n = self.schema, images.shape[1]
         # A rewrite first withdraws the old marker, so a crash mid-rewrite leaves the block missing, not mixed.
         self.sink.delete(marker_key(block))
@@ -407,12 +418,19 @@ class StoreWriter:
             jobs += [self._pool.submit(self._put_text_chunk, block, li, resid[li]) for li in range(len(s.layers))]
         for job in jobs:
             job.result()
+        marks.append(time.perf_counter())
         self._write_coordinates(block, image_ids, prompts, text)
         record = np.array([json.dumps(skipped) if skipped else ""], dtype=object)
         self._zarr_write(BLOCK_SKIPPED, slice(block, block + 1), record, f"{BLOCK_SKIPPED}/c/{block}", deferred=True)
+        marks.append(time.perf_counter())
         self.sink.flush()  # everything of the block is durable before its marker exists
+        marks.append(time.perf_counter())
         marker = {"block": block, "images": n, "text_tokens": m, "skipped": len(skipped)}
         self._zarr_write(BLOCK_STATUS, slice(block, block + 1), np.array([[n, m]], dtype="int64"), marker_key(block))
+        marks.append(time.perf_counter())
+        steps = ("ready", "chunks", "coordinates", "flush", "marker")
+        with self._count_lock:
+            self._timings.append({"block": block, **{k: b - a for k, a, b in zip(steps, marks, marks[1:])}})
         return marker
 
     def _padded(self, rows: np.ndarray, n_rows: int) -> np.ndarray:

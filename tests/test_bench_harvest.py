@@ -21,3 +21,6 @@ def test_bench_harvest_quick(tmp_path):
     launches = report["launches_per_s"]
     assert launches["alone"] > 0 and launches["beside_writer"] > 0
     assert launches["ratio"] == launches["beside_writer"] / launches["alone"]
+    steps = report["writer_seconds_per_block"]
+    assert set(steps) == {"ready", "chunks", "coordinates", "flush", "marker"}
+    assert all(0 <= v["mean"] <= v["max"] for v in steps.values()) and steps["chunks"]["max"] > 0

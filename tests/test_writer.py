@@ -102,6 +102,23 @@ def test_ready_runs_before_the_block_is_read(store_path):
     np.testing.assert_array_equal(bits(actstore.open(store_path).image_resid.values[:, : want.shape[1]]), bits(want))
 
 
+def test_block_timings_say_where_each_block_waited(store_path):
+    """The writer keeps, per block, the seconds of each commit step: a block whose data arrives late shows it in
+    ``ready``, not in the writing steps."""
+    import time
+
+    schema = small_schema(capacity=8)
+    with StoreWriter.create(store_path, schema) as writer:
+        writer.submit_block(0, *block_data(schema, 0), ready=lambda: time.sleep(0.3)).result()
+        writer.write_block(1, *block_data(schema, 1))
+        timings = {t["block"]: t for t in writer.block_timings}
+    assert sorted(timings) == [0, 1]
+    assert timings[0]["ready"] >= 0.3 > timings[1]["ready"]
+    for t in timings.values():
+        assert set(t) == {"block", "ready", "chunks", "coordinates", "flush", "marker"}
+        assert min(v for k, v in t.items() if k != "block") >= 0 and t["chunks"] < 0.3
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
 def test_writer_threads_yield_the_cpu_to_the_caller(store_path, monkeypatch):
     """Chunks are encoded and blocks committed on threads nicer than the one that submits them (the GPU feeder)."""
