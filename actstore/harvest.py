@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterator, Sequence
 
 import torch
