@@ -190,6 +190,7 @@ def harvest_block(
                            (len(states), schema.text_slots_per_block, schema.d_model), dtype)
     stats.seconds_write_wait += time.perf_counter() - t_wait
     text_image, text_pos, text_ids, m = [], [], [], 0
+    copied = None  # the mark after the block's last device-to-host copy
     for start in range(0, n, batch_size):
         part = examples[start : start + batch_size]
         t0 = stats.clock(device)
@@ -209,15 +210,13 @@ def harvest_block(
         text_image.append(rows + start)
         text_pos.append(cols)
         text_ids.append(batch.host_input_ids[rows, cols])
+        copied = stats.clock(device)
         stats.charge("seconds_forward", t0, t1)
-        stats.charge("seconds_copy", t1, stats.clock(device))
+        stats.charge("seconds_copy", t1, copied)
     stats.settle()
-    ready = None
-    if device.type == "cuda":
-        # The writer waits for this block's copies on its own thread; this thread goes on to the next block at once.
-        copied = torch.cuda.Event()
-        copied.record(torch.cuda.current_stream(device))
-        ready = partial(wait_for_event, copied, device)
+    # On a GPU the writer waits for the copy's end mark (a CUDA event) on its own thread; this thread goes on to the next
+    # block at once.
+    ready = partial(wait_for_event, copied, device) if device.type == "cuda" else None
     image_resid = buffers["image"][:, :n]
     text = TextTokens(buffers["text"][:, :m], torch.cat(text_image), torch.cat(text_pos), torch.cat(text_ids))
     t2 = time.perf_counter()

@@ -46,7 +46,8 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
         f"{ds.sizes['image']} images, {ds.sizes.get('text_token', 0)} text tokens")
     # Layer by layer, each kept in the store when done: a rerun after a crash computes only the missing layers. The
     # fingerprint makes a rerun with other SAEs, settings or a grown store start afresh.
-    fingerprint = json.dumps({"sources": {str(k): v for k, v in suite.sources.items()}, "backend": backend,
+    sources = {str(k): v for k, v in suite.sources.items()}
+    fingerprint = json.dumps({"sources": sources, "backend": backend,
                               "weight_dtype": weight_dtype, "top_k": top_k, "image_top": top_latents,
                               "images": ds.sizes["image"], "text_tokens": ds.sizes.get("text_token", 0)},
                              sort_keys=True, default=str)
@@ -72,7 +73,7 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
     stats.attrs["description_sources"] = json.dumps({str(k): v for k, v in described_by.items()})
     stats.attrs["suite_path"] = str(Path(suite_path).resolve())  # the report's heat maps reload the SAEs from it
     stats.attrs.update({"suite": suite.name, "store": str(store), "computed": datetime.now(timezone.utc).isoformat(),
-                        "sources": json.dumps({str(k): v for k, v in suite.sources.items()}),
+                        "sources": json.dumps(sources),
                         "actstore_version": actstore.__version__})
     save_stats(store, suite.name, stats)
     remove_checkpoints(store, suite.name)
