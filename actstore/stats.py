@@ -29,7 +29,7 @@ import torch
 import xarray as xr
 
 from actstore.bfloat16 import to_torch
-from actstore.devices import to_device
+from actstore.devices import thread_stream, to_device, to_host
 from kernels import sae_stats
 
 KINDS = ("image", "text")
@@ -95,7 +95,8 @@ class DeviceCopies:
     an analysis of 26 layers of wide SAEs does not hold all 26 on one GPU.
 
     Copies are made under one lock: a worker's threads start a layer's chunks together and must wait for one copy
-    instead of each making its own. A task still using a dropped copy keeps it alive until it finishes."""
+    instead of each making its own. A task still using a dropped copy keeps it alive until it finishes, and a task
+    finishes only after its stream's work (which reads the copy) is done, so freeing never races a kernel."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -121,6 +122,8 @@ class DeviceCopies:
             need = sae.W_enc.numel() * 2 * torch.finfo(weight_dtype).bits // 8
             self._drop(str(device), self.budget(device) - need)
             copy = sae.to(device, weight_dtype)
+            if device.type == "cuda":  # the copy was queued on this thread's stream; the others read it on theirs
+                torch.cuda.current_stream(device).synchronize()
             self._entries[key] = (weakref.ref(sae), copy, copy.nbytes)
             return copy
 
@@ -200,8 +203,9 @@ def code_tokens(codes: Any) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
 
 
-def latent_top_k(codes: Any, first_token: int, d_sae: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per latent, its k largest activations in a chunk's sparse codes and their global token indices."""
+def latent_top_k(codes: Any, first_token: int, d_sae: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per latent, its k largest activations in a chunk's sparse codes (float64) and their global token indices
+    (-1 where fewer fired), on the codes' device."""
     device = codes.values.device
     token = code_tokens(codes) + first_token
     latent, act = codes.indices.long(), codes.values.double()
@@ -214,19 +218,20 @@ def latent_top_k(codes: Any, first_token: int, d_sae: int, k: int) -> tuple[np.n
     top_token = torch.full((d_sae, k), -1, dtype=torch.int64, device=device)
     top_act[latent[keep], rank[keep]] = act[keep]
     top_token[latent[keep], rank[keep]] = token[keep]
-    return top_act.cpu().numpy(), top_token.cpu().numpy()
+    return top_act, top_token
 
 
-def image_top_latents(codes: Any, n_tokens: int, d_sae: int, m: int) -> np.ndarray:
+def image_top_latents(codes: Any, n_tokens: int, d_sae: int, m: int) -> torch.Tensor:
     """For each image of a chunk (``n_tokens`` consecutive tokens each): its ``m`` latents of largest activation
-    summed over its tokens, descending (-1 where fewer fire). Holds images x latents, never tokens x latents."""
+    summed over its tokens, descending (-1 where fewer fire), on the codes' device. Holds images x latents, never
+    tokens x latents."""
     device = codes.values.device
     n_images = (len(codes.indptr) - 1) // n_tokens
     image = code_tokens(codes) // n_tokens
     mass = torch.zeros(n_images * d_sae, dtype=torch.float64, device=device)
     mass.index_add_(0, image * d_sae + codes.indices.long(), codes.values.double())
     values, latents = mass.reshape(n_images, d_sae).topk(min(m, d_sae), dim=1)
-    return torch.where(values > 0, latents, -1).cpu().numpy().astype(np.int32)
+    return torch.where(values > 0, latents, -1).to(torch.int32)
 
 
 def compute_device(backend: str = "auto") -> torch.device:
@@ -250,37 +255,51 @@ def chunk_partial(x: np.ndarray, sae: SAEParams, first_token: int, backend: str 
     n_image_tokens = x.shape[-2] if x.ndim > 2 else 1
     x = x.reshape(-1, x.shape[-1])
     device = compute_device(backend)
+    with thread_stream(device):
+        # Held until the wait below: a copy dropped from the cache meanwhile must outlive the kernels that read it.
+        weights = sae.on(device, WEIGHT_DTYPES[weight_dtype])
+        sums = _chunk_sums(x, weights, first_token, device, backend, top_k, image_top, n_image_tokens)
+        host = dict(zip(sums, to_host(list(sums.values()))))  # one wait for the device per chunk
+    empty_top = (np.zeros((sae.d_sae, 0)), np.zeros((sae.d_sae, 0), dtype=np.int64))
+    return Partial(
+        n=len(x), mean=host["mean"], m2=float(host["m2"]), sq_err=float(host["sq_err"]),
+        rel_err=float(host["rel_err"]), cos=float(host["cos"]), l0_hist=host["l0_hist"], fire=host["fire"],
+        act_sum=host["act_sum"], act_max=host["act_max"], act_argmax=host["act_argmax"],
+        top_act=host.get("top_act", empty_top[0]), top_token=host.get("top_token", empty_top[1]),
+        image_top=host.get("image_top", np.zeros((0, image_top), dtype=np.int32)),
+    )
+
+
+def _chunk_sums(x: np.ndarray, sae: SAEParams, first_token: int, device: torch.device, backend: str, top_k: int,
+                image_top: int, n_image_tokens: int) -> dict[str, torch.Tensor]:
+    """A chunk's partial sums as tensors on ``device`` (queued there, not yet waited for), in the partial's dtypes."""
     # The chunk crosses to the GPU in its stored dtype (half the bytes of float32 for bf16), and every per-token
     # reduction runs there: on a GPU worker the host only decompresses.
     xt = to_device(to_torch(np.ascontiguousarray(x)), device)
-    sae = sae.on(device, WEIGHT_DTYPES[weight_dtype])
     x_in = xt.to(sae.W_enc.dtype)  # the kernel uses tensor cores when x and W share a 16-bit dtype
     s = sae_stats(x_in, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, activation=sae.activation,
                   threshold=sae.threshold, k=sae.k, apply_b_dec_to_input=sae.apply_b_dec_to_input,
                   return_codes=bool(top_k or image_top), backend=backend)
     x64 = xt.double()
     mean = x64.mean(0) if len(x64) else torch.zeros(x.shape[1], dtype=torch.float64, device=device)
-    m2 = (x64 - mean).square().sum()
     x_norm, xhat_norm, err_norm = s.x_sq.double().sqrt(), s.xhat_sq.double().sqrt(), s.sq_err.double().sqrt()
     rel = torch.where(x_norm > 0, err_norm / x_norm, 0.0)
     cos = torch.where((x_norm > 0) & (xhat_norm > 0), s.x_dot_xhat.double() / (x_norm * xhat_norm), 0.0)
     fired = s.act_argmax >= 0
-    host = lambda t: t.cpu().numpy()  # noqa: E731
-    top = (np.zeros((sae.d_sae, 0)), np.zeros((sae.d_sae, 0), dtype=np.int64))
-    per_image = np.zeros((0, image_top), dtype=np.int32)
+    # Not torch.bincount: on a GPU it reads the largest value back to size its output, a wait for the device.
+    l0_hist = torch.zeros(sae.d_sae + 1, dtype=torch.int64, device=device)
+    l0_hist.index_add_(0, s.l0.long(), torch.ones_like(s.l0, dtype=torch.int64))
+    sums = {
+        "mean": mean, "m2": (x64 - mean).square().sum(), "sq_err": s.sq_err.double().sum(), "rel_err": rel.sum(),
+        "cos": cos.sum(), "l0_hist": l0_hist,
+        "fire": s.fire_count.long(), "act_sum": s.act_sum.double(), "act_max": s.act_max.double(),
+        "act_argmax": torch.where(fired, s.act_argmax + first_token, -1).long(),
+    }
     if top_k:
-        top = latent_top_k(s.codes, first_token, sae.d_sae, top_k)
+        sums["top_act"], sums["top_token"] = latent_top_k(s.codes, first_token, sae.d_sae, top_k)
     if image_top:
-        per_image = image_top_latents(s.codes, n_image_tokens, sae.d_sae, image_top)
-    return Partial(
-        n=len(x), mean=host(mean), m2=float(m2), sq_err=float(s.sq_err.double().sum()),
-        rel_err=float(rel.sum()), cos=float(cos.sum()),
-        l0_hist=host(torch.bincount(s.l0.long(), minlength=sae.d_sae + 1)).astype(np.int64),
-        fire=host(s.fire_count.double()).astype(np.int64), act_sum=host(s.act_sum.double()),
-        act_max=host(s.act_max.double()),
-        act_argmax=host(torch.where(fired, s.act_argmax + first_token, -1)).astype(np.int64),
-        top_act=top[0], top_token=top[1], image_top=per_image,
-    )
+        sums["image_top"] = image_top_latents(s.codes, n_image_tokens, sae.d_sae, image_top)
+    return sums
 
 
 def merge_tree(parts: list[Any]) -> Any:

@@ -231,3 +231,76 @@ def test_device_copies_beyond_the_budget_are_dropped_oldest_first(monkeypatch):
     assert DEVICE_COPIES.held(cpu) <= 2.5 * one
     assert saes[0].on(cpu, torch.bfloat16) is first[0]
     assert saes[1].on(cpu, torch.bfloat16) is not first[1]
+
+
+def test_each_thread_runs_its_chunks_on_its_own_stream(monkeypatch):
+    """Dask's threads share a GPU: each must queue its chunks on a stream of its own, kept across chunks, so that its
+    read-back waits for its own work and not for every other thread's."""
+    import contextlib
+    import threading
+
+    from actstore.devices import thread_stream
+
+    made, entered = [], []
+
+    class Stream:
+        def __init__(self, device: int) -> None:
+            self.device = device
+            made.append(self)
+
+    @contextlib.contextmanager
+    def stream(s):
+        entered.append((threading.get_ident(), s))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+
+    together = threading.Barrier(4)  # all alive at once, so that no thread id is reused
+
+    def chunks():
+        for _ in range(3):
+            with thread_stream(torch.device("cuda", 1)):
+                pass
+        together.wait()
+
+    threads = [threading.Thread(target=chunks) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 4 and all(s.device == 1 for s in made)
+    by_thread: dict[int, set[int]] = {}
+    for ident, s in entered:
+        by_thread.setdefault(ident, set()).add(id(s))
+    assert len(entered) == 12 and all(len(s) == 1 for s in by_thread.values())
+    assert len(set().union(*by_thread.values())) == 4
+    with thread_stream(torch.device("cpu")):  # nothing to do on a CPU
+        pass
+    assert len(entered) == 12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_chunk_waits_for_the_gpu_at_most_twice(stores):
+    """One read-back for all of a chunk's sums, plus the kernel's check for tokens beyond its code buffer: every
+    other wait would stall the thread behind the device."""
+    import warnings
+
+    from actstore.stats import chunk_partial
+
+    ds = actstore.open(stores / "b4.zarr")
+    block = np.asarray(ds.image_resid.data.blocks[0, 0])
+    sae = make_saes()[0]
+    want = chunk_partial(block, sae, 0, backend="reference")
+    chunk_partial(block, sae, 0)  # the SAE's copy to the GPU and the kernels' tuning happen once, before counting
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = chunk_partial(block, sae, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) <= 2, waits
+    np.testing.assert_array_equal(got.l0_hist, want.l0_hist)
+    assert got.sq_err == pytest.approx(want.sq_err, rel=1e-5)
