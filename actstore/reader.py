@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.storage import LocalStore
 
+from actstore.codecs import ChunkDecoder
 from actstore.errors import ChunkCorruptError
-from actstore.location import open_zarr_store
+from actstore.location import local_path, open_zarr_store
 from actstore.schema import BLOCK_SKIPPED, BLOCK_STATUS, IMAGE_RESID, TEXT_RESID, StoreSchema
 from actstore.writer import IMAGE_COORDS, TEXT_COORDS, open_group, read_attributes
 
@@ -54,16 +57,24 @@ def describe_chunk(name: str, schema: StoreSchema, key: tuple[slice, ...]) -> st
 
 
 class CheckedChunks:
-    """Array-like over a zarr array that turns decode and checksum failures into errors naming the chunk."""
+    """Array-like over a zarr array that turns decode and checksum failures into errors naming the chunk.
 
-    def __init__(self, array: zarr.Array, name: str, schema: StoreSchema, where: str) -> None:
+    In a local store, a selection within one stored chunk is read and decoded in the calling thread
+    (:class:`actstore.codecs.ChunkDecoder`), so Dask's threads decode in parallel instead of queueing on zarr's
+    event loop; everything else (sharded arrays, fsspec stores, chunks never written) is read by zarr."""
+
+    def __init__(self, array: zarr.Array, name: str, schema: StoreSchema, where: str,
+                 directory: Path | None = None) -> None:
         self.array, self.name, self.schema, self.where = array, name, schema, where
         self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+        self.decoder = ChunkDecoder.for_array(array) if directory is not None else None
+        self.directory = directory
 
     def __getitem__(self, key: Any) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
         try:
-            return self.array[key]
+            within = self._read_within_one_chunk(key) if self.decoder is not None else None
+            return within if within is not None else self.array[key]
         except (ValueError, RuntimeError, TypeError) as exc:
             bounds = tuple(
                 slice(*k.indices(n)[:2]) if isinstance(k, slice) else slice(int(k), int(k) + 1)
@@ -75,9 +86,30 @@ class CheckedChunks:
             ) from exc
 
 
-def _lazy(group: zarr.Group, name: str, schema: StoreSchema, where: str) -> da.Array:
+    def _read_within_one_chunk(self, key: tuple[Any, ...]) -> np.ndarray | None:
+        """The selection, if it is a block of slices inside one stored chunk that exists; else None."""
+        if len(key) != self.ndim or not all(isinstance(k, slice) for k in key):
+            return None
+        bounds = [k.indices(n) for k, n in zip(key, self.shape)]
+        if any(step != 1 or start >= stop for start, stop, step in bounds):
+            return None
+        chunk = tuple(start // c for (start, _, _), c in zip(bounds, self.decoder.shape))
+        if any(stop > (i + 1) * c for (_, stop, _), i, c in zip(bounds, chunk, self.decoder.shape)):
+            return None
+        path = self.directory / self.array.metadata.chunk_key_encoding.encode_chunk_key(chunk)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # never written: zarr gives the fill value
+            return None
+        values = self.decoder.decode(data)
+        local = tuple(slice(start - i * c, stop - i * c) for (start, stop, _), i, c in
+                      zip(bounds, chunk, self.decoder.shape))
+        return values[local]
+
+
+def _lazy(group: zarr.Group, name: str, schema: StoreSchema, where: str, directory: Path | None = None) -> da.Array:
     array = group[name]
-    reader = CheckedChunks(array, name, schema, where)
+    reader = CheckedChunks(array, name, schema, where, None if directory is None else directory / name)
     # One dask chunk per stored chunk (the inner chunk when sharded): a selection reads only what it needs.
     return da.from_array(
         reader, chunks=array.chunks, asarray=False, lock=False, meta=np.empty((0,) * array.ndim, array.dtype),
@@ -107,12 +139,14 @@ def open(  # noqa: A001 - mirrors xarray.open_dataset / zarr.open
     where = os.fspath(location)
     store = open_zarr_store(location, read_only=True, storage_options=storage_options)
     group = open_group(store, where, mode="r")
+    directory = local_path(where) if isinstance(store, LocalStore) else None
     attrs = read_attributes(group, where)
     schema = attrs.schema
     markers = read_markers(group)
 
     variables: dict[str, Any] = {
-        IMAGE_RESID: (("layer", "image", "image_token", "d_model"), _lazy(group, IMAGE_RESID, schema, where))
+        IMAGE_RESID: (("layer", "image", "image_token", "d_model"),
+                      _lazy(group, IMAGE_RESID, schema, where, directory)),
     }
     coords: dict[str, Any] = {
         "layer": ("layer", group["layer"][:]),
@@ -122,7 +156,8 @@ def open(  # noqa: A001 - mirrors xarray.open_dataset / zarr.open
         coords[name] = ("image", np.asarray(group[name][:]).astype(object))
     has_text = schema.text_tokens_per_image > 0
     if has_text:
-        variables[TEXT_RESID] = (("layer", "text_token", "d_model"), _lazy(group, TEXT_RESID, schema, where))
+        variables[TEXT_RESID] = (("layer", "text_token", "d_model"),
+                                 _lazy(group, TEXT_RESID, schema, where, directory))
         for name in TEXT_COORDS:
             coords[name] = ("text_token", _lazy(group, name, schema, where))
 

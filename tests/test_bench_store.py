@@ -18,6 +18,7 @@ def test_bench_store_quick(tmp_path):
     assert set(report["results"]) == {"none", "zstd"}
     for entry in report["results"].values():
         assert entry["raw_write_GBps"] > 0 and entry["write_GBps_logical"] > 0 and entry["read_GBps_logical"] > 0
+        assert entry["read_zarr_GBps_logical"] > 0 and entry["read_ours_vs_zarr"] > 0
         assert entry["bytes_stored"] > 0 and entry["zarr_default"]["write_GBps_logical"] > 0
         assert entry["bound_by"] in ("disk", "cpu")
     assert report["results"]["zstd"]["compression_ratio"] > report["results"]["none"]["compression_ratio"]

@@ -85,3 +85,78 @@ def test_plain_xarray_opens_the_store(store_path):
     ds = xr.open_zarr(store_path, consolidated=False)
     assert ds.image_resid.dims == ("layer", "image", "image_token", "d_model")
     np.testing.assert_array_equal(bits(ds.image_resid.values[:, :4]), bits(block_data(schema, 0)[0]))
+
+
+class ZarrWasAsked(Exception):
+    """Raised by a zarr read that the reader should not have made."""
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd", "blosc-lz4"])
+def test_whole_chunks_of_a_local_store_are_decoded_by_the_reading_thread(store_path, monkeypatch, codec):
+    """Dask's threads decode their chunks themselves: zarr-python would check and copy every chunk on its one event
+    loop thread. The values stay bit-exact, edge chunks and sub-selections included."""
+    schema = small_schema(codec=codec, dtype="bfloat16")
+    with StoreWriter.create(store_path, schema) as writer:
+        write_blocks(writer, [0, 1, 2], n_last=3)
+    expected = [block_data(schema, b, 3 if b == 2 else None) for b in range(3)]
+    ds = actstore.open(store_path)
+
+    def refuse(self, key):
+        raise ZarrWasAsked(key)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", refuse)
+    np.testing.assert_array_equal(bits(ds.image_resid.values), bits(np.concatenate([e[0] for e in expected], 1)))
+    np.testing.assert_array_equal(bits(ds.text_resid.values), bits(np.concatenate([e[3].resid for e in expected], 1)))
+    np.testing.assert_array_equal(bits(ds.image_resid.isel(layer=2, image=slice(5, 7), d_model=3).values),
+                                  bits(expected[1][0][2, 1:3, :, 3]))
+
+
+def test_chunks_that_are_sharded_or_never_written_are_read_by_zarr(store_path):
+    from actstore.codecs import ChunkDecoder
+
+    schema = small_schema(chunk_images=2)
+    with StoreWriter.create(store_path, schema) as writer:
+        write_blocks(writer, [1])
+    group = zarr.open_group(str(store_path), mode="r")
+    assert ChunkDecoder.for_array(group["image_resid"]) is None  # sharded
+    assert ChunkDecoder.for_array(group["image_id"]) is None  # strings
+    assert ChunkDecoder.for_array(group["text_resid"]) is not None
+    raw = actstore.open(store_path, complete_only=False)
+    assert np.isnan(raw.text_resid.isel(text_token=0).values.astype(np.float32)).all()  # block 0: never written
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "blosc"])
+def test_the_decoder_refuses_a_chunk_of_the_wrong_size(compressor):
+    """A chunk whose checksum holds but whose size does not fit the array's chunk shape is an error, never an array
+    padded with whatever memory held."""
+    from actstore.codecs import ChunkDecoder, ChunkEncoder
+
+    encoder = ChunkEncoder("zstd" if compressor == "zstd" else "blosc-zstd", 1)
+    decoder = ChunkDecoder(compressor, np.dtype("float32"), (4, 8))
+    x = np.arange(32, dtype=np.float32).reshape(4, 8)
+    np.testing.assert_array_equal(decoder.decode(encoder.encode(x)), x)
+    with pytest.raises(ValueError, match="decompresses to 96 bytes"):
+        decoder.decode(encoder.encode(x[:3]))
+    with pytest.raises(ValueError, match="crc32c"):
+        decoder.decode(bytes(encoder.encode(x))[:-1] + b"\0")
+
+
+@pytest.mark.parametrize("n_bytes", [0, 100, 255, 256, 300, 65791, 65792, 1 << 20])
+def test_zstd_frame_headers_give_the_decompressed_size(n_bytes):
+    import numcodecs
+
+    from actstore.codecs import _zstd_content_size
+
+    data = np.random.default_rng(n_bytes).integers(0, 4, n_bytes, dtype=np.uint8)
+    assert _zstd_content_size(memoryview(numcodecs.Zstd(level=1).encode(data))) == n_bytes
+
+
+def test_a_zstd_frame_without_its_size_is_decoded_and_then_measured(monkeypatch):
+    import actstore.codecs as codecs
+
+    monkeypatch.setattr(codecs, "_zstd_content_size", lambda frame: None)
+    encoder, decoder = codecs.ChunkEncoder("zstd", 1), codecs.ChunkDecoder("zstd", np.dtype("int16"), (16,))
+    x = np.arange(16, dtype=np.int16)
+    np.testing.assert_array_equal(decoder.decode(encoder.encode(x)), x)
+    with pytest.raises(ValueError, match="decompresses to 30 bytes"):
+        decoder.decode(encoder.encode(x[:15]))
