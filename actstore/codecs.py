@@ -2,12 +2,12 @@
 
 The chain is ``bytes(little) -> [zstd | blosc] -> crc32c``. We encode chunks ourselves rather than through
 ``zarr.Array.__setitem__`` because zarr's write path serialises on its event loop (measured at ~45% of an H100
-host's disk bandwidth, see docs/store-format.md); numcodecs, crc32c and large numpy copies release the GIL, so a plain thread
-pool encodes in parallel. Reads have the same bottleneck: zarr-python 3.1 checks each chunk's crc32c and copies it
-into the output array on its one event-loop thread, so Dask's threads reading whole chunks through it wait on that
-thread (on a 2-core VM, from the page cache: 0.30-0.40 GB/s through zarr, 0.55-0.71 GB/s decoding in the threads). ``ChunkDecoder``
-decodes in the calling thread. Other readers (zarr-python, TensorStore) decode these bytes with their own codecs, and
-the tests hold us to that.
+host's disk bandwidth, see docs/store-format.md); numcodecs, crc32c and large numpy copies release the GIL, so a
+plain thread pool encodes in parallel. Reads have the same bottleneck: zarr-python 3.1 checks each chunk's crc32c
+and copies it into the output array on its one event-loop thread, so Dask's threads reading whole chunks through it
+wait on that thread (on a 2-core VM, from the page cache: 0.30-0.40 GB/s through zarr, 0.55-0.71 GB/s decoding in
+the threads). ``ChunkDecoder`` decodes in the calling thread. Other readers (zarr-python, TensorStore) decode these
+bytes with their own codecs, and the tests hold us to that.
 """
 
 from __future__ import annotations
