@@ -142,14 +142,20 @@ class ChunkDecoder:
 
     @classmethod
     def for_array(cls, array: Any) -> "ChunkDecoder | None":
-        """A decoder for ``array``'s chunks if they are stored with our chain, unsharded, in little-endian (a zarr v3
-        array); None otherwise (zarr then reads them)."""
+        """A decoder for the chunks (inner chunks, when sharded) of a zarr v3 ``array`` if they are stored with our
+        chain in little-endian; None otherwise (zarr then reads them)."""
         codecs = getattr(array.metadata, "codecs", None)
+        if codecs and isinstance(codecs[0], ShardingCodec):
+            codecs = codecs[0].codecs
+        return cls.for_codecs(codecs, np.dtype(array.dtype), tuple(array.chunks))
+
+    @classmethod
+    def for_codecs(cls, codecs: Any, dtype: np.dtype, shape: tuple[int, ...]) -> "ChunkDecoder | None":
+        """A decoder for chunks of ``shape`` and ``dtype`` encoded with ``codecs``, if that is our chain; else None."""
         if not codecs or len(codecs) not in (2, 3) or not isinstance(codecs[-1], Crc32cCodec):
             return None
         if not isinstance(codecs[0], BytesCodec) or sys.byteorder != "little":
             return None
-        dtype = np.dtype(array.dtype)
         if dtype.itemsize > 1 and (codecs[0].endian is None or codecs[0].endian.value != "little"):
             return None
         if dtype.byteorder == ">" or dtype.hasobject:
@@ -157,7 +163,7 @@ class ChunkDecoder:
         middle = codecs[1] if len(codecs) == 3 else None
         compressor = ("none" if middle is None else "zstd" if isinstance(middle, ZstdCodec)
                       else "blosc" if isinstance(middle, BloscCodec) else None)
-        return None if compressor is None else cls(compressor, dtype, tuple(array.chunks))
+        return None if compressor is None else cls(compressor, dtype, shape)
 
     def decode(self, data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
         """The chunk's array (writable, C order) from its stored bytes; ValueError if they are damaged."""
@@ -188,3 +194,42 @@ class ChunkDecoder:
         else:
             self._codec.decode(payload, out=out)
         return out.view(self.dtype).reshape(self.shape)
+
+
+class ShardIndex:
+    """Where each inner chunk lies in a shard file of the layout :func:`encode_shard` writes (``sharding_indexed``,
+    index at the end, ``bytes`` + ``crc32c``), so that one inner chunk is read without reading its shard."""
+
+    def __init__(self, shard_shape: tuple[int, ...], inner_shape: tuple[int, ...]) -> None:
+        self.shard_shape, self.inner_shape = tuple(shard_shape), tuple(inner_shape)
+        self.grid = tuple(s // i for s, i in zip(self.shard_shape, self.inner_shape))
+        self.nbytes = int(np.prod(self.grid)) * 16 + 4
+
+    @classmethod
+    def for_array(cls, array: Any) -> "ShardIndex | None":
+        """The index layout of a sharded zarr v3 ``array`` if it is ours; None if the array is not sharded or its
+        index is stored differently."""
+        codecs = getattr(array.metadata, "codecs", None)
+        if not codecs or not isinstance(codecs[0], ShardingCodec):
+            return None
+        sharding = codecs[0]
+        index_codecs = sharding.index_codecs
+        if sharding.index_location.value != "end" or len(index_codecs) != 2:
+            return None
+        if not (isinstance(index_codecs[0], BytesCodec) and isinstance(index_codecs[1], Crc32cCodec)):
+            return None
+        return cls(tuple(array.shards), tuple(sharding.chunk_shape))
+
+    def locate(self, index: bytes, inner: tuple[int, ...]) -> tuple[int, int] | None:
+        """(offset, nbytes) of inner chunk ``inner`` (its coordinates within the shard), from the shard's index
+        bytes; None if the shard holds no such chunk. ValueError if the index is damaged."""
+        if len(index) != self.nbytes:
+            raise ValueError(f"shard index of {len(index)} bytes, expected {self.nbytes}")
+        body = memoryview(index)[:-4]
+        stored, computed = int.from_bytes(index[-4:], "little"), crc32c.crc32c(body)
+        if stored != computed:
+            raise ValueError(f"shard index crc32c mismatch: stored {stored:#010x}, computed {computed:#010x}")
+        offset, nbytes = np.frombuffer(body, dtype="<u8").reshape(-1, 2)[np.ravel_multi_index(inner, self.grid)]
+        if offset == _EMPTY and nbytes == _EMPTY:
+            return None
+        return int(offset), int(nbytes)

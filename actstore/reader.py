@@ -12,9 +12,10 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.codecs import ShardingCodec
 from zarr.storage import LocalStore
 
-from actstore.codecs import ChunkDecoder
+from actstore.codecs import ChunkDecoder, ShardIndex
 from actstore.errors import ChunkCorruptError
 from actstore.location import local_path, open_zarr_store
 from actstore.schema import BLOCK_SKIPPED, BLOCK_STATUS, IMAGE_RESID, TEXT_RESID, StoreSchema
@@ -61,13 +62,18 @@ class CheckedChunks:
 
     In a local store, a selection within one stored chunk is read and decoded in the calling thread
     (:class:`actstore.codecs.ChunkDecoder`), so Dask's threads decode in parallel instead of queueing on zarr's
-    event loop; everything else (sharded arrays, fsspec stores, chunks never written) is read by zarr."""
+    event loop (an inner chunk of a sharded array: through the shard's index, reading only that chunk); everything
+    else (fsspec stores, chunks never written) is read by zarr."""
 
     def __init__(self, array: zarr.Array, name: str, schema: StoreSchema, where: str,
                  directory: Path | None = None) -> None:
         self.array, self.name, self.schema, self.where = array, name, schema, where
         self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
-        self.decoder = ChunkDecoder.for_array(array) if directory is not None else None
+        self.shards = ShardIndex.for_array(array)
+        sharded = isinstance((getattr(array.metadata, "codecs", None) or (None,))[0], ShardingCodec)
+        # Not for a shard index laid out otherwise than ours: zarr reads those.
+        ours = directory is not None and (self.shards is not None or not sharded)
+        self.decoder = ChunkDecoder.for_array(array) if ours else None
         self.directory = directory
 
     def __getitem__(self, key: Any) -> np.ndarray:
@@ -85,7 +91,6 @@ class CheckedChunks:
                 f"decode ({exc}). Run `actstore verify {self.where}` to list every damaged chunk"
             ) from exc
 
-
     def _read_within_one_chunk(self, key: tuple[Any, ...]) -> np.ndarray | None:
         """The selection, if it is a block of slices inside one stored chunk that exists; else None."""
         if len(key) != self.ndim or not all(isinstance(k, slice) for k in key):
@@ -96,15 +101,37 @@ class CheckedChunks:
         chunk = tuple(start // c for (start, _, _), c in zip(bounds, self.decoder.shape))
         if any(stop > (i + 1) * c for (_, stop, _), i, c in zip(bounds, chunk, self.decoder.shape)):
             return None
-        path = self.directory / self.array.metadata.chunk_key_encoding.encode_chunk_key(chunk)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:  # never written: zarr gives the fill value
+        data = self._chunk_bytes(chunk)
+        if data is None:  # never written: zarr gives the fill value
             return None
         values = self.decoder.decode(data)
         local = tuple(slice(start - i * c, stop - i * c) for (start, stop, _), i, c in
                       zip(bounds, chunk, self.decoder.shape))
         return values[local]
+
+    def _chunk_bytes(self, chunk: tuple[int, ...]) -> bytes | None:
+        """The stored bytes of (inner) chunk ``chunk``, or None if it was never written."""
+        encode_key = self.array.metadata.chunk_key_encoding.encode_chunk_key
+        if self.shards is None:
+            try:
+                return (self.directory / encode_key(chunk)).read_bytes()
+            except FileNotFoundError:
+                return None
+        per_shard = self.shards.grid
+        shard = tuple(c // n for c, n in zip(chunk, per_shard))
+        try:
+            with (self.directory / encode_key(shard)).open("rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size < self.shards.nbytes:
+                    raise ValueError(f"shard of {size} bytes is shorter than its index ({self.shards.nbytes} bytes)")
+                f.seek(size - self.shards.nbytes)
+                where = self.shards.locate(f.read(self.shards.nbytes), tuple(c % n for c, n in zip(chunk, per_shard)))
+                if where is None:
+                    return None
+                f.seek(where[0])
+                return f.read(where[1])
+        except FileNotFoundError:
+            return None
 
 
 def _lazy(group: zarr.Group, name: str, schema: StoreSchema, where: str, directory: Path | None = None) -> da.Array:

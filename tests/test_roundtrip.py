@@ -91,11 +91,12 @@ class ZarrWasAsked(Exception):
     """Raised by a zarr read that the reader should not have made."""
 
 
-@pytest.mark.parametrize("codec", ["none", "zstd", "blosc-lz4"])
-def test_whole_chunks_of_a_local_store_are_decoded_by_the_reading_thread(store_path, monkeypatch, codec):
-    """Dask's threads decode their chunks themselves: zarr-python would check and copy every chunk on its one event
-    loop thread. The values stay bit-exact, edge chunks and sub-selections included."""
-    schema = small_schema(codec=codec, dtype="bfloat16")
+@pytest.mark.parametrize("codec, sharded", [("none", False), ("zstd", False), ("blosc-lz4", False), ("zstd", True)])
+def test_whole_chunks_of_a_local_store_are_decoded_by_the_reading_thread(store_path, monkeypatch, codec, sharded):
+    """Dask's threads decode their chunks themselves (an inner chunk of a shard through the shard's index):
+    zarr-python would check and copy every chunk on its one event loop thread. The values stay bit-exact, edge
+    chunks and sub-selections included."""
+    schema = small_schema(codec=codec, dtype="bfloat16", chunk_images=2 if sharded else None)
     with StoreWriter.create(store_path, schema) as writer:
         write_blocks(writer, [0, 1, 2], n_last=3)
     expected = [block_data(schema, b, 3 if b == 2 else None) for b in range(3)]
@@ -111,18 +112,61 @@ def test_whole_chunks_of_a_local_store_are_decoded_by_the_reading_thread(store_p
                                   bits(expected[1][0][2, 1:3, :, 3]))
 
 
-def test_chunks_that_are_sharded_or_never_written_are_read_by_zarr(store_path):
-    from actstore.codecs import ChunkDecoder
+def test_chunks_never_written_or_of_other_layouts_are_read_by_zarr(store_path):
+    from actstore.codecs import ChunkDecoder, ShardIndex
 
-    schema = small_schema(chunk_images=2)
+    schema = small_schema()
     with StoreWriter.create(store_path, schema) as writer:
         write_blocks(writer, [1])
     group = zarr.open_group(str(store_path), mode="r")
-    assert ChunkDecoder.for_array(group["image_resid"]) is None  # sharded
     assert ChunkDecoder.for_array(group["image_id"]) is None  # strings
-    assert ChunkDecoder.for_array(group["text_resid"]) is not None
+    assert ChunkDecoder.for_array(group["text_resid"]) is not None and ShardIndex.for_array(group["text_resid"]) is None
     raw = actstore.open(store_path, complete_only=False)
     assert np.isnan(raw.text_resid.isel(text_token=0).values.astype(np.float32)).all()  # block 0: never written
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+    from actstore.reader import CheckedChunks
+
+    index_first = ShardingCodec(chunk_shape=(2, 3), codecs=[BytesCodec(), Crc32cCodec()], index_location="start")
+    other = zarr.create_array(str(store_path.parent / "other.zarr"), shape=(4, 6), chunks=(4, 6), dtype="float32",
+                              serializer=index_first, compressors=None, filters=None)
+    other[:] = np.arange(24, dtype=np.float32).reshape(4, 6)
+    assert ShardIndex.for_array(other) is None
+    reader = CheckedChunks(other, "other", schema, str(store_path.parent), store_path.parent / "other.zarr")
+    assert reader.decoder is None
+    np.testing.assert_array_equal(reader[(slice(0, 2), slice(3, 6))], other[:2, 3:])
+
+
+def test_a_shard_index_is_checked_and_knows_empty_inner_chunks():
+    import crc32c
+
+    from actstore.codecs import ShardIndex
+
+    index = ShardIndex((1, 4, 5, 12), (1, 2, 5, 12))
+    table = np.array([[0, 100], [2**64 - 1, 2**64 - 1]], dtype="<u8").tobytes()
+    stored = table + int(crc32c.crc32c(table)).to_bytes(4, "little")
+    assert index.locate(stored, (0, 0, 0, 0)) == (0, 100)
+    assert index.locate(stored, (0, 1, 0, 0)) is None  # not written: zarr gives the fill value
+    with pytest.raises(ValueError, match="shard index crc32c mismatch"):
+        index.locate(stored[:3] + b"\x01" + stored[4:], (0, 0, 0, 0))
+
+
+def test_a_damaged_shard_index_is_named(store_path):
+    from actstore.errors import ChunkCorruptError
+    from actstore.schema import image_chunk_key
+
+    schema = small_schema(chunk_images=2)
+    with StoreWriter.create(store_path, schema) as writer:
+        write_blocks(writer, [0, 1])
+    shard = store_path / image_chunk_key(1, 1)
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0x01  # inside the index, before its checksum
+    shard.write_bytes(bytes(data))
+    ds = actstore.open(store_path)
+    np.testing.assert_array_equal(bits(ds.image_resid.isel(layer=1, image=slice(0, 4)).values),
+                                  bits(block_data(schema, 0)[0][1]))
+    with pytest.raises(ChunkCorruptError, match="layer state 1, images 4..5"):
+        ds.image_resid.isel(layer=1, image=slice(4, 6)).values
 
 
 @pytest.mark.parametrize("compressor", ["zstd", "blosc"])
