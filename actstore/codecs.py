@@ -107,6 +107,18 @@ def encode_shard(encoder: ChunkEncoder, block: np.ndarray, chunk_images: int) ->
     return b"".join(parts)
 
 
+def _checked_payload(data: memoryview, what: str) -> memoryview:
+    """``data`` without the crc32c that :func:`_append_crc32c` put after it; ValueError naming ``what`` if it does
+    not match."""
+    if len(data) < 4:
+        raise ValueError(f"{what} of {len(data)} bytes is shorter than its crc32c checksum")
+    payload = data[:-4]
+    stored, computed = int.from_bytes(data[-4:], "little"), crc32c.crc32c(payload, gil_release_mode=1)
+    if stored != computed:
+        raise ValueError(f"{what} crc32c mismatch: stored {stored:#010x}, computed {computed:#010x}")
+    return payload
+
+
 def _zstd_content_size(frame: memoryview) -> int | None:
     """The decompressed size a zstd frame header declares (RFC 8878, 3.1.1.1), or None if it declares none."""
     if len(frame) < 6 or bytes(frame[:4]) != b"\x28\xb5\x2f\xfd":
@@ -167,14 +179,7 @@ class ChunkDecoder:
 
     def decode(self, data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
         """The chunk's array (writable, C order) from its stored bytes; ValueError if they are damaged."""
-        data = memoryview(data).cast("B")
-        if len(data) < 4:
-            raise ValueError(f"chunk of {len(data)} bytes is shorter than its crc32c checksum")
-        payload = data[:-4]
-        stored = int.from_bytes(data[-4:], "little")
-        computed = crc32c.crc32c(payload, gil_release_mode=1)
-        if stored != computed:
-            raise ValueError(f"crc32c checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")
+        payload = _checked_payload(memoryview(data).cast("B"), "chunk")
         if self.compressor == "none":
             size = len(payload)
         elif self.compressor == "zstd":
@@ -225,10 +230,7 @@ class ShardIndex:
         bytes; None if the shard holds no such chunk. ValueError if the index is damaged."""
         if len(index) != self.nbytes:
             raise ValueError(f"shard index of {len(index)} bytes, expected {self.nbytes}")
-        body = memoryview(index)[:-4]
-        stored, computed = int.from_bytes(index[-4:], "little"), crc32c.crc32c(body)
-        if stored != computed:
-            raise ValueError(f"shard index crc32c mismatch: stored {stored:#010x}, computed {computed:#010x}")
+        body = _checked_payload(memoryview(index), "shard index")
         offset, nbytes = np.frombuffer(body, dtype="<u8").reshape(-1, 2)[np.ravel_multi_index(inner, self.grid)]
         if offset == _EMPTY and nbytes == _EMPTY:
             return None

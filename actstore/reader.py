@@ -12,7 +12,6 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import ShardingCodec
 from zarr.storage import LocalStore
 
 from actstore.codecs import ChunkDecoder, ShardIndex
@@ -70,9 +69,8 @@ class CheckedChunks:
         self.array, self.name, self.schema, self.where = array, name, schema, where
         self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
         self.shards = ShardIndex.for_array(array)
-        sharded = isinstance((getattr(array.metadata, "codecs", None) or (None,))[0], ShardingCodec)
         # Not for a shard index laid out otherwise than ours: zarr reads those.
-        ours = directory is not None and (self.shards is not None or not sharded)
+        ours = directory is not None and (self.shards is not None or array.shards is None)
         self.decoder = ChunkDecoder.for_array(array) if ours else None
         self.directory = directory
 
