@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_store import GB, activation_like, raw_sequential_write, save_result  # noqa: E402
 
-from actstore.harvest import HarvestStats, HostRing, forward_states, harvest_block, n_states  # noqa: E402
+from actstore.harvest import (  # noqa: E402
+    BlockJob, HarvestStats, HostRing, block_groups, forward_states, harvest_blocks, n_states)
 from actstore.integrity import store_info  # noqa: E402
 from actstore.miniature import build_tokenizer  # noqa: E402
 from actstore.models import AdapterConfig, AdapterVLM  # noqa: E402
@@ -175,13 +176,18 @@ def harvest(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, direc
     path = directory / "harvest.zarr"
     stats = HarvestStats()
     flat = [img for b in batches for img in b]
-    ring = HostRing(slots=3, pin=device.type == "cuda")
+    batch_size = len(batches[0])
+    groups = block_groups(schema.blocks_for(n), block_images, batch_size)
+    ring = HostRing(slots=len(groups[0]) + 2, pin=device.type == "cuda")  # as jobs.harvest sizes it
     start = time.perf_counter()
     with StoreWriter.create(path, schema) as writer:
-        for block in range(schema.blocks_for(n)):
-            chunk = flat[block * block_images : (block + 1) * block_images]
-            examples = [{"image_id": f"img{block}-{i}", "image": img} for i, img in enumerate(chunk)]
-            harvest_block(vlm, writer, block, examples, [prompt] * len(chunk), states, len(batches[0]), stats, ring=ring)
+        for group in groups:
+            jobs = []
+            for block in group:
+                chunk = flat[block * block_images : (block + 1) * block_images]
+                examples = [{"image_id": f"img{block}-{i}", "image": img} for i, img in enumerate(chunk)]
+                jobs.append(BlockJob(block, examples, [prompt] * len(chunk)))
+            harvest_blocks(vlm, writer, jobs, states, batch_size, stats, ring)
     sync(device)
     seconds = time.perf_counter() - start
     stats.seconds_total = seconds
@@ -205,7 +211,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.quick:
-        args.images, args.batch, args.block_images = 32, 8, 8
+        args.images, args.batch, args.block_images = 32, 16, 8  # micro-batches span 2 blocks, as at full size
     vlm = build_vlm(args.quick, device, dtype)
     size = vlm.vision.config.image_size
     prompt = "describe the image ."

@@ -3,9 +3,10 @@
     actstore harvest --config jobs/configs/demo.yaml --out STORE
     torchrun --nproc-per-node N -m jobs.harvest --config ... --out STORE
 
-Each process takes the missing blocks ``b`` with ``b % world_size == rank``; rank 0 creates the store and the others
-wait for it. Rerunning the same command after a crash writes only the missing blocks; a run with another model,
-adapter, data or harvest setting into the same store is refused with the list of differences.
+Blocks that share micro-batches form a group (``batch_size / block_images`` consecutive blocks); each process takes the
+groups ``g`` with ``g % world_size == rank`` that miss a block; rank 0 creates the store and the others wait for it.
+Rerunning the same command after a crash writes only the missing blocks; a run with another model, adapter, data or
+harvest setting into the same store is refused with the list of differences.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import yaml
 
 from actstore.errors import NotAStoreError
-from actstore.harvest import HarvestStats, HostRing, harvest_block, n_states
+from actstore.harvest import BlockJob, HarvestStats, HostRing, block_groups, harvest_blocks, n_states
 from actstore.models import adapter_sha256
 from actstore.schema import StoreSchema
 from actstore.writer import StoreWriter
@@ -114,38 +115,49 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     else:
         wait_for_store(out)
         writer = StoreWriter.open(out, schema, provenance, threads=h.threads)
-    todo = [b for b in writer.missing_blocks(h.n_images) if b % world_size == rank]
+    missing = set(writer.missing_blocks(h.n_images))
+    groups = [group for g, group in enumerate(block_groups(schema.blocks_for(h.n_images), h.block_images, h.batch_size))
+              if g % world_size == rank and missing.intersection(group)]
+    todo = [b for group in groups for b in group if b in missing]
     say(f"[harvest] {len(states)} states x {schema.image_tokens} image tokens x d_model {schema.d_model} -> {out}; "
         f"{len(todo)} block(s) to write on rank 0 of {world_size}")
     stats = HarvestStats()
-    ring = HostRing(slots=3, pin=device.type == "cuda")  # the writer keeps up to 2 blocks in flight
+    # Buffers for the blocks one group's micro-batches fill, plus the 2 blocks the writer keeps in flight.
+    ring = HostRing(slots=max(map(len, groups), default=1) + 2, pin=device.type == "cuda")
     start = time.perf_counter()
     futures = []
-    bar = tqdm(todo, disable=None if rank == 0 else True, desc="harvest", unit="block")
+    bar = tqdm(total=len(todo), disable=None if rank == 0 else True, desc="harvest", unit="block")
 
-    def load(block: int) -> tuple[list[int], list[Any]]:
-        indices = [i for i in writer.block_images(block) if i < len(examples)]
-        return indices, [examples[i] for i in indices]
+    def load(group: range) -> list[tuple[int, list[int], list[Any]]]:
+        loaded = []
+        for block in group:
+            indices = [i for i in writer.block_images(block) if i < len(examples)]
+            loaded.append((block, indices, [examples[i] for i in indices]))
+        return loaded
 
-    # One loader thread decodes the next block's images while this block runs on the device (the only thread that
+    # One loader thread decodes the next group's images while this group runs on the device (the only thread that
     # touches the dataset, so sources need not be thread-safe).
     with ThreadPoolExecutor(1, thread_name_prefix="harvest-loader") as loader:
-        pending = loader.submit(load, todo[0]) if todo else None
-        for position, block in enumerate(bar):
-            indices, loaded = pending.result()
-            if position + 1 < len(todo):
-                pending = loader.submit(load, todo[position + 1])
-            # Undecodable images are skipped (listed below); the block holds the others, named by their image_id.
-            chosen = [e for e in loaded if e is not None]
-            skipped = [examples.skipped_rows[i] for i, e in zip(indices, loaded) if e is None]
-            if not chosen:
-                raise ValueError(f"every image of block {block} (dataset rows {indices[0]}..{indices[-1]}) is "
-                                 "undecodable")
-            prompts = [h.prompt.format(caption=e["caption"]) for e in chosen]
-            futures.append(harvest_block(vlm, writer, block, chosen, prompts, states, h.batch_size, stats, skipped,
-                                         ring))
+        pending = loader.submit(load, groups[0]) if groups else None
+        for position in range(len(groups)):
+            loaded_group = pending.result()
+            if position + 1 < len(groups):
+                pending = loader.submit(load, groups[position + 1])
+            jobs = []
+            for block, indices, loaded in loaded_group:
+                # Undecodable images are skipped (listed below); the block holds the others, named by their image_id.
+                chosen = [e for e in loaded if e is not None]
+                skipped = [examples.skipped_rows[i] for i, e in zip(indices, loaded) if e is None]
+                if not chosen:
+                    raise ValueError(f"every image of block {block} (dataset rows {indices[0]}..{indices[-1]}) is "
+                                     "undecodable")
+                prompts = [h.prompt.format(caption=e["caption"]) for e in chosen]
+                jobs.append(BlockJob(block, chosen, prompts, skipped, write=block in missing))
+            futures += harvest_blocks(vlm, writer, jobs, states, h.batch_size, stats, ring)
+            bar.update(sum(job.write for job in jobs))
             elapsed = time.perf_counter() - start
             bar.set_postfix(img_s=f"{stats.images / elapsed:.1f}", GB_s=f"{stats.bytes_logical / elapsed / 1e9:.3f}")
+    bar.close()
     t0 = time.perf_counter()
     for f in futures:
         f.result()

@@ -36,14 +36,15 @@ def adapter_dir(tiny_vlm, tmp_path_factory):
 def write_config(path: Path, adapter: Path, **harvest) -> Path:
     raw = {"model": {"vision": "miniature", "lm": "miniature"}, "data": {"source": "world", "seed": 3},
            "adapter": str(adapter),
-           "harvest": {"n_images": 40, "block_images": 8, "batch_size": 8, "dtype": "float32",
+           # micro-batches of 12 across blocks of 8: groups of 2 blocks, run as 12 + 4 images
+           "harvest": {"n_images": 40, "block_images": 8, "batch_size": 12, "dtype": "float32",
                        "text_tokens_per_image": 8, **harvest}}
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
 def test_stored_residuals_equal_hidden_states(adapter_dir, tmp_path):
-    # 5 blocks through 3 host buffers: a buffer is reused while the writer may still hold an earlier block
+    # 5 blocks through 4 host buffers: a buffer is reused while the writer may still hold an earlier block
     cfg = HarvestConfig.from_yaml(write_config(tmp_path / "h.yaml", adapter_dir, n_images=40))
     result = run_harvest(cfg, str(tmp_path / "s.zarr"))
     chunk_files = [f for name in ("image_resid", "text_resid") for f in (tmp_path / "s.zarr" / name / "c").rglob("*")
@@ -56,29 +57,29 @@ def test_stored_residuals_equal_hidden_states(adapter_dir, tmp_path):
 
     all_rows = world.generate(40, seed=3)
     final_norm = vlm.lm.get_decoder().norm
-    for block in range(5):
-        rows = all_rows[block * 8 : (block + 1) * 8]  # the same batch the harvester ran
-        batch = vlm.build_batch(vlm.pixel_values([r["image"] for r in rows]), ["describe the image ."] * 8)
+    for first, end in ((0, 12), (12, 16), (16, 28), (28, 32), (32, 40)):  # the micro-batches the harvester ran
+        rows = all_rows[first:end]
+        batch = vlm.build_batch(vlm.pixel_values([r["image"] for r in rows]), ["describe the image ."] * len(rows))
         with torch.no_grad():
             hidden = vlm.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                             output_hidden_states=True).hidden_states
         last = len(hidden) - 1
         assert list(ds.layer.values) == list(range(last + 1))
-        assert list(ds.image_id.values[block * 8 : (block + 1) * 8]) == [r["image_id"] for r in rows]
+        assert list(ds.image_id.values[first:end]) == [r["image_id"] for r in rows]
         for state in range(last + 1):
-            stored = torch.from_numpy(ds.image_resid.sel(layer=state).values[block * 8 : (block + 1) * 8])
-            want = hidden[state][torch.arange(8)[:, None], batch.image_positions]
+            stored = torch.from_numpy(ds.image_resid.sel(layer=state).values[first:end])
+            want = hidden[state][torch.arange(len(rows))[:, None], batch.image_positions]
             if state == last:  # transformers' last hidden state is after the final norm; we store the residual
                 stored = final_norm(stored)
-            assert torch.equal(stored, want), f"image tokens, block {block}, state {state}"
-            for i in range(8):
-                mine = ds.text_image.values == block * 8 + i
+            assert torch.equal(stored, want), f"image tokens {first}..{end}, state {state}"
+            for i in range(len(rows)):
+                mine = ds.text_image.values == first + i
                 positions = torch.from_numpy(ds.text_position.values[mine]).long()
                 assert positions.tolist() == batch.text_positions(i).tolist()
                 text = torch.from_numpy(ds.text_resid.sel(layer=state).values[mine])
                 if state == last:
                     text = final_norm(text)
-                assert torch.equal(text, hidden[state][i, positions]), f"text of image {i}, block {block}, {state}"
+                assert torch.equal(text, hidden[state][i, positions]), f"text of image {first + i}, state {state}"
                 ids = ds.text_token_id.values[mine].tolist()
                 assert ids == vlm.tokenizer("describe the image .", add_special_tokens=False)["input_ids"]
 
@@ -120,6 +121,150 @@ def test_sigkill_mid_harvest_then_rerun(adapter_dir, tmp_path):
     run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "whole.zarr"))
     assert verify(store).ok
     _assert_same_store(store, tmp_path / "whole.zarr")
+
+
+def test_a_rerun_runs_whole_groups_and_rewrites_only_missing_blocks(adapter_dir, tmp_path, monkeypatch):
+    """Blocks 3 and 4 lost (markers gone, chunks damaged): the rerun runs block 2 again, since it shares micro-batches
+    with block 3, but leaves its chunks alone, and the store equals an uninterrupted harvest."""
+    import jobs.harvest as job
+    from actstore.schema import marker_key
+    from actstore.writer import StoreWriter
+
+    config = write_config(tmp_path / "h.yaml", adapter_dir)
+    run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "whole.zarr"))
+    store = tmp_path / "s.zarr"
+    run_harvest(HarvestConfig.from_yaml(config), str(store))
+    with StoreWriter.open(store) as writer:
+        for block in (3, 4):
+            writer.sink.delete(marker_key(block))
+            (store / image_chunk_key(0, block)).write_bytes(b"lost")
+    kept = (store / image_chunk_key(0, 2)).stat()
+    runs = []
+    real = job.harvest_blocks
+
+    def spy(vlm, writer, jobs, *args):
+        runs.append([(j.block, j.write) for j in jobs])
+        return real(vlm, writer, jobs, *args)
+
+    monkeypatch.setattr(job, "harvest_blocks", spy)
+    result = run_harvest(HarvestConfig.from_yaml(config), str(store))
+    assert runs == [[(2, False), (3, True)], [(4, True)]] and result["blocks"] == [3, 4]
+    again = (store / image_chunk_key(0, 2)).stat()
+    assert (again.st_ino, again.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
+    assert verify(store).ok
+    _assert_same_store(store, tmp_path / "whole.zarr")
+
+
+def test_prompts_longer_than_the_text_region_are_refused_before_anything_is_stored(adapter_dir, tmp_path):
+    from actstore.writer import StoreWriter
+
+    config = write_config(tmp_path / "h.yaml", adapter_dir, n_images=8, text_tokens_per_image=2)
+    with pytest.raises(ValueError, match="more than the store's 2 per image; raise harvest.text_tokens_per_image"):
+        run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "s.zarr"))
+    assert StoreWriter.open(tmp_path / "s.zarr").completed_blocks() == []
+
+
+def test_block_groups_are_aligned_runs_of_the_blocks_a_micro_batch_spans():
+    from actstore.harvest import block_groups
+
+    assert block_groups(5, 8, 12) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert block_groups(5, 16, 64) == [range(0, 4), range(4, 5)]
+    assert block_groups(3, 16, 8) == [range(0, 1), range(1, 2), range(2, 3)]
+
+
+class _HeldWriter:
+    """Stands in for a StoreWriter: keeps what harvest_blocks hands it."""
+
+    def __init__(self, schema) -> None:
+        self.schema, self.blocks = schema, {}
+
+    def submit_block(self, block, image_resid, image_ids, prompts, text, skipped, ready=None):
+        from concurrent.futures import Future
+
+        if ready is not None:
+            ready()
+        self.blocks[block] = (image_resid.clone(), text.resid.clone(), text.image.clone(), text.position.clone(),
+                              list(image_ids))
+        done: Future = Future()
+        done.set_result({})
+        return done
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_micro_batches_across_blocks_copy_whole_rows_into_host_buffers(tiny_vlm, device, monkeypatch):
+    """Micro-batches of 5 over blocks of 4 and 3 images: each block gets exactly its images' residuals, and every copy
+    to the host is contiguous on both sides (into pinned memory on a GPU): a strided one would go through a pageable
+    temporary and wait for the device."""
+    import copy
+
+    from actstore import world
+    from actstore.harvest import BlockJob, HarvestStats, HostRing, forward_states, harvest_blocks
+    from actstore.schema import StoreSchema
+
+    vlm = copy.deepcopy(tiny_vlm).to(device)
+    rows = world.generate(11, seed=5)
+    prompts = ["describe the image ."] * 11
+    states = [0, 2]
+    probe = vlm.prepare([rows[0]["image"]], prompts[:1])
+    schema = StoreSchema(layers=tuple(states), image_tokens=probe.image_positions.shape[1],
+                         d_model=vlm.lm.config.hidden_size, dtype="float32", capacity=12, block_images=4,
+                         text_tokens_per_image=8)
+    sizes = {0: 4, 1: 3, 2: 4}  # block 1 lost an image (skipped)
+    order, jobs = 0, []
+    for block, n in sizes.items():
+        jobs.append(BlockJob(block, [{"image_id": r["image_id"], "image": r["image"]} for r in rows[order:order + n]],
+                             prompts[order:order + n]))
+        order += n
+    copies = []
+    real_copy = torch.Tensor.copy_
+
+    def spy(self, src, non_blocking=False):
+        if non_blocking and self.device.type == "cpu":
+            copies.append((self.is_contiguous(), src.is_contiguous(), src.device.type != "cuda" or self.is_pinned()))
+        return real_copy(self, src, non_blocking)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", spy)
+    writer = _HeldWriter(schema)
+    harvest_blocks(vlm, writer, jobs, states, 5, HarvestStats(), HostRing(1, pin=device == "cuda"))
+    monkeypatch.undo()
+    assert copies and all(all(c) for c in copies), copies
+    want_img, want_txt, want_rows = [], [], []
+    for first in range(0, 11, 5):
+        batch = vlm.prepare([r["image"] for r in rows[first:first + 5]], prompts[first:first + 5])
+        img, txt = forward_states(vlm, batch, states)
+        want_img.append(img.cpu())
+        want_txt.append(txt.cpu())
+        want_rows.append(batch.host_text_index()[0] + first)
+    want_img, want_txt, want_rows = torch.cat(want_img, 1), torch.cat(want_txt, 1), torch.cat(want_rows)
+    order = 0
+    for block, n in sizes.items():
+        image_resid, text_resid, text_image, _, ids = writer.blocks[block]
+        assert ids == [r["image_id"] for r in rows[order:order + n]]
+        assert torch.equal(image_resid, want_img[:, order:order + n]), f"block {block}"
+        mine = (want_rows >= order) & (want_rows < order + n)
+        assert torch.equal(text_resid, want_txt[:, mine]) and torch.equal(text_image, want_rows[mine] - order)
+        order += n
+
+
+def test_copy_to_host_refuses_regions_that_are_not_runs_of_rows():
+    from actstore.harvest import copy_to_host
+
+    buffer = torch.zeros(2, 4, 3, 5)
+    source = torch.randn(2, 2, 3, 5)
+    copy_to_host(buffer[:, 1:3], source)
+    assert torch.equal(buffer[:, 1:3], source) and not buffer[:, 0].any() and not buffer[:, 3].any()
+    with pytest.raises(ValueError, match="contiguous"):
+        copy_to_host(buffer[:, :, :, :2], torch.randn(2, 4, 3, 2))
+
+
+def test_a_ring_never_hands_out_a_buffer_still_being_filled():
+    from actstore.harvest import HostRing
+
+    ring = HostRing(slots=1, pin=False)
+    ring.acquire((2, 3), (2, 4), torch.float32)
+    with pytest.raises(RuntimeError, match="still being filled"):
+        ring.acquire((2, 3), (2, 4), torch.float32)
 
 
 def test_a_different_job_into_the_same_store_is_refused(adapter_dir, tmp_path):
