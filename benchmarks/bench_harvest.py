@@ -53,7 +53,9 @@ def build_vlm(quick: bool, device: torch.device, dtype: torch.dtype) -> AdapterV
                                   num_attention_heads=16, image_size=224, patch_size=14)
         lcfg = Gemma2Config(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                             num_attention_heads=8, num_key_value_heads=4, head_dim=256)
-    lcfg._attn_implementation = "sdpa" if device.type == "cuda" else "eager"
+    # The attention the harvest job runs: load_lm loads every LM with eager, since Gemma-2's attention-logit
+    # soft-capping exists there and not in SDPA (transformers refuses or ignores it).
+    lcfg._attn_implementation = "eager"
     with torch.device(device):
         vision, lm = SiglipVisionModel(vcfg).to(dtype), Gemma2ForCausalLM(lcfg).to(dtype)
     processor = SiglipImageProcessor(size={"height": vcfg.image_size, "width": vcfg.image_size})
