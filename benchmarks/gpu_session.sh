@@ -5,7 +5,7 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #     .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit; bash benchmarks/gpu_session.sh tests-harvest
 # Modes, each sized to fit one 10-minute device call (two calls cover everything):
-#   tests-harvest     GPU kernel and statistics tests, then bench_harvest
+#   tests-harvest     GPU kernel, statistics and harvest-copy tests, then bench_harvest
 #   analyze-kernels   bench_analyze, then bench_kernels
 #   store             bench_store on the GPU host's disk
 set -u
@@ -24,6 +24,7 @@ python3 -c "import torch, triton, transformers; print(torch.__version__, triton.
 case "${1:-tests-harvest}" in
   tests-harvest)
     step gpu-tests 150 python3 -m pytest -q tests/test_kernels.py tests/test_stats.py
+    step gpu-harvest-tests 100 python3 -m pytest -q tests/test_harvest.py -k micro_batches
     step bench-harvest 300 python3 benchmarks/bench_harvest.py --out "$out/harvest-gpu-$host.json"
     ;;
   analyze-kernels)
