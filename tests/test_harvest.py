@@ -123,6 +123,19 @@ def test_sigkill_mid_harvest_then_rerun(adapter_dir, tmp_path):
     _assert_same_store(store, tmp_path / "whole.zarr")
 
 
+def test_a_harvest_into_an_fsspec_url_equals_one_into_a_path(adapter_dir, tmp_path):
+    """What several nodes do with an object store: the job reads and writes through fsspec alone (here its in-memory
+    file system, whose puts are atomic like an object store's), and the store is the same as a local one; a rerun
+    into the URL finds nothing missing."""
+    config = write_config(tmp_path / "h.yaml", adapter_dir, n_images=20)
+    run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "local.zarr"))
+    url = f"memory://actstore-harvest-{tmp_path.name}/remote.zarr"
+    run_harvest(HarvestConfig.from_yaml(config), url)
+    assert verify(url).ok
+    _assert_same_store(tmp_path / "local.zarr", url)
+    assert run_harvest(HarvestConfig.from_yaml(config), url)["blocks"] == []
+
+
 def test_a_rerun_runs_whole_groups_and_rewrites_only_missing_blocks(adapter_dir, tmp_path, monkeypatch):
     """Blocks 3 and 4 lost (markers gone, chunks damaged): the rerun runs block 2 again, since it shares micro-batches
     with block 3, but leaves its chunks alone, and the store equals an uninterrupted harvest."""
