@@ -13,7 +13,7 @@ bytes with their own codecs, and the tests hold us to that.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import crc32c
 import numcodecs
@@ -56,14 +56,18 @@ def array_codec_kwargs(schema: StoreSchema, chunks: tuple[int, ...], shard: tupl
     return {"chunks": shard, "serializer": sharding, "compressors": None, "filters": None}
 
 
-def _append_crc32c(payload: bytes | memoryview) -> memoryview:
-    # Both steps release the GIL (crc32c's gil_release_mode, numpy's large copies), unlike google_crc32c.value and
-    # bytes.join: the harvester's Python thread keeps launching GPU work while writer threads checksum chunks.
-    data = np.frombuffer(payload, dtype=np.uint8)
-    out = np.empty(len(data) + 4, dtype=np.uint8)
-    out[: len(data)] = data
-    out[len(data) :] = np.frombuffer(np.uint32(crc32c.crc32c(data, gil_release_mode=1)).tobytes(), dtype=np.uint8)
-    return memoryview(out)
+Buffer = bytes | bytearray | memoryview
+
+
+def crc32c_suffix(payload: Buffer) -> bytes:
+    """The 4 bytes (little-endian) that the ``crc32c`` codec stores after ``payload``."""
+    # crc32c's gil_release_mode releases the GIL, unlike google_crc32c: the harvester's Python thread keeps launching
+    # GPU work while writer threads checksum chunks.
+    return crc32c.crc32c(payload, gil_release_mode=1).to_bytes(4, "little")
+
+
+def _with_crc32c(payload: Buffer) -> list[Buffer]:
+    return [payload, crc32c_suffix(payload)]
 
 
 class ChunkEncoder:
@@ -79,19 +83,30 @@ class ChunkEncoder:
             cname = codec.split("-")[1]
             self._compressor = numcodecs.Blosc(cname=cname, clevel=clevel, shuffle=numcodecs.Blosc.BITSHUFFLE)
 
-    def encode(self, chunk: np.ndarray) -> memoryview:
-        """Bytes of ``chunk`` (C order, little-endian) after compression and checksum."""
+    def encode(self, chunk: np.ndarray) -> list[Buffer]:
+        """The stored bytes of ``chunk`` (C order, little-endian) after compression and checksum, as buffers to be
+        written back to back (``b"".join`` for one object): the payload, never copied, and its crc32c.
+
+        Joining them here would copy every chunk once more: on the dev VM (19 MB bf16 chunks) encoding without
+        compression ran at 3.2 / 4.9 GB/s joined against 5.4 / 10.5 GB/s not (one / two threads), zstd-1 at 0.82
+        against 0.87 GB/s (two threads)."""
         chunk = np.ascontiguousarray(chunk)
         if chunk.dtype.byteorder == ">":
             chunk = chunk.astype(chunk.dtype.newbyteorder("<"))
         # Blosc takes its typesize from the buffer; ml_dtypes' bf16 is not a buffer-protocol type, uint16 is.
         raw = chunk.view(np.dtype(f"<u{chunk.dtype.itemsize}")).reshape(-1)
         payload = raw.data if self._compressor is None else self._compressor.encode(raw)
-        return _append_crc32c(payload)
+        return _with_crc32c(payload)
 
 
-def encode_shard(encoder: ChunkEncoder, block: np.ndarray, chunk_images: int) -> bytes:
-    """Bytes of a shard holding ``block`` (images, tokens, d) as inner chunks of ``chunk_images`` images.
+def encoded_size(parts: Sequence[Buffer]) -> int:
+    """Bytes of an encoded chunk or shard given as buffers."""
+    return sum(memoryview(part).nbytes for part in parts)
+
+
+def encode_shard(encoder: ChunkEncoder, block: np.ndarray, chunk_images: int) -> list[Buffer]:
+    """The bytes of a shard holding ``block`` (images, tokens, d) as inner chunks of ``chunk_images`` images, as
+    buffers to be written back to back.
 
     Layout per the Zarr v3 sharding spec: inner chunks back to back, then an index of (offset, nbytes) uint64
     pairs in C order of the inner-chunk grid, encoded with ``bytes`` + ``crc32c``.
@@ -100,16 +115,15 @@ def encode_shard(encoder: ChunkEncoder, block: np.ndarray, chunk_images: int) ->
     parts, index, offset = [], np.full((n_inner, 2), _EMPTY, dtype="<u8"), 0
     for i in range(n_inner):
         data = encoder.encode(block[i * chunk_images : (i + 1) * chunk_images])
-        index[i] = (offset, len(data))
-        offset += len(data)
-        parts.append(data)
-    parts.append(_append_crc32c(index.tobytes()))
-    return b"".join(parts)
+        index[i] = (offset, encoded_size(data))
+        offset += encoded_size(data)
+        parts += data
+    return parts + _with_crc32c(index.tobytes())
 
 
 def _checked_payload(data: memoryview, what: str) -> memoryview:
-    """``data`` without the crc32c that :func:`_append_crc32c` put after it; ValueError naming ``what`` if it does
-    not match."""
+    """``data`` without the crc32c stored after it (:func:`crc32c_suffix`); ValueError naming ``what`` if it does not
+    match."""
     if len(data) < 4:
         raise ValueError(f"{what} of {len(data)} bytes is shorter than its crc32c checksum")
     payload = data[:-4]

@@ -21,7 +21,7 @@ from zarr.core.sync import sync
 
 from actstore import __version__
 from actstore.bfloat16 import to_numpy
-from actstore.codecs import ChunkEncoder, array_codec_kwargs, encode_shard
+from actstore.codecs import Buffer, ChunkEncoder, array_codec_kwargs, encode_shard, encoded_size
 from actstore.errors import NotAStoreError, SchemaVersionError, StoreWriteError
 from actstore.location import list_keys, make_sink, open_zarr_store
 from actstore.sink import as_write_error
@@ -217,10 +217,10 @@ class StoreWriter:
         with self._count_lock:
             return list(self._timings)
 
-    def _put_chunk(self, key: str, data: bytes | memoryview) -> None:
-        self.sink.put(key, data, deferred=True)  # durable by the flush before the block's marker
+    def _put_chunk(self, key: str, parts: list[Buffer]) -> None:
+        self.sink.put(key, parts, deferred=True)  # durable by the flush before the block's marker
         with self._count_lock:
-            self._bytes_written += len(data)
+            self._bytes_written += encoded_size(parts)
 
     @property
     def schema(self) -> StoreSchema:

@@ -23,10 +23,9 @@ import numpy as np
 import zarr
 
 import actstore
-from actstore.codecs import array_codec_kwargs
+from actstore.codecs import ChunkEncoder, array_codec_kwargs, encoded_size
 from actstore.integrity import store_info
 from actstore.schema import StoreSchema
-from actstore.codecs import ChunkEncoder
 from actstore.writer import StoreWriter, default_threads
 
 GB = 1e9
@@ -134,7 +133,7 @@ def encode_only(schema: StoreSchema, blocks: list[np.ndarray], threads: int) -> 
     chunks = [(block, layer) for block in blocks for layer in range(block.shape[0])]
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda c: len(encoder.encode(c[0][c[1] : c[1] + 1])), chunks))
+        list(pool.map(lambda c: encoded_size(encoder.encode(c[0][c[1] : c[1] + 1])), chunks))
     return sum(b.nbytes for b in blocks) / (time.perf_counter() - start) / GB
 
 

@@ -19,19 +19,20 @@ from conftest import small_schema, write_blocks  # noqa: E402
 
 def install_hang(hang_key: Path, sentinel: str) -> None:
     """Make this process stop for good halfway through writing ``hang_key``'s temporary file."""
-    real_write = os.write
+    real_writev = os.writev
 
-    def write_half_then_hang(fd: int, data) -> int:
+    def write_half_then_hang(fd: int, buffers) -> int:
         target = Path(os.readlink(f"/proc/self/fd/{fd}"))
         # the temporary file of HANG_KEY is ".<name>.<host>.<pid>.<random>.partial" beside it
         if str(target.parent).endswith(str(hang_key.parent)) and target.name.startswith(f".{hang_key.name}.") \
                 and target.name.endswith(sink.PARTIAL_SUFFIX):
-            real_write(fd, bytes(data)[: len(data) // 2])
+            data = b"".join(buffers)
+            real_writev(fd, [data[: len(data) // 2]])
             Path(sentinel).touch()
             time.sleep(3600)
-        return real_write(fd, data)
+        return real_writev(fd, buffers)
 
-    sink.os.write = write_half_then_hang
+    sink.os.writev = write_half_then_hang
 
 
 def kill_at_hang_point(proc, sentinel: Path, timeout: float = 300) -> None:
