@@ -288,7 +288,9 @@ def harvest_blocks(
             block, offset = filling[j], part[first][1]  # offset: the run's first image within its block
             t_first, t_end = (int(torch.searchsorted(rows, r)) for r in (first, end))
             m, k = block.text_tokens, t_end - t_first
-            if m + k > schema.text_slots_per_block:
+            if not schema.text_tokens_per_image:  # a store of image tokens only
+                t_end = t_first = k = 0
+            elif m + k > schema.text_slots_per_block:
                 raise ValueError(f"the prompts of block {job.block} have at least {m + k} text tokens, more than the "
                                  f"store's {schema.text_tokens_per_image} per image; raise "
                                  "harvest.text_tokens_per_image")
@@ -317,7 +319,7 @@ def _submit(writer: StoreWriter, job: BlockJob, block: _FillingBlock, copied: An
     n, m = len(job.examples), block.text_tokens
     image_resid = block.buffers["image"][:, :n]
     text = TextTokens(block.buffers["text"][:, :m], torch.cat(block.text_image), torch.cat(block.text_position),
-                      torch.cat(block.text_ids))
+                      torch.cat(block.text_ids)) if writer.schema.text_tokens_per_image else None
     t_wait = time.perf_counter()
     future = writer.submit_block(job.block, image_resid, [e["image_id"] for e in job.examples], list(job.prompts),
                                  text, job.skipped, ready=ready)
@@ -326,6 +328,6 @@ def _submit(writer: StoreWriter, job: BlockJob, block: _FillingBlock, copied: An
     stats.images += n
     stats.text_tokens += m
     stats.blocks += 1
-    stats.bytes_logical += image_resid.numel() * image_resid.element_size() + text.resid.numel() * text.resid.element_size()
+    stats.bytes_logical += sum(t.numel() * t.element_size() for t in (image_resid, block.buffers["text"][:, :m]))
     return future
 

@@ -177,6 +177,17 @@ def test_prompts_longer_than_the_text_region_are_refused_before_anything_is_stor
     assert StoreWriter.open(tmp_path / "s.zarr").completed_blocks() == []
 
 
+def test_a_store_without_text_tokens_holds_the_same_image_tokens(adapter_dir, tmp_path):
+    config = write_config(tmp_path / "h.yaml", adapter_dir, n_images=16)
+    run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "with.zarr"))
+    images_only = write_config(tmp_path / "i.yaml", adapter_dir, n_images=16, text_tokens_per_image=0)
+    result = run_harvest(HarvestConfig.from_yaml(images_only), str(tmp_path / "without.zarr"))
+    with_text, without = actstore.open(tmp_path / "with.zarr"), actstore.open(tmp_path / "without.zarr")
+    assert "text_resid" not in without and result["stats"]["text_tokens"] == 0
+    np.testing.assert_array_equal(without.image_resid.values, with_text.image_resid.values)
+    assert verify(tmp_path / "without.zarr").ok
+
+
 def test_block_groups_are_aligned_runs_of_the_blocks_a_micro_batch_spans():
     from actstore.harvest import block_groups
 
