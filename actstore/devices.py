@@ -36,11 +36,21 @@ def thread_stream(device: torch.device) -> ContextManager:
     return torch.cuda.stream(streams[index])
 
 
+def wait_for_stream(device: torch.device) -> None:
+    """Wait, asleep, for the work queued so far on this thread's current stream of GPU ``device``.
+
+    A stream's own ``synchronize`` spins a core for as long as it waits (CUDA's default with fewer GPU contexts than
+    cores): Dask's threads, each waiting for its chunk's kernels, would take the cores that the others decode on."""
+    done = torch.cuda.Event(blocking=True)
+    done.record(torch.cuda.current_stream(device))
+    done.synchronize()
+
+
 def to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
     """The tensors as numpy arrays on the host, with one wait for the device for them all (not one per tensor)."""
     if not any(t.device.type == "cuda" for t in tensors):
         return [t.detach().numpy() for t in tensors]
     copies = [t.detach().to("cpu", non_blocking=True) for t in tensors]  # into pinned memory, queued in order
     for device in {t.device for t in tensors if t.device.type == "cuda"}:
-        torch.cuda.current_stream(device).synchronize()
+        wait_for_stream(device)
     return [c.numpy() for c in copies]

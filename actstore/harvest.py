@@ -47,7 +47,10 @@ class HarvestStats:
         asynchronously and the host's clock would only time launching it."""
         if device.type != "cuda":
             return time.perf_counter()
-        mark = torch.cuda.Event(enable_timing=True)
+        # blocking: a thread that waits for the mark sleeps instead of spinning. The writer's threads wait for each
+        # block's last copy mark, up to a whole forward pass each; spinning, they would take cores from the encoders
+        # and from the thread that launches the GPU's work.
+        mark = torch.cuda.Event(enable_timing=True, blocking=True)
         mark.record(torch.cuda.current_stream(device))
         return mark
 

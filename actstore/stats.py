@@ -29,7 +29,7 @@ import torch
 import xarray as xr
 
 from actstore.bfloat16 import to_torch
-from actstore.devices import thread_stream, to_device, to_host
+from actstore.devices import thread_stream, to_device, to_host, wait_for_stream
 from kernels import sae_stats
 
 KINDS = ("image", "text")
@@ -123,7 +123,7 @@ class DeviceCopies:
             self._drop(str(device), self.budget(device) - need)
             copy = sae.to(device, weight_dtype)
             if device.type == "cuda":  # the copy was queued on this thread's stream; the others read it on theirs
-                torch.cuda.current_stream(device).synchronize()
+                wait_for_stream(device)
             self._entries[key] = (weakref.ref(sae), copy, copy.nbytes)
             return copy
 
