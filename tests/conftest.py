@@ -78,6 +78,27 @@ def miniature() -> dict:
     return build_miniature()
 
 
+@pytest.fixture
+def cuda_event_log(monkeypatch):
+    """Fake CUDA events and streams, so that GPU waiting code runs on a CPU: returns the log of what was done with
+    them (("made", kwargs), ("record", stream), ("wait",))."""
+    log: list = []
+
+    class Event:
+        def __init__(self, **kwargs) -> None:
+            log.append(("made", kwargs))
+
+        def record(self, stream) -> None:
+            log.append(("record", stream))
+
+        def synchronize(self) -> None:
+            log.append(("wait",))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    return log
+
+
 @pytest.fixture(scope="session")
 def tiny_vlm(miniature):
     """An AdapterVLM over the miniature, with a fresh (untrained) adapter."""

@@ -435,23 +435,12 @@ def test_gpu_stage_times_are_read_once_their_events_complete():
     assert stats.seconds_forward == pytest.approx(1.25)
 
 
-def test_gpu_time_marks_let_their_waiters_sleep(monkeypatch):
+def test_gpu_time_marks_let_their_waiters_sleep(cuda_event_log):
     """The writer's threads wait for each block's copy mark; a spinning wait would take a core for a whole forward."""
     from actstore.harvest import HarvestStats
 
-    made = []
-
-    class Event:
-        def __init__(self, **kwargs) -> None:
-            made.append(kwargs)
-
-        def record(self, stream) -> None:
-            pass
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
     HarvestStats.clock(torch.device("cuda", 0))
-    assert made == [{"enable_timing": True, "blocking": True}]
+    assert cuda_event_log == [("made", {"enable_timing": True, "blocking": True}), ("record", "stream of cuda:0")]
 
 
 def test_the_writer_waits_for_a_block_copy_on_the_copy_device(monkeypatch):

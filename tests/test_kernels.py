@@ -371,3 +371,17 @@ def test_first_compiled_call_of_a_kernel_variant_runs_alone(monkeypatch):
 
     assert wave() == 1  # first calls: one at a time
     assert wave() > 1  # tuned: concurrent
+
+
+def test_the_kernel_waits_for_the_device_asleep_before_reading_back(cuda_event_log, monkeypatch):
+    """The kernel's one read-back (which tokens overflow the code buffer) follows a sleeping wait on the caller's
+    stream, so that CUDA's spinning wait finds nothing left to wait for."""
+    import kernels.sae_triton as triton_kernels
+
+    triton_kernels._wait_asleep(torch.device("cuda", 2))
+    assert cuda_event_log == [("made", {"blocking": True}), ("record", "stream of cuda:2"), ("wait",)]
+    waits = []
+    monkeypatch.setattr(triton_kernels, "_wait_asleep", lambda device: waits.append(device))
+    case = make_case("jumprelu", N=16, d=32, F=48)
+    sae_stats(case.x, **case.params, **case.kwargs, backend="triton")
+    assert waits == [case.x.device]

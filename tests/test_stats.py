@@ -280,26 +280,12 @@ def test_each_thread_runs_its_chunks_on_its_own_stream(monkeypatch):
     assert len(entered) == 12
 
 
-def test_a_thread_waits_for_its_stream_asleep(monkeypatch):
+def test_a_thread_waits_for_its_stream_asleep(cuda_event_log):
     """Waiting for a chunk's kernels with a blocking event, on the waiting thread's own stream."""
     from actstore.devices import wait_for_stream
 
-    seen = []
-
-    class Event:
-        def __init__(self, **kwargs) -> None:
-            seen.append(("made", kwargs))
-
-        def record(self, stream) -> None:
-            seen.append(("record", stream))
-
-        def synchronize(self) -> None:
-            seen.append(("wait",))
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
     wait_for_stream(torch.device("cuda", 1))
-    assert seen == [("made", {"blocking": True}), ("record", "stream of cuda:1"), ("wait",)]
+    assert cuda_event_log == [("made", {"blocking": True}), ("record", "stream of cuda:1"), ("wait",)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
