@@ -115,8 +115,9 @@ def encode_shard(encoder: ChunkEncoder, block: np.ndarray, chunk_images: int) ->
     parts, index, offset = [], np.full((n_inner, 2), _EMPTY, dtype="<u8"), 0
     for i in range(n_inner):
         data = encoder.encode(block[i * chunk_images : (i + 1) * chunk_images])
-        index[i] = (offset, encoded_size(data))
-        offset += encoded_size(data)
+        size = encoded_size(data)
+        index[i] = (offset, size)
+        offset += size
         parts += data
     return parts + _with_crc32c(index.tobytes())
 

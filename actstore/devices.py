@@ -9,6 +9,8 @@ from typing import ContextManager, Sequence
 import numpy as np
 import torch
 
+from kernels import wait_for_stream
+
 _THREAD_STREAMS = threading.local()
 
 
@@ -34,16 +36,6 @@ def thread_stream(device: torch.device) -> ContextManager:
     if index not in streams:
         streams[index] = torch.cuda.Stream(device=index)
     return torch.cuda.stream(streams[index])
-
-
-def wait_for_stream(device: torch.device) -> None:
-    """Wait, asleep, for the work queued so far on this thread's current stream of GPU ``device``.
-
-    A stream's own ``synchronize`` spins a core for as long as it waits (CUDA's default with fewer GPU contexts than
-    cores): Dask's threads, each waiting for its chunk's kernels, would take the cores that the others decode on."""
-    done = torch.cuda.Event(blocking=True)
-    done.record(torch.cuda.current_stream(device))
-    done.synchronize()
 
 
 def to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:

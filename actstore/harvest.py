@@ -289,20 +289,19 @@ def harvest_blocks(
                     (len(states), schema.text_slots_per_block, schema.d_model), dtype))
                 stats.seconds_write_wait += time.perf_counter() - t_wait
             block, offset = filling[j], part[first][1]  # offset: the run's first image within its block
-            t_first, t_end = (int(torch.searchsorted(rows, r)) for r in (first, end))
-            m, k = block.text_tokens, t_end - t_first
-            if not schema.text_tokens_per_image:  # a store of image tokens only
-                t_end = t_first = k = 0
-            elif m + k > schema.text_slots_per_block:
-                raise ValueError(f"the prompts of block {job.block} have at least {m + k} text tokens, more than the "
-                                 f"store's {schema.text_tokens_per_image} per image; raise "
-                                 "harvest.text_tokens_per_image")
             copy_to_host(block.buffers["image"][:, offset : offset + end - first], img[:, first:end])
-            copy_to_host(block.buffers["text"][:, m : m + k], txt[:, t_first:t_end])
-            block.text_tokens += k
-            block.text_image.append(rows[t_first:t_end] - first + offset)
-            block.text_position.append(cols[t_first:t_end])
-            block.text_ids.append(token_ids[t_first:t_end])
+            if schema.text_tokens_per_image:  # else a store of image tokens only
+                t_first, t_end = (int(torch.searchsorted(rows, r)) for r in (first, end))
+                m, k = block.text_tokens, t_end - t_first
+                if m + k > schema.text_slots_per_block:
+                    raise ValueError(f"the prompts of block {job.block} have at least {m + k} text tokens, more than "
+                                     f"the store's {schema.text_tokens_per_image} per image; raise "
+                                     "harvest.text_tokens_per_image")
+                copy_to_host(block.buffers["text"][:, m : m + k], txt[:, t_first:t_end])
+                block.text_tokens += k
+                block.text_image.append(rows[t_first:t_end] - first + offset)
+                block.text_position.append(cols[t_first:t_end])
+                block.text_ids.append(token_ids[t_first:t_end])
             if offset + end - first == len(job.examples):
                 done.append(j)
         copied = stats.clock(device)
@@ -333,4 +332,3 @@ def _submit(writer: StoreWriter, job: BlockJob, block: _FillingBlock, copied: An
     stats.blocks += 1
     stats.bytes_logical += sum(t.numel() * t.element_size() for t in (image_resid, block.buffers["text"][:, :m]))
     return future
-

@@ -29,8 +29,8 @@ import torch
 import xarray as xr
 
 from actstore.bfloat16 import to_torch
-from actstore.devices import thread_stream, to_device, to_host, wait_for_stream
-from kernels import sae_stats
+from actstore.devices import thread_stream, to_device, to_host
+from kernels import sae_stats, wait_for_stream
 
 KINDS = ("image", "text")
 

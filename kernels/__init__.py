@@ -43,6 +43,19 @@ def _triton_guard(*variant: object) -> Iterator[None]:
         _TUNED.add(key)
 
 
+def wait_for_stream(device: torch.device) -> None:
+    """Block, without spinning, until the calling thread's current stream of ``device`` has run what is queued
+    (nothing to wait for off a GPU).
+
+    CUDA waits by spinning a core (its default with fewer GPU contexts than cores), and the threads that share a GPU
+    here need those cores: Dask's threads decode their next chunks while others wait for their kernels, and the
+    harvester's writer threads encode while waiting for copies."""
+    if device.type == "cuda":
+        done = torch.cuda.Event(blocking=True)
+        done.record(torch.cuda.current_stream(device))
+        done.synchronize()
+
+
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -86,4 +99,4 @@ def sae_encode_sparse(
     return sae_encode_sparse_reference(x, W_enc, b_enc, **kwargs)
 
 
-__all__ = ["SAEStats", "SparseCodes", "sae_encode_sparse", "sae_stats", "BACKENDS"]
+__all__ = ["SAEStats", "SparseCodes", "sae_encode_sparse", "sae_stats", "wait_for_stream", "BACKENDS"]

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import wait_for_stream  # the package is initialised before this module is imported
 from kernels.reference import (
     SAEStats,
     SparseCodes,
@@ -310,17 +311,6 @@ def _topk_codes(
     return l0, codes_idx, codes_val, fire, act_sum, packed
 
 
-def _wait_asleep(device: torch.device) -> None:
-    """Block, without spinning, until the calling thread's current stream of ``device`` has run what is queued.
-
-    CUDA waits by spinning a core (its default with fewer GPU contexts than cores); the analysis calls this kernel
-    from many threads at once, which decode the next chunks on those cores meanwhile."""
-    if device.type == "cuda":
-        done = torch.cuda.Event(blocking=True)
-        done.record(torch.cuda.current_stream(device))
-        done.synchronize()
-
-
 @torch.no_grad()
 def sae_stats_triton(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
@@ -343,7 +333,7 @@ def sae_stats_triton(
         l0 = counts
     out = _launch_decode(x, W_dec, b_dec, counts, codes_idx, codes_val)
     stats = SAEStats(sq_err=out[0], x_sq=out[1], x_dot_xhat=out[2], xhat_sq=out[3], l0=l0.float())
-    _wait_asleep(x.device)  # nonzero() below reads back from the device, and CUDA's own wait spins a core
+    wait_for_stream(x.device)  # nonzero() below reads back from the device, and CUDA's own wait spins a core
     overflow = (counts > codes_idx.shape[1]).nonzero().flatten()
     exact = None
     if len(overflow):  # more active latents than the buffer holds: these tokens go through the reference

@@ -377,11 +377,14 @@ def test_the_kernel_waits_for_the_device_asleep_before_reading_back(cuda_event_l
     """The kernel's one read-back (which tokens overflow the code buffer) follows a sleeping wait on the caller's
     stream, so that CUDA's spinning wait finds nothing left to wait for."""
     import kernels.sae_triton as triton_kernels
+    from kernels import wait_for_stream
 
-    triton_kernels._wait_asleep(torch.device("cuda", 2))
+    wait_for_stream(torch.device("cuda", 2))
     assert cuda_event_log == [("made", {"blocking": True}), ("record", "stream of cuda:2"), ("wait",)]
+    wait_for_stream(torch.device("cpu"))  # nothing to wait for off a GPU
+    assert len(cuda_event_log) == 3
     waits = []
-    monkeypatch.setattr(triton_kernels, "_wait_asleep", lambda device: waits.append(device))
+    monkeypatch.setattr(triton_kernels, "wait_for_stream", lambda device: waits.append(device))
     case = make_case("jumprelu", N=16, d=32, F=48)
     sae_stats(case.x, **case.params, **case.kwargs, backend="triton")
     assert waits == [case.x.device]
