@@ -1,5 +1,7 @@
 """The main job runs the miniature study and leaves a valid store of real residuals."""
 
+from pathlib import Path
+
 import numpy as np
 
 import actstore
@@ -34,7 +36,24 @@ def test_demo_runs_end_to_end(miniature, tmp_path, capsys, monkeypatch):
     check_numbers(markdown_layer_table((report / "report.md").read_text()), stats)
     assert all((report / name).stat().st_size > 10_000 for name in ("layers.png", "frequencies.png", "heatmaps.png"))
     assert np.isfinite(stats.alignment.values).all() and (stats.description != "").sum() > 100
+    # the README's queries run as written on the demo's store (the paths and indices of its examples swapped in)
+    run_readme_python("## Query a store with xarray", {"runs/demo/activations.zarr": str(path)})
+    run_readme_python("## Analyse a harvest", {"/scratch/acts/gemma2-siglip.zarr": str(path),
+                                               "gemma-scope-16k": "demo-saes", "layer=13": "layer=3",
+                                               "latent=1234": "latent=12"})
     # a rerun reuses the trained adapter and rebuilds the same store
     again = run_demo(out=str(tmp_path / "demo"))
     np.testing.assert_array_equal(actstore.open(again).image_resid.values.view(np.uint16),
                                   ds.image_resid.values.view(np.uint16))
+
+
+def run_readme_python(section: str, replace: dict[str, str]) -> None:
+    """Execute the first Python block of a README section, with ``replace`` applied (each must occur)."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    start = text.index(section)
+    code = text[text.index("```python\n", start) + len("```python\n"):]
+    code = code[: code.index("```")]
+    for old, new in replace.items():
+        assert old in code, f"the README's {section!r} block no longer contains {old!r}"
+        code = code.replace(old, new)
+    exec(compile(code, f"README.md {section}", "exec"), {})
