@@ -42,6 +42,10 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
     ds = actstore.open(store)
     suite.check_store(ds.sizes["d_model"], [int(x) for x in ds.layer.values])
     layers = sorted(layers or suite.saes)
+    unknown = [x for x in layers if x not in suite.saes]
+    if unknown:  # before any work: a typo in --layers should not surface after the first layers ran
+        raise ValueError(f"--layers asks for state(s) {unknown}, which suite {suite.name!r} has no SAE for; "
+                         f"it has {sorted(suite.saes)}")
     log(f"[analyze] {store}: suite {suite.name!r}, layers {layers}, "
         f"{ds.sizes['image']} images, {ds.sizes.get('text_token', 0)} text tokens")
     # Layer by layer, each kept in the store when done: a rerun after a crash computes only the missing layers. The
@@ -88,18 +92,30 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
     return stats
 
 
+def state_list(text: str) -> list[int]:
+    """``--layers`` as store states: comma-separated non-negative integers."""
+    try:
+        states = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated store states like 4,8,12, got {text!r}") from None
+    if any(s < 0 for s in states):
+        raise argparse.ArgumentTypeError(f"store states are >= 0, got {text!r}")
+    return states
+
+
 def main(argv: list[str] | None = None) -> xr.Dataset:
     """Command-line entry (also what ``actstore analyze`` runs)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store")
     parser.add_argument("--saes", required=True, help="SAE suite YAML")
     parser.add_argument("--scheduler", default=None, help="'local' or a scheduler address")
-    parser.add_argument("--layers", default=None, help="comma-separated store states (default: all in the suite)")
+    parser.add_argument("--layers", default=None, type=state_list,
+                        help="comma-separated store states (default: all in the suite)")
     parser.add_argument("--weight-dtype", default="float32", choices=sorted(WEIGHT_DTYPES),
                         help="SAE matrix products in bf16 on tensor cores (GPU) instead of exact float32")
     parser.add_argument("--top-k", type=int, default=8, help="top-activating examples kept per latent and kind")
     args = parser.parse_args(argv)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    layers = args.layers
     with ExitStack() as stack:
         scheduler = None
         if args.scheduler:

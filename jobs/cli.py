@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args = build_parser().parse_args(argv)
         return int(args.func(args))
-    except (StoreError, ValueError) as exc:
+    except (StoreError, ValueError, FileNotFoundError) as exc:  # bad input: its message names it; no traceback
         print(f"actstore: error: {exc}", file=sys.stderr)
         return 2
 

@@ -89,6 +89,24 @@ def test_suite_errors_name_the_problem(store_and_suite):
     (root / "missing.yaml").write_text(yaml.safe_dump({"saes": [{"source": "local", "path": "sae7"}]}))
     with pytest.raises(ValueError, match=r"state 7: the store has no such layer"):
         run_analysis(str(root / "s.zarr"), str(root / "missing.yaml"), backend="reference")
+    logged = []
+    with pytest.raises(ValueError, match=r"state\(s\) \[3\], which suite 'test-suite' has no SAE for; it has \[0, 5\]"):
+        run_analysis(str(root / "s.zarr"), str(root / "suite.yaml"), layers=[0, 3], backend="reference",
+                     log=logged.append)
+    assert not any("(1/" in line for line in logged)  # refused before any layer ran
+
+
+def test_the_command_line_names_bad_input_without_a_traceback(store_and_suite, capsys):
+    from jobs.cli import main as cli
+
+    root, _ = store_and_suite
+    assert cli(["analyze", str(root / "s.zarr"), "--saes", str(root / "nosuch.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "nosuch.yaml" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_:
+        cli(["analyze", str(root / "s.zarr"), "--saes", str(root / "suite.yaml"), "--layers", "4,x"])
+    assert exit_.value.code == 2 and "expected comma-separated store states like 4,8,12, got '4,x'" in \
+        capsys.readouterr().err
 
 
 def test_descriptions_from_a_neuronpedia_export_or_derived_from_text(store_and_suite):
