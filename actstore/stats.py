@@ -469,3 +469,6 @@ def remove_checkpoints(location: str, name: str) -> None:
     root = zarr.open_group(str(location), mode="r+", zarr_format=3)
     if checkpoint_group(name) in root:
         del root[checkpoint_group(name)]
+    parent = checkpoint_group(name).split("/")[0]
+    if parent in root and not list(root[parent].keys()):  # no other analysis is under way: leave no empty group
+        del root[parent]

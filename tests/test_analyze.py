@@ -152,6 +152,7 @@ def test_an_interrupted_analysis_resumes_with_the_missing_layers(store_and_suite
     for name in whole.data_vars:
         np.testing.assert_array_equal(resumed[name].values, whole[name].values, err_msg=name)
     assert not (root / "s.zarr" / checkpoint_group("test-suite")).exists()
+    assert not (root / "s.zarr" / "analysis_partial").exists()  # no empty group left behind
     # another setting does not reuse kept layers
     with pytest.raises(RuntimeError):
         calls.clear()
