@@ -6,7 +6,10 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import re
+import shutil
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,27 @@ def test_every_third_party_import_is_a_declared_dependency():
             if not owners & declared:
                 undeclared[module] = (where, sorted(owners))
     assert not undeclared, f"imported but not in [project] dependencies of pyproject.toml: {undeclared}"
+
+
+def package_files(root: Path) -> set[str]:
+    """Paths (relative to ``root``) of every file of our packages, caches left out."""
+    return {
+        str(path.relative_to(root)) for package in OUR_PACKAGES for path in (root / package).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+
+
+def test_the_wheel_holds_every_file_of_the_packages(tmp_path):
+    source = tmp_path / "source"  # a copy, so the build leaves no build/ or egg-info in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in OUR_PACKAGES:
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"),
+                            str(source)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("actstore-*.whl")
+    in_wheel = set(zipfile.ZipFile(wheel).namelist())
+    missing = package_files(source) - in_wheel
+    assert not missing, f"files of the packages that a pip-installed actstore would lack: {sorted(missing)}"
