@@ -1,5 +1,6 @@
-"""Packaging: everything the installed commands import is a declared dependency, so ``pip install actstore`` (no
-extras) runs the demo, a harvest and an analysis with sae-lens SAEs without a missing-module error halfway through."""
+"""Packaging and layering: everything the installed commands import is a declared dependency, so ``pip install
+actstore`` (no extras) runs the demo, a harvest and an analysis with sae-lens SAEs without a missing-module error
+halfway through; and the lower layers (kernels, then actstore) import nothing of the higher ones."""
 
 from __future__ import annotations
 
@@ -85,3 +86,11 @@ def test_the_wheel_holds_every_file_of_the_packages(tmp_path):
     in_wheel = set(zipfile.ZipFile(wheel).namelist())
     missing = package_files(source) - in_wheel
     assert not missing, f"files of the packages that a pip-installed actstore would lack: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("package, must_not_import", [("kernels", {"actstore", "jobs"}), ("actstore", {"jobs"})])
+def test_lower_layers_import_nothing_of_higher_ones(package, must_not_import):
+    # kernels stays usable without the store, and the library without the job layer (CLI, configs)
+    imported = imported_top_level_modules(ROOT / package)
+    offending = {module: where for module, where in imported.items() if module in must_not_import}
+    assert not offending, f"{package} must not import {sorted(must_not_import)}: {offending}"
