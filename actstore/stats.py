@@ -78,15 +78,39 @@ class SAEParams:
 
     @classmethod
     def from_sae_lens(cls, sae: Any) -> "SAEParams":
-        """From a sae-lens SAE (JumpReLUSAE, StandardSAE, TopKSAE)."""
-        name = type(sae).__name__.lower()
-        activation = "jumprelu" if "jumprelu" in name else "topk" if "topk" in name else "relu"
+        """From a sae-lens SAE (StandardSAE, JumpReLUSAE, TopKSAE, or their training forms); refuses the ones the
+        fused kernel would compute wrongly (another architecture, input normalisation, hook_z reshaping)."""
+        architecture = sae.cfg.architecture()
+        activation = SAE_LENS_ACTIVATIONS.get(architecture)
+        if activation is None:
+            raise ValueError(f"{type(sae).__name__} (architecture {architecture!r}) is not an SAE the fused kernel "
+                             f"computes; it computes {sorted(SAE_LENS_ACTIVATIONS)} SAEs")
+        normalisation = getattr(sae.cfg, "normalize_activations", "none")
+        if normalisation != "none":
+            hint = (" (fold its scaling factor into the weights first: sae.fold_activation_norm_scaling_factor(f))"
+                    if normalisation == "expected_average_only_in" else "")
+            raise ValueError(f"{type(sae).__name__} normalises its input ({normalisation!r}), which the fused kernel "
+                             f"does not; only SAEs with normalize_activations='none' can be analysed{hint}")
+        if getattr(sae.cfg, "reshape_activations", "none") != "none":
+            raise ValueError(f"{type(sae).__name__} reshapes its input ({sae.cfg.reshape_activations!r}); actstore "
+                             "stores the residual stream only")
         detach = lambda t: t.detach().float().cpu().contiguous()  # noqa: E731
+        W_enc, b_enc, W_dec = detach(sae.W_enc), detach(sae.b_enc), detach(sae.W_dec)
+        if activation == "topk" and getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+            # sae-lens ranks pre-activations times each latent's decoder norm and decodes acts / norm: the same SAE
+            # with the norms folded into the weights, whose codes are sae-lens' own feature activations
+            norm = W_dec.norm(dim=-1)
+            W_enc, b_enc = W_enc * norm, b_enc * norm
+            W_dec = W_dec / torch.where(norm > 0, norm, 1.0)[:, None]  # an all-zero row stays zero
         return cls(
-            W_enc=detach(sae.W_enc), b_enc=detach(sae.b_enc), W_dec=detach(sae.W_dec), b_dec=detach(sae.b_dec),
-            activation=activation, threshold=detach(sae.threshold) if activation == "jumprelu" else None,
+            W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=detach(sae.b_dec), activation=activation,
+            threshold=detach(sae.threshold) if activation == "jumprelu" else None,
             k=getattr(sae.cfg, "k", None), apply_b_dec_to_input=bool(sae.cfg.apply_b_dec_to_input),
         )
+
+
+# sae-lens architectures (``cfg.architecture()``) whose encode is one the fused kernel computes, and that activation
+SAE_LENS_ACTIVATIONS = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
 
 
 class DeviceCopies:

@@ -161,3 +161,62 @@ def test_an_interrupted_analysis_resumes_with_the_missing_layers(store_and_suite
     crash[0] = False
     run_analysis(store, suite, backend="reference", top_k=3)
     assert calls == [[0], [5]]
+
+
+def sae_lens_sae(kind: str, **config):
+    """A sae-lens inference SAE of ``kind`` with random weights (d_in D, d_sae F), biases and thresholds nonzero."""
+    import sae_lens
+
+    classes = {"standard": "StandardSAE", "jumprelu": "JumpReLUSAE", "topk": "TopKSAE", "gated": "GatedSAE",
+               "abstopk": "AbsTopKSAE", "transcoder": "Transcoder"}
+    name = classes[kind]
+    config = {"d_in": D, "d_sae": F, "dtype": "float32", "device": "cpu", **config}
+    if kind == "transcoder":
+        config.update(d_out=D, apply_b_dec_to_input=False)
+    sae = getattr(sae_lens, name)(getattr(sae_lens, name + "Config")(**config))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.3)
+        if kind == "jumprelu":
+            sae.threshold.copy_(torch.rand(F, generator=g) * 0.5)
+    return sae
+
+
+@pytest.mark.parametrize("kind, config", [
+    ("standard", {}), ("standard", {"apply_b_dec_to_input": True}), ("jumprelu", {}),
+    ("topk", {"k": 5}), ("topk", {"k": 5, "rescale_acts_by_decoder_norm": True}),
+])
+def test_sae_lens_saes_give_sae_lens_reconstructions(kind, config):
+    from actstore.stats import SAEParams
+    from kernels import sae_stats
+
+    sae = sae_lens_sae(kind, **config)
+    with torch.no_grad():  # the decoder norms differ per latent, so a fold that ignored them would be seen
+        sae.W_dec.mul_(torch.linspace(0.2, 3.0, F)[:, None])
+    params = SAEParams.from_sae_lens(sae)
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        acts = sae.encode(x)
+        want_err = (x - sae.decode(acts)).square().sum(-1)
+    got = sae_stats(x, params.W_enc, params.b_enc, params.W_dec, params.b_dec, activation=params.activation,
+                    threshold=params.threshold, k=params.k, apply_b_dec_to_input=params.apply_b_dec_to_input,
+                    return_codes=True, backend="reference")
+    torch.testing.assert_close(got.sq_err.float(), want_err, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got.l0.numpy(), (acts > 0).sum(-1).numpy())
+    torch.testing.assert_close(got.codes.values.float(), acts[acts > 0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, config, message", [
+    ("gated", {}, r"GatedSAE \(architecture 'gated'\) is not an SAE the fused kernel computes"),
+    ("abstopk", {"k": 4}, r"architecture 'abstopk'"),
+    ("transcoder", {}, r"architecture 'transcoder'"),
+    ("standard", {"normalize_activations": "layer_norm"}, r"normalises its input \('layer_norm'\)"),
+    ("standard", {"normalize_activations": "constant_norm_rescale"}, r"'constant_norm_rescale'"),
+    ("topk", {"k": 4, "normalize_activations": "expected_average_only_in"}, r"fold_activation_norm_scaling_factor"),
+])
+def test_sae_lens_saes_the_kernel_would_get_wrong_are_refused(kind, config, message):
+    from actstore.stats import SAEParams
+
+    with pytest.raises(ValueError, match=message):
+        SAEParams.from_sae_lens(sae_lens_sae(kind, **config))
