@@ -36,6 +36,7 @@ class HarvestStats:
     seconds_copy: float = 0.0
     seconds_write_wait: float = 0.0
     seconds_total: float = 0.0
+    prompts_cut: int = 0  # prompts longer than the store's text tokens per image: only their first ones are stored
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -81,7 +82,8 @@ class HarvestStats:
             f"({self.images / total:.1f} images/s, "
             f"{self.bytes_logical / total / 1e9:.3f} GB/s); forward {self.seconds_forward:.1f} s, copy to host "
             f"{self.seconds_copy:.1f} s, waiting for the writer {self.seconds_write_wait:.1f} s; "
-            f"{len(self.skipped)} image(s) skipped"
+            f"{len(self.skipped)} image(s) skipped, {self.prompts_cut} prompt(s) cut to the store's text tokens per "
+            "image"
         )
 
 
@@ -270,6 +272,11 @@ def harvest_blocks(
     for part in batches:
         t0 = stats.clock(device)
         batch = vlm.prepare([jobs[j].examples[i]["image"] for j, i in part], [jobs[j].prompts[i] for j, i in part])
+        if schema.text_tokens_per_image:
+            # A long caption must neither fail the harvest hours in nor take other images' text slots.
+            cut = (batch.host_text_mask.sum(1) > schema.text_tokens_per_image).tolist()
+            stats.prompts_cut += sum(c for c, (j, _) in zip(cut, part) if jobs[j].write)
+            batch = batch.first_text_tokens(schema.text_tokens_per_image)
         img, txt = forward_states(vlm, batch, states)
         img, txt = img.to(dtype), txt.to(dtype)
         t1 = stats.clock(device)
@@ -293,10 +300,6 @@ def harvest_blocks(
             if schema.text_tokens_per_image:  # else a store of image tokens only
                 t_first, t_end = (int(torch.searchsorted(rows, r)) for r in (first, end))
                 m, k = block.text_tokens, t_end - t_first
-                if m + k > schema.text_slots_per_block:
-                    raise ValueError(f"the prompts of block {job.block} have at least {m + k} text tokens, more than "
-                                     f"the store's {schema.text_tokens_per_image} per image; raise "
-                                     "harvest.text_tokens_per_image")
                 copy_to_host(block.buffers["text"][:, m : m + k], txt[:, t_first:t_end])
                 block.text_tokens += k
                 block.text_image.append(rows[t_first:t_end] - first + offset)

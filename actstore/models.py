@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -69,6 +69,13 @@ class VLMBatch:
     def host_text_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(example, position) of every text token in row-major order, on the CPU."""
         return self.host_text_mask.nonzero(as_tuple=True)
+
+    def first_text_tokens(self, n: int) -> "VLMBatch":
+        """This batch with only the first ``n`` text tokens of each example marked as text. The LM is causal, so the
+        residuals at those tokens are those of the prompt cut to ``n`` tokens: nothing later in the prompt reaches
+        them."""
+        mask = self.host_text_mask & (self.host_text_mask.cumsum(1) <= n)
+        return replace(self, host_text_mask=mask, text_mask=to_device(mask, self.text_mask.device))
 
 
 def freeze(module: nn.Module) -> nn.Module:

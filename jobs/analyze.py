@@ -70,7 +70,12 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
     stats = xr.concat(per_layer, dim="layer")
     descriptions, described_by = suite_descriptions(suite, stats, ds)
     stats["description"] = (("layer", "latent"), descriptions)  # object strings: zarr v3's variable-length UTF-8
-    scores = [alignment_score(stats.image_top_latents.sel(layer=layer).values, descriptions[i], ds.prompt.values)
+    prompts = ds.prompt.values
+    if len(set(prompts.tolist())) == 1 and len(prompts) > 1:
+        log(f"[analyze] warning: every image has the prompt {prompts[0]!r}, so the alignment score compares latent "
+            "descriptions with that prompt, not with what each image shows; harvest with prompt '{caption}' to score "
+            "against captions")
+    scores = [alignment_score(stats.image_top_latents.sel(layer=layer).values, descriptions[i], prompts)
               for i, layer in enumerate(stats.layer.values)]
     stats["alignment"] = ("layer", [s for s, _ in scores])
     stats["alignment_baseline"] = ("layer", [b for _, b in scores])

@@ -13,7 +13,7 @@ import actstore
 from actstore.saes import load_suite, state_of_hook
 from actstore.stats import compute_layer_stats, open_stats
 from jobs.analyze import run_analysis
-from test_stats import D, F, make_saes, write_store
+from test_stats import D, F, N_IMAGES, make_saes, write_store
 
 
 def save_as_sae_lens(params, path, hook: str) -> None:
@@ -220,3 +220,14 @@ def test_sae_lens_saes_the_kernel_would_get_wrong_are_refused(kind, config, mess
 
     with pytest.raises(ValueError, match=message):
         SAEParams.from_sae_lens(sae_lens_sae(kind, **config))
+
+
+def test_an_alignment_against_one_prompt_for_every_image_is_flagged(store_and_suite):
+    root, _ = store_and_suite
+    logged = []
+    run_analysis(str(root / "s.zarr"), str(root / "suite.yaml"), backend="reference", log=logged.append)
+    assert any("every image has the prompt ''" in line for line in logged)
+    write_store(root / "captioned.zarr", 4, prompts=[f"a red shape number {i}" for i in range(N_IMAGES)])
+    logged.clear()
+    run_analysis(str(root / "captioned.zarr"), str(root / "suite.yaml"), backend="reference", log=logged.append)
+    assert logged and not any("warning" in line for line in logged)

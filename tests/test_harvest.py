@@ -168,13 +168,20 @@ def test_a_rerun_runs_whole_groups_and_rewrites_only_missing_blocks(adapter_dir,
     _assert_same_store(store, tmp_path / "whole.zarr")
 
 
-def test_prompts_longer_than_the_text_region_are_refused_before_anything_is_stored(adapter_dir, tmp_path):
-    from actstore.writer import StoreWriter
-
-    config = write_config(tmp_path / "h.yaml", adapter_dir, n_images=8, text_tokens_per_image=2)
-    with pytest.raises(ValueError, match="more than the store's 2 per image; raise harvest.text_tokens_per_image"):
-        run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "s.zarr"))
-    assert StoreWriter.open(tmp_path / "s.zarr").completed_blocks() == []
+def test_prompts_longer_than_the_text_tokens_per_image_keep_their_first_tokens(adapter_dir, tmp_path):
+    full = run_harvest(HarvestConfig.from_yaml(write_config(tmp_path / "f.yaml", adapter_dir, n_images=16)),
+                       str(tmp_path / "full.zarr"))
+    cut = run_harvest(HarvestConfig.from_yaml(write_config(tmp_path / "c.yaml", adapter_dir, n_images=16,
+                                                           text_tokens_per_image=2)), str(tmp_path / "cut.zarr"))
+    whole, first = actstore.open(tmp_path / "full.zarr"), actstore.open(tmp_path / "cut.zarr")
+    assert (full["stats"]["prompts_cut"], cut["stats"]["prompts_cut"]) == (0, 16)  # "describe the image ." is 4
+    kept = whole.text_position.values < np.array([whole.text_position.values[whole.text_image.values == i].min()
+                                                   for i in range(16)])[whole.text_image.values] + 2
+    for name in ("text_image", "text_position", "text_token_id"):
+        np.testing.assert_array_equal(first[name].values, whole[name].values[kept], err_msg=name)
+    np.testing.assert_array_equal(first.text_resid.values, whole.text_resid.values[:, kept])
+    np.testing.assert_array_equal(first.image_resid.values, whole.image_resid.values)
+    assert verify(tmp_path / "cut.zarr").ok
 
 
 def test_a_store_without_text_tokens_holds_the_same_image_tokens(adapter_dir, tmp_path):

@@ -22,7 +22,7 @@ def dataset(seed: int = 0):
     return images, text
 
 
-def write_store(path, block_images: int) -> None:
+def write_store(path, block_images: int, prompts: list[str] | None = None) -> None:
     images, text = dataset()
     schema = StoreSchema(layers=(0, 5), image_tokens=T, d_model=D, dtype="float32", capacity=N_IMAGES,
                          block_images=block_images, text_tokens_per_image=TEXT_PER_IMAGE)
@@ -32,7 +32,8 @@ def write_store(path, block_images: int) -> None:
             k = hi - lo
             tt = TextTokens(text[:, lo * TEXT_PER_IMAGE : hi * TEXT_PER_IMAGE], np.repeat(np.arange(k), TEXT_PER_IMAGE),
                             np.tile(np.arange(TEXT_PER_IMAGE), k), np.zeros(k * TEXT_PER_IMAGE, int))
-            writer.write_block(b, images[:, lo:hi], [f"img{i}" for i in range(lo, hi)], text=tt)
+            writer.write_block(b, images[:, lo:hi], [f"img{i}" for i in range(lo, hi)],
+                               prompts[lo:hi] if prompts else None, text=tt)
 
 
 def make_saes() -> dict[int, SAEParams]:
