@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from actstore.saes import load_suite, state_of_hook
 from actstore.stats import compute_layer_stats, open_stats
 from jobs.analyze import run_analysis
 from test_stats import D, F, N_IMAGES, make_saes, write_store
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def save_as_sae_lens(params, path, hook: str) -> None:
@@ -231,3 +234,34 @@ def test_an_alignment_against_one_prompt_for_every_image_is_flagged(store_and_su
     logged.clear()
     run_analysis(str(root / "captioned.zarr"), str(root / "suite.yaml"), backend="reference", log=logged.append)
     assert logged and not any("warning" in line for line in logged)
+
+
+def test_the_shipped_gemma_scope_suite_names_a_real_sae_for_every_block_output(monkeypatch):
+    import re
+
+    import sae_lens
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from actstore.saes import SAESuite
+    from jobs.harvest import HarvestConfig
+
+    path = ROOT / "jobs" / "configs" / "gemma-scope-2b-res-16k.yaml"
+    directory = get_pretrained_saes_directory()  # sae-lens' own list of releases, shipped with it: no download
+    for entry in yaml.safe_load(path.read_text())["saes"]:
+        release = directory[entry["release"]]
+        assert entry["sae_id"] in release.saes_map, entry
+        assert release.neuronpedia_id[entry["sae_id"]] == f"{release.model}/{entry['neuronpedia_sae_id']}", entry
+        layer = int(re.match(r"layer_(\d+)/", entry["sae_id"]).group(1))
+        assert entry["hook"] == f"blocks.{layer}.hook_resid_post", entry
+
+    def from_pretrained(release, sae_id, device="cpu"):  # what sae-lens would download, in miniature
+        sae = sae_lens_sae("jumprelu")
+        block = re.match(r"layer_(\d+)/", sae_id).group(1)
+        sae.cfg.metadata.hook_name = f"blocks.{block}.hook_resid_post"
+        return sae
+
+    monkeypatch.setattr(sae_lens.SAE, "from_pretrained", staticmethod(from_pretrained))
+    suite: SAESuite = load_suite(path)
+    harvested = HarvestConfig.from_yaml(ROOT / "jobs" / "configs" / "gemma2-2b-siglip.yaml").harvest
+    assert harvested.layers is None  # all 27 states: every SAE of the suite finds its state
+    assert sorted(suite.saes) == list(range(1, 27)) and suite.name == "gemma-scope-2b-res-16k"

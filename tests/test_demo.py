@@ -39,7 +39,7 @@ def test_demo_runs_end_to_end(miniature, tmp_path, capsys, monkeypatch):
     # the README's queries run as written on the demo's store (the paths and indices of its examples swapped in)
     run_readme_python("## Query a store with xarray", {"runs/demo/activations.zarr": str(path)})
     run_readme_python("## Analyse a harvest", {"/scratch/acts/gemma2-siglip.zarr": str(path),
-                                               "gemma-scope-16k": "demo-saes", "layer=13": "layer=3",
+                                               "gemma-scope-2b-res-16k": "demo-saes", "layer=13": "layer=3",
                                                "latent=1234": "latent=12"})
     # a rerun reuses the trained adapter and rebuilds the same store
     again = run_demo(out=str(tmp_path / "demo"))
