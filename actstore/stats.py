@@ -15,6 +15,7 @@ Definitions over the N tokens of a (layer, kind):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
@@ -59,6 +60,15 @@ class SAEParams:
         if device.type == "cpu" and weight_dtype == self.W_enc.dtype:
             return self
         return DEVICE_COPIES.get(self, device, weight_dtype)
+
+    def digest(self) -> str:
+        """A short hash of the weights: every bias and threshold, and a strided sample of both matrices (hashing
+        all of a wide SAE's matrices would take seconds per layer; a retrained SAE differs everywhere)."""
+        h = hashlib.sha256(f"{self.activation}|{self.k}|{self.apply_b_dec_to_input}|{tuple(self.W_enc.shape)}".encode())
+        for t in (self.b_enc, self.b_dec, self.threshold, self.W_enc.reshape(-1)[::997], self.W_dec.reshape(-1)[::997]):
+            if t is not None:
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def nbytes(self) -> int:

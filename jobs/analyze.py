@@ -6,7 +6,8 @@ Without ``--scheduler`` Dask's threaded scheduler runs in this process; ``local`
 ``distributed.LocalCluster``; an address (``tcp://host:8786``) uses an existing cluster, e.g. one started with
 ``dask scheduler`` / ``dask worker`` or with dask-cuda's ``dask cuda worker`` (one worker per GPU: each task's kernel
 then runs on that worker's GPU). Results go into the store under ``analysis/<suite name>``; each finished layer is
-kept under ``analysis_partial/<suite name>`` until then, so a rerun after a crash computes only the missing layers.
+kept under ``analysis_partial/<suite name>`` until then, so a rerun after a crash computes only the missing layers;
+a rerun after a finished analysis with only descriptions added to the suite reuses every computed layer.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import xarray as xr
 
 import actstore
 from actstore.descriptions import alignment_score, suite_descriptions
-from actstore.saes import load_suite
+from actstore.saes import SAESuite, load_suite
 from actstore.stats import (
     WEIGHT_DTYPES,
     compute_layer_stats,
     load_layer_checkpoint,
+    open_stats,
     remove_checkpoints,
     save_layer_checkpoint,
     save_stats,
@@ -48,20 +50,23 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
                          f"it has {sorted(suite.saes)}")
     log(f"[analyze] {store}: suite {suite.name!r}, layers {layers}, "
         f"{ds.sizes['image']} images, {ds.sizes.get('text_token', 0)} text tokens")
-    # Layer by layer, each kept in the store when done: a rerun after a crash computes only the missing layers. The
-    # fingerprint makes a rerun with other SAEs, settings or a grown store start afresh.
+    # Layer by layer, each kept in the store when done: a rerun after a crash computes only the missing layers, and a
+    # rerun after a finished analysis (say, with Neuronpedia descriptions added to the suite) only the layers the saved
+    # result lacks. The fingerprint makes a rerun with other SAEs, settings or a grown store start afresh.
     sources = {str(k): v for k, v in suite.sources.items()}
-    fingerprint = json.dumps({"sources": sources, "backend": backend,
-                              "weight_dtype": weight_dtype, "top_k": top_k, "image_top": top_latents,
-                              "images": ds.sizes["image"], "text_tokens": ds.sizes.get("text_token", 0)},
-                             sort_keys=True, default=str)
+    fingerprint = statistics_fingerprint(suite, ds, backend=backend, weight_dtype=weight_dtype, top_k=top_k,
+                                         image_top=top_latents)
+    saved = saved_statistics(store, suite.name, fingerprint)
     per_layer = []
     for i, layer in enumerate(layers):
-        done = load_layer_checkpoint(store, suite.name, layer, fingerprint)
-        if done is not None:
-            log(f"[analyze] state {layer} ({i + 1}/{len(layers)}): kept from an interrupted run")
+        where = f"state {layer} ({i + 1}/{len(layers)})"
+        if saved is not None and layer in saved.layer.values:
+            done = saved.sel(layer=[layer])
+            log(f"[analyze] {where}: kept from the saved analysis")
+        elif (done := load_layer_checkpoint(store, suite.name, layer, fingerprint)) is not None:
+            log(f"[analyze] {where}: kept from an interrupted run")
         else:
-            log(f"[analyze] state {layer} ({i + 1}/{len(layers)})")
+            log(f"[analyze] {where}")
             done = compute_layer_stats(ds, suite.saes, [layer], backend=backend, scheduler=scheduler,
                                        weight_dtype=weight_dtype, top_k=top_k, image_top=top_latents, progress=True)
             save_layer_checkpoint(store, suite.name, layer, done, fingerprint)
@@ -82,7 +87,7 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
     stats.attrs["description_sources"] = json.dumps({str(k): v for k, v in described_by.items()})
     stats.attrs["suite_path"] = str(Path(suite_path).resolve())  # the report's heat maps reload the SAEs from it
     stats.attrs.update({"suite": suite.name, "store": str(store), "computed": datetime.now(timezone.utc).isoformat(),
-                        "sources": json.dumps(sources),
+                        "sources": json.dumps(sources), "fingerprint": fingerprint,
                         "actstore_version": actstore.__version__})
     save_stats(store, suite.name, stats)
     remove_checkpoints(store, suite.name)
@@ -95,6 +100,33 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
                 float(row.alignment), float(row.alignment_baseline)))
     log(f"[analyze] saved to {store}/analysis/{suite.name}")
     return stats
+
+
+# Suite-entry keys that name latents but do not change the statistics: adding them reuses the computed layers.
+DESCRIPTION_KEYS = ("descriptions", "neuronpedia_sae_id")
+# What an analysis adds to the statistics of its layers, recomputed on every run.
+DERIVED = ("description", "alignment", "alignment_baseline")
+
+
+def statistics_fingerprint(suite: SAESuite, ds: xr.Dataset, **settings: Any) -> str:
+    """What a layer's statistics depend on: each SAE (where it came from and a digest of its weights, so that an SAE
+    retrained into the same folder is not mistaken for the old one), the settings and the store's extent."""
+    saes = {str(state): {"source": {k: v for k, v in suite.sources.get(state, {}).items() if k not in DESCRIPTION_KEYS},
+                         "weights": sae.digest()} for state, sae in suite.saes.items()}
+    return json.dumps({"saes": saes, **settings, "images": ds.sizes["image"],
+                       "text_tokens": ds.sizes.get("text_token", 0)}, sort_keys=True, default=str)
+
+
+def saved_statistics(store: str, name: str, fingerprint: str) -> xr.Dataset | None:
+    """The per-layer statistics of a finished analysis with this fingerprint (without what is derived from them),
+    else None."""
+    try:
+        saved = open_stats(store, name)
+    except (FileNotFoundError, KeyError, ValueError, OSError):
+        return None
+    if saved.attrs.get("fingerprint") != fingerprint:
+        return None
+    return saved.drop_vars([v for v in DERIVED if v in saved])
 
 
 def state_list(text: str) -> list[int]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +139,7 @@ def test_an_interrupted_analysis_resumes_with_the_missing_layers(store_and_suite
     root, _ = store_and_suite
     store, suite = str(root / "s.zarr"), str(root / "suite.yaml")
     whole = run_analysis(store, suite, backend="reference")
+    shutil.rmtree(root / "s.zarr" / "analysis")  # else every layer is reused from the finished analysis
     calls, crash = [], [True]
 
     def crash_on_second_layer(ds, saes, layers, **kwargs):
@@ -157,12 +160,43 @@ def test_an_interrupted_analysis_resumes_with_the_missing_layers(store_and_suite
     assert not (root / "s.zarr" / checkpoint_group("test-suite")).exists()
     assert not (root / "s.zarr" / "analysis_partial").exists()  # no empty group left behind
     # another setting does not reuse kept layers
+    shutil.rmtree(root / "s.zarr" / "analysis")
     with pytest.raises(RuntimeError):
         calls.clear()
         run_analysis(store, suite, backend="reference")  # crashes on state 5, keeps state 0
     calls.clear()
     crash[0] = False
     run_analysis(store, suite, backend="reference", top_k=3)
+    assert calls == [[0], [5]]
+
+
+def test_a_finished_analysis_is_reused_when_only_descriptions_are_added(store_and_suite, monkeypatch):
+    import jobs.analyze
+
+    root, saes = store_and_suite
+    store, suite = str(root / "s.zarr"), str(root / "suite.yaml")
+    first = run_analysis(store, suite, backend="reference")
+    (root / "np-5.json").write_text(json.dumps([{"layer": "5-res", "index": 3, "description": "red circles"}]))
+    described = yaml.safe_load((root / "suite.yaml").read_text())
+    described["saes"][1].update(descriptions="np-5.json", neuronpedia_sae_id="5-res")
+    (root / "described.yaml").write_text(yaml.safe_dump(described))
+    calls = []
+    monkeypatch.setattr(jobs.analyze, "compute_layer_stats",
+                        lambda *args, **kwargs: calls.append(args[2]) or compute_layer_stats(*args, **kwargs))
+    logged = []
+    again = run_analysis(store, str(root / "described.yaml"), backend="reference", log=logged.append)
+    assert calls == [] and sum("kept from the saved analysis" in line for line in logged) == 2
+    assert again.description.sel(layer=5, latent=3).item() == "red circles"
+    for name in first.data_vars:
+        if name not in ("description", "alignment", "alignment_baseline"):
+            np.testing.assert_array_equal(again[name].values, first[name].values, err_msg=name)
+    # other settings, or an SAE retrained into the same folder, are computed afresh
+    run_analysis(store, str(root / "described.yaml"), backend="reference", top_k=3)
+    assert calls == [[0], [5]]
+    calls.clear()
+    retrained = dataclasses.replace(saes[5], b_enc=saes[5].b_enc + 0.01)
+    save_as_sae_lens(retrained, root / "sae5", "blocks.4.hook_resid_post")
+    run_analysis(store, str(root / "described.yaml"), backend="reference", top_k=3)
     assert calls == [[0], [5]]
 
 
