@@ -72,7 +72,11 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
             save_layer_checkpoint(store, suite.name, layer, done, fingerprint)
         done.attrs.clear()  # the fingerprint; the combined result gets its own attributes below
         per_layer.append(done)
-    stats = xr.concat(per_layer, dim="layer")
+    if saved is not None:  # a run on some layers adds to the saved analysis of the others instead of replacing it
+        others = [x for x in saved.layer.values if int(x) not in layers]
+        per_layer += [saved.sel(layer=[x]) for x in others]
+        per_layer.sort(key=lambda part: int(part.layer.values[0]))
+    stats = xr.concat(per_layer, dim="layer", combine_attrs="drop")
     descriptions, described_by = suite_descriptions(suite, stats, ds)
     stats["description"] = (("layer", "latent"), descriptions)  # object strings: zarr v3's variable-length UTF-8
     prompts = ds.prompt.values

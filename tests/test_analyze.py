@@ -190,6 +190,10 @@ def test_a_finished_analysis_is_reused_when_only_descriptions_are_added(store_an
     for name in first.data_vars:
         if name not in ("description", "alignment", "alignment_baseline"):
             np.testing.assert_array_equal(again[name].values, first[name].values, err_msg=name)
+    # a run on some layers keeps the saved analysis of the others
+    only = run_analysis(store, str(root / "described.yaml"), layers=[5], backend="reference")
+    assert calls == [] and list(only.layer.values) == [0, 5]
+    assert list(open_stats(store, "test-suite").layer.values) == [0, 5]
     # other settings, or an SAE retrained into the same folder, are computed afresh
     run_analysis(store, str(root / "described.yaml"), backend="reference", top_k=3)
     assert calls == [[0], [5]]
