@@ -71,7 +71,8 @@ def store_info(location: str | os.PathLike[str]) -> dict[str, Any]:
     images = sum(m.images for m in markers.values())
     text_tokens = sum(m.text_tokens for m in markers.values())
     logical = len(schema.layers) * itemsize * schema.d_model * (images * schema.image_tokens + text_tokens)
-    stored = _bytes_on_disk(store, where, keys)
+    # The activations and their coordinates; analyses saved in the store are listed apart (see saved_analyses).
+    stored = _bytes_on_disk(store, where, [k for k in keys if not k.startswith(ANALYSIS_PREFIXES)])
     missing = [
         key
         for b in markers
@@ -99,8 +100,25 @@ def store_info(location: str | os.PathLike[str]) -> dict[str, Any]:
         "bytes_stored": stored,
         "compression_ratio": logical / stored if stored else float("nan"),
         "skipped_images": read_skipped(group, markers),
+        "analyses": saved_analyses(group),
         "verdict": verdict,
     }
+
+
+# Where `actstore analyze` keeps results (analysis/<suite>) and finished layers of unfinished runs (actstore.stats).
+ANALYSIS_PREFIXES = ("analysis/", "analysis_partial/")
+
+
+def saved_analyses(group: Any) -> list[dict[str, Any]]:
+    """Suite name, layers and time of every analysis saved in a store's root ``group`` (read from metadata and the
+    small ``layer`` array only)."""
+    if "analysis" not in group:
+        return []
+    found = []
+    for name, analysis in sorted(group["analysis"].groups()):
+        layers = [int(x) for x in analysis["layer"][:]] if "layer" in analysis else []
+        found.append({"name": name, "layers": layers, "computed": analysis.attrs.get("computed")})
+    return found
 
 
 def _block_keys(schema: StoreSchema, block: int) -> list[str]:

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from actstore.integrity import saved_analyses
+
 TABLE_COLUMNS = (
     ("state", None, None), ("FVU image", "fvu", "image"), ("FVU text", "fvu", "text"),
     ("L0 image", "l0_mean", "image"), ("L0 text", "l0_mean", "text"), ("cosine image", "mean_cos", "image"),
@@ -31,10 +33,10 @@ def analysis_names(store: str | Path) -> list[str]:
     import zarr
 
     try:
-        group = zarr.open_group(str(store), path="analysis", mode="r")
+        group = zarr.open_group(str(store), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return []
-    return sorted(name for name, _ in group.groups())
+    return [analysis["name"] for analysis in saved_analyses(group)]
 
 
 def layer_value(stats: xr.Dataset, layer: int, name: str, kind: str | None) -> float:

@@ -57,6 +57,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if info["skipped_images"]:
         shown = ", ".join(f"{x['id']} ({x['reason']})" for x in info["skipped_images"][:5])
         print(f"skipped      {len(info['skipped_images'])} input image(s): {shown}")
+    for analysis in info["analyses"]:
+        layers = analysis["layers"]
+        span = f"states {layers[0]}..{layers[-1]} ({len(layers)})" if layers else "no layers"
+        print(f"analysis     {analysis['name']}: {span}, computed {analysis['computed']}")
     print(f"integrity    {info['verdict']}")
     return 0 if not info["verdict"].startswith("DAMAGED") else 1
 

@@ -303,3 +303,20 @@ def test_the_shipped_gemma_scope_suite_names_a_real_sae_for_every_block_output(m
     harvested = HarvestConfig.from_yaml(ROOT / "jobs" / "configs" / "gemma2-2b-siglip.yaml").harvest
     assert harvested.layers is None  # all 27 states: every SAE of the suite finds its state
     assert sorted(suite.saes) == list(range(1, 27)) and suite.name == "gemma-scope-2b-res-16k"
+
+
+def test_info_lists_the_saved_analyses_apart_from_the_activations(store_and_suite, capsys):
+    from actstore.integrity import store_info
+    from jobs.cli import main as cli
+
+    root, _ = store_and_suite
+    store = str(root / "s.zarr")
+    before = store_info(store)
+    assert before["analyses"] == []
+    run_analysis(store, str(root / "suite.yaml"), backend="reference")
+    after = store_info(store)
+    assert [(a["name"], a["layers"]) for a in after["analyses"]] == [("test-suite", [0, 5])]
+    assert after["analyses"][0]["computed"] == open_stats(store, "test-suite").attrs["computed"]
+    assert after["bytes_stored"] == before["bytes_stored"]  # the analysis is not counted as stored activations
+    assert cli(["info", store]) == 0
+    assert "analysis     test-suite: states 0..5 (2), computed" in capsys.readouterr().out
