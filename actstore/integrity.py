@@ -12,7 +12,15 @@ from zarr.core.sync import sync
 
 from actstore.location import list_keys, local_path, open_zarr_store
 from actstore.reader import read_markers, read_skipped
-from actstore.schema import IMAGE_RESID, TEXT_RESID, StoreSchema, image_chunk_key, text_chunk_key
+from actstore.schema import (
+    ANALYSIS,
+    ANALYSIS_PARTIAL,
+    IMAGE_RESID,
+    TEXT_RESID,
+    StoreSchema,
+    image_chunk_key,
+    text_chunk_key,
+)
 from actstore.sink import PARTIAL_SUFFIX
 from actstore.writer import open_group, read_attributes
 
@@ -72,7 +80,7 @@ def store_info(location: str | os.PathLike[str]) -> dict[str, Any]:
     text_tokens = sum(m.text_tokens for m in markers.values())
     logical = len(schema.layers) * itemsize * schema.d_model * (images * schema.image_tokens + text_tokens)
     # The activations and their coordinates; analyses saved in the store are listed apart (see saved_analyses).
-    stored = _bytes_on_disk(store, where, [k for k in keys if not k.startswith(ANALYSIS_PREFIXES)])
+    stored = _bytes_on_disk(store, where, [k for k in keys if k.split("/")[0] not in (ANALYSIS, ANALYSIS_PARTIAL)])
     missing = [
         key
         for b in markers
@@ -105,17 +113,13 @@ def store_info(location: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
-# Where `actstore analyze` keeps results (analysis/<suite>) and finished layers of unfinished runs (actstore.stats).
-ANALYSIS_PREFIXES = ("analysis/", "analysis_partial/")
-
-
 def saved_analyses(group: Any) -> list[dict[str, Any]]:
     """Suite name, layers and time of every analysis saved in a store's root ``group`` (read from metadata and the
     small ``layer`` array only)."""
-    if "analysis" not in group:
+    if ANALYSIS not in group:
         return []
     found = []
-    for name, analysis in sorted(group["analysis"].groups()):
+    for name, analysis in sorted(group[ANALYSIS].groups()):
         layers = [int(x) for x in analysis["layer"][:]] if "layer" in analysis else []
         found.append({"name": name, "layers": layers, "computed": analysis.attrs.get("computed")})
     return found

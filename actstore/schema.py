@@ -25,6 +25,9 @@ IMAGE_RESID = "image_resid"
 TEXT_RESID = "text_resid"
 BLOCK_STATUS = "block_status"
 BLOCK_SKIPPED = "block_skipped"
+# Groups `actstore analyze` adds to a store: finished analyses (one per suite), and finished layers of unfinished ones.
+ANALYSIS = "analysis"
+ANALYSIS_PARTIAL = "analysis_partial"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import torch
 import xarray as xr
 
 from actstore.bfloat16 import to_torch
+from actstore.schema import ANALYSIS, ANALYSIS_PARTIAL
 from actstore.devices import thread_stream, to_device, to_host
 from kernels import sae_stats, wait_for_stream
 
@@ -453,7 +454,7 @@ def compute_layer_stats(
 
 def analysis_group(name: str) -> str:
     """Where a suite's statistics live inside a store."""
-    return f"analysis/{name}"
+    return f"{ANALYSIS}/{name}"
 
 
 def _write_group(location: str, group: str, stats: xr.Dataset) -> None:
@@ -479,7 +480,7 @@ def open_stats(location: str, name: str) -> xr.Dataset:
 def checkpoint_group(name: str, layer: int | None = None) -> str:
     """Where an analysis keeps its finished layers until the whole result is saved (outside ``analysis/``, so that
     an unfinished run is never listed as an analysis)."""
-    return f"analysis_partial/{name}" + (f"/layer_{layer}" if layer is not None else "")
+    return f"{ANALYSIS_PARTIAL}/{name}" + (f"/layer_{layer}" if layer is not None else "")
 
 
 def save_layer_checkpoint(location: str, name: str, layer: int, stats: xr.Dataset, fingerprint: str) -> None:
@@ -503,6 +504,5 @@ def remove_checkpoints(location: str, name: str) -> None:
     root = zarr.open_group(str(location), mode="r+", zarr_format=3)
     if checkpoint_group(name) in root:
         del root[checkpoint_group(name)]
-    parent = checkpoint_group(name).split("/")[0]
-    if parent in root and not list(root[parent].keys()):  # no other analysis is under way: leave no empty group
-        del root[parent]
+    if ANALYSIS_PARTIAL in root and not list(root[ANALYSIS_PARTIAL].keys()):  # no other analysis under way
+        del root[ANALYSIS_PARTIAL]
