@@ -2,10 +2,11 @@
 image-token and text-token positions, for every selected layer, into a store.
 
 Layer convention: state 0 is the input of the first decoder block (the embedding output, after any embedding
-scaling the model applies, e.g. Gemma's sqrt(d_model)); state i is the output of the i-th block (blocks.{i-1} in 0-based, TransformerLens naming). States are captured with
-forward hooks on the decoder blocks, which gather only the image and text positions on the device. This equals
-transformers' ``output_hidden_states`` for states 0..L-1 bit for bit; for state L transformers returns the output of
-the final norm instead, while we store the residual itself (what residual-stream SAEs such as Gemma Scope read).
+scaling the model applies, e.g. Gemma's sqrt(d_model)); state i is the output of the i-th block (blocks.{i-1} in
+0-based, TransformerLens naming). States are captured with forward hooks on the decoder blocks, which gather only the
+image and text positions on the device. This equals transformers' ``output_hidden_states`` for states 0..L-1 bit
+for bit; for state L transformers returns the output of the final norm instead, while we store the residual itself
+(what residual-stream SAEs such as Gemma Scope read).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ import torch
 from actstore.devices import to_device
 from actstore.models import VLMBatch
 from actstore.writer import StoreWriter, TextTokens
+
+# Which text tokens a harvest stores, recorded in the store's provenance: a resume must not mix two rules in one store
+# (earlier harvests stored whole prompts while their block had room and failed otherwise).
+TEXT_TOKEN_RULE = "the first text_tokens_per_image tokens of each prompt"
 
 
 @dataclass

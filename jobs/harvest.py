@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from actstore.errors import NotAStoreError
-from actstore.harvest import BlockJob, HarvestStats, HostRing, block_groups, harvest_blocks, n_states
+from actstore.harvest import TEXT_TOKEN_RULE, BlockJob, HarvestStats, HostRing, block_groups, harvest_blocks, n_states
 from actstore.models import adapter_sha256
 from actstore.schema import StoreSchema
 from actstore.writer import StoreWriter
@@ -109,6 +109,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
         "adapter_sha256": adapter_sha256(cfg.adapter) if cfg.adapter else None,
         "dataset": {k: v for k, v in asdict(data).items() if k not in ("n_eval",)},
         "harvest": {k: v for k, v in asdict(h).items() if k not in ("threads",)},
+        "text_tokens": TEXT_TOKEN_RULE,
     }
     if rank == 0:
         writer = StoreWriter.open_or_create(out, schema, provenance, threads=h.threads)

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+import zarr
 
 import actstore
 from actstore.errors import SchemaMismatchError
 from actstore.integrity import verify
-from actstore.schema import image_chunk_key
+from actstore.schema import ATTRS_KEY, image_chunk_key
 from jobs.harvest import HarvestConfig, run_harvest
 from jobs.train_adapter import build_model
 from writer_process import kill_at_hang_point
@@ -305,6 +306,21 @@ def test_a_different_job_into_the_same_store_is_refused(adapter_dir, tmp_path):
                                                  prompt="what do you see ?"))
     with pytest.raises(SchemaMismatchError, match="provenance 'harvest'"):
         run_harvest(other, str(tmp_path / "s.zarr"))
+
+
+def test_a_rerun_into_a_store_harvested_with_another_text_token_rule_is_refused(adapter_dir, tmp_path):
+    cfg = HarvestConfig.from_yaml(write_config(tmp_path / "a.yaml", adapter_dir, n_images=16))
+    store = tmp_path / "s.zarr"
+    run_harvest(cfg, str(store))
+    group = zarr.open_group(store, mode="r+")
+    meta = group.attrs[ATTRS_KEY]
+    del meta["provenance"]["text_tokens"]  # as written by a harvester that kept whole prompts
+    group.attrs[ATTRS_KEY] = meta
+    (store / image_chunk_key(0, 1)).unlink()  # a crash left block 1 missing
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    with pytest.raises(SchemaMismatchError, match="provenance 'text_tokens': store has none"):
+        run_harvest(cfg, str(store))
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
 
 
 def test_real_config_loads():
