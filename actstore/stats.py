@@ -463,8 +463,9 @@ def _write_group(location: str, group: str, stats: xr.Dataset) -> None:
     stats.to_zarr(str(location), group=group, mode="w", zarr_format=3, consolidated=False)
 
 
-def _read_group(location: str, group: str) -> xr.Dataset:
-    return xr.open_zarr(str(location), group=group, consolidated=False, zarr_format=3).load()
+def _read_group(location: str, group: str, *, load: bool = True) -> xr.Dataset:
+    ds = xr.open_zarr(str(location), group=group, consolidated=False, zarr_format=3)
+    return ds.load() if load else ds
 
 
 def save_stats(location: str, name: str, stats: xr.Dataset) -> None:
@@ -472,9 +473,9 @@ def save_stats(location: str, name: str, stats: xr.Dataset) -> None:
     _write_group(location, analysis_group(name), stats)
 
 
-def open_stats(location: str, name: str) -> xr.Dataset:
-    """Statistics saved by :func:`save_stats`."""
-    return _read_group(location, analysis_group(name))
+def open_stats(location: str, name: str, *, load: bool = True) -> xr.Dataset:
+    """Statistics saved by :func:`save_stats` (in memory, or lazy with ``load=False``)."""
+    return _read_group(location, analysis_group(name), load=load)
 
 
 def checkpoint_group(name: str, layer: int | None = None) -> str:

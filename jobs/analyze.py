@@ -125,12 +125,12 @@ def saved_statistics(store: str, name: str, fingerprint: str) -> xr.Dataset | No
     """The per-layer statistics of a finished analysis with this fingerprint (without what is derived from them),
     else None."""
     try:
-        saved = open_stats(store, name)
+        saved = open_stats(store, name, load=False)  # the attributes first: a stale analysis is not worth reading
     except (FileNotFoundError, KeyError, ValueError, OSError):
         return None
     if saved.attrs.get("fingerprint") != fingerprint:
         return None
-    return saved.drop_vars([v for v in DERIVED if v in saved])
+    return saved.drop_vars([v for v in DERIVED if v in saved]).load()
 
 
 def state_list(text: str) -> list[int]:

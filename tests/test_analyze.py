@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 import yaml
 
 import actstore
@@ -194,9 +195,13 @@ def test_a_finished_analysis_is_reused_when_only_descriptions_are_added(store_an
     only = run_analysis(store, str(root / "described.yaml"), layers=[5], backend="reference")
     assert calls == [] and list(only.layer.values) == [0, 5]
     assert list(open_stats(store, "test-suite").layer.values) == [0, 5]
-    # other settings, or an SAE retrained into the same folder, are computed afresh
+    # other settings, or an SAE retrained into the same folder, are computed afresh, without reading the stale result
+    loaded = []
+    load = xr.Dataset.load
+    monkeypatch.setattr(xr.Dataset, "load",
+                        lambda self, **kw: loaded.append(self.attrs.get("suite")) or load(self, **kw))
     run_analysis(store, str(root / "described.yaml"), backend="reference", top_k=3)
-    assert calls == [[0], [5]]
+    assert calls == [[0], [5]] and "test-suite" not in loaded
     calls.clear()
     retrained = dataclasses.replace(saes[5], b_enc=saes[5].b_enc + 0.01)
     save_as_sae_lens(retrained, root / "sae5", "blocks.4.hook_resid_post")
