@@ -37,9 +37,15 @@ def test_adapter_learns_image_information(miniature, tmp_path):
     trained = build_model(cfg.model, adapter=result["adapter"])
     held_out = caption_loss(trained, eval_set)
     blank = caption_loss(trained, eval_set, blank=True)
+    # each caption with the next example's image: what an adapter that ignores which image it sees would score
+    mismatched = caption_loss(trained, [{**r, "image": eval_set[(i + 1) % len(eval_set)]["image"]}
+                                        for i, r in enumerate(eval_set)])
     assert held_out == pytest.approx(result["eval_loss"])
     assert held_out < untrained - 1.0, (held_out, untrained)  # (a) far below the untrained adapter
-    assert held_out < blank - 0.3, (held_out, blank)  # (b) the image matters: blank images do much worse
+    # (b) the image matters. The gap depends on the CPU the miniature was pretrained on (floating-point kernels differ:
+    # 0.26-0.28 on an AMD EPYC VM, 0.15-0.28 over training seeds there); an image-blind adapter gives ~0.
+    assert held_out < blank - 0.1, (held_out, blank)
+    assert held_out < mismatched - 0.1, (held_out, mismatched)
 
 
 def test_training_leaves_the_towers_bit_identical(miniature, tmp_path):
@@ -82,8 +88,10 @@ def test_two_ddp_processes_match_one(miniature, tmp_path):
                     "-m", "jobs.train_adapter", "--config", str(config_path)], check=True, timeout=600, env=env,
                    cwd=ROOT)
     a, b = _adapter(single["adapter"]), _adapter(tmp_path / "two" / "adapter")
+    # Adam normalises every step, so rounding differences of the all-reduced gradient in near-zero entries reach a few
+    # 1e-6 after 6 steps (2.4e-6 measured on an AMD EPYC VM); other data or a missed all-reduce moves weights ~lr=1e-3.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
 def test_config_validation_names_the_problem(tmp_path):
