@@ -38,6 +38,10 @@ class ModelSection:
     keep_cls: bool = False
     prompt_prefix: str = ""
     dtype: str = "float32"
+    # Hub revisions (a commit hash pins the weights; stores record them in their provenance): None is the default branch
+    vision_revision: str | None = None
+    lm_revision: str | None = None
+    llava_revision: str | None = None
 
 
 @dataclass
@@ -111,7 +115,8 @@ def build_model(section: ModelSection, adapter: str | Path | None = None, log: C
     if section.llava:
         from actstore.models import LlavaVLM
 
-        return LlavaVLM.from_pretrained(section.llava, dtype=getattr(torch, section.dtype))
+        return LlavaVLM.from_pretrained(section.llava, revision=section.llava_revision,
+                                        dtype=getattr(torch, section.dtype))
     vision, lm = section.vision, section.lm
     if "miniature" in (vision, lm):
         from actstore.miniature import build_miniature
@@ -121,7 +126,8 @@ def build_model(section: ModelSection, adapter: str | Path | None = None, log: C
         lm = paths["lm"] if lm == "miniature" else lm
     dtype = getattr(torch, section.dtype)
     return AdapterVLM.from_pretrained(vision, lm, adapter, vision_layer=section.vision_layer,
-                                      keep_cls=section.keep_cls, prompt_prefix=section.prompt_prefix, dtype=dtype)
+                                      keep_cls=section.keep_cls, prompt_prefix=section.prompt_prefix, dtype=dtype,
+                                      vision_revision=section.vision_revision, lm_revision=section.lm_revision)
 
 
 def load_examples(section: DataSection, split: str) -> Any:

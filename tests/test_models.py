@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -102,3 +104,33 @@ def test_llava_image_positions_match_its_expanded_image_tokens():
     assert out.hidden_states[0].shape[1] == ids.shape[1]
     with pytest.raises(ValueError, match="different numbers of image tokens"):
         llava_positions(torch.tensor([[image_token, 1], [1, 2]]), image_token)
+
+
+def test_config_revisions_pick_snapshots_of_a_prefilled_hub_cache(miniature, tmp_path):
+    """The real hub loading code, offline: ``lm_revision`` loads that commit's weights, none loads the main branch."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    old, new = "a" * 40, "b" * 40
+    for repo, source in (("mini-vision", miniature["vision"]), ("mini-lm", miniature["lm"])):
+        root = tmp_path / f"models--acme--{repo}"
+        for commit in (old, new):
+            shutil.copytree(source, root / "snapshots" / commit)
+        (root / "refs").mkdir()
+        (root / "refs" / "main").write_text(new)
+    weights = tmp_path / "models--acme--mini-lm" / "snapshots" / new / "model.safetensors"
+    save_file({k: v * 2 for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    code = ("import sys; from jobs.train_adapter import ModelSection, build_model\n"
+            "for revision in sys.argv[1:]:\n"
+            "    vlm = build_model(ModelSection(vision='acme/mini-vision', lm='acme/mini-lm', "
+            "lm_revision=revision or None, vision_revision=revision or None))\n"
+            "    print('SUM', float(vlm.lm.get_input_embeddings().weight.double().sum()))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code, old, ""], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sums = [float(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("SUM ")]
+    reference = float(load_file(f"{miniature['lm']}/model.safetensors")["model.embed_tokens.weight"].double().sum())
+    assert sums == pytest.approx([reference, 2 * reference]) and reference != 0
