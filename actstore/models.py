@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -185,7 +186,8 @@ class AdapterVLM(nn.Module):
         return adapter_sha256(directory)
 
     def load_adapter(self, directory: str | Path) -> None:
-        """Load adapter weights saved by :meth:`save_adapter`, refusing ones made for other dimensions."""
+        """Load adapter weights saved by :meth:`save_adapter`, refusing ones made for other dimensions, vision
+        features or pinned revisions, and warning when they were trained with towers of other names."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -196,6 +198,22 @@ class AdapterVLM(nn.Module):
                 f"({saved['vision']} -> {saved['lm']}), but this model needs {self.config.d_vision} -> "
                 f"{self.config.d_model} ({self.config.vision} -> {self.config.lm})"
             )
+        ours = self.config.to_json()
+        # Same shapes, other inputs: an adapter trained on another vision layer or other weights maps features it
+        # never saw, with no error anywhere downstream. Revisions count only where both sides pin one.
+        wrong = [key for key in ("vision_layer", "keep_cls") if saved.get(key, ours[key]) != ours[key]]
+        wrong += [key for key in ("vision_revision", "lm_revision")
+                  if saved.get(key) is not None and ours[key] is not None and saved[key] != ours[key]]
+        if wrong:
+            raise ValueError(f"adapter in {directory} was trained with " + ", ".join(
+                f"{key}={saved[key]!r}" for key in wrong) + ", but this model has " + ", ".join(
+                f"{key}={ours[key]!r}" for key in wrong) + "; use the model settings of its training config")
+        # Names may differ for the same weights (a hub id here, a local copy there), so these only warn.
+        renamed = [key for key in ("vision", "lm", "prompt_prefix") if saved.get(key, ours[key]) != ours[key]]
+        if renamed:
+            warnings.warn(f"adapter in {directory} was trained with " + ", ".join(
+                f"{key}={saved[key]!r}" for key in renamed) + "; this model has " + ", ".join(
+                f"{key}={ours[key]!r}" for key in renamed), stacklevel=2)
         state = load_file(str(directory / ADAPTER_WEIGHTS))
         self.adapter.load_state_dict({k: v.to(self.adapter.weight.dtype) for k, v in state.items()})
 

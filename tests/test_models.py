@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 
 import pytest
 import torch
@@ -72,6 +74,34 @@ def test_adapter_files_roundtrip_and_refuse_other_dims(tiny_vlm, miniature, tmp_
     wrong.config = type(tiny_vlm.config)(**{**tiny_vlm.config.to_json(), "d_model": 128})
     with pytest.raises(ValueError, match="maps d_vision=64 -> d_model=64 .* needs 64 -> 128"):
         wrong.load_adapter(tmp_path / "a")
+
+
+@pytest.mark.parametrize("changes, error", [
+    ({"vision_layer": -2}, "trained with vision_layer=-1, but this model has vision_layer=-2"),
+    ({"keep_cls": True}, "trained with keep_cls=False, but this model has keep_cls=True"),
+    ({"lm_revision": "b" * 40}, "trained with lm_revision='aaaa"),
+    ({"lm_revision": None}, None),  # a pin on one side only: nothing to compare
+    ({"lm": "google/gemma-2-2b-it"}, "warn"),
+    ({"prompt_prefix": "look :"}, "warn"),
+])
+def test_an_adapter_trained_with_other_model_settings_is_refused_or_warned(tiny_vlm, tmp_path, changes, error):
+    trained = AdapterVLM(tiny_vlm.vision, tiny_vlm.lm, tiny_vlm.tokenizer, tiny_vlm.image_processor,
+                         dataclasses.replace(tiny_vlm.config, lm_revision="a" * 40), adapter=tiny_vlm.adapter)
+    trained.save_adapter(tmp_path / "a")
+    other = AdapterVLM(tiny_vlm.vision, tiny_vlm.lm, tiny_vlm.tokenizer, tiny_vlm.image_processor,
+                       dataclasses.replace(trained.config, **changes))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if error not in (None, "warn"):
+            with pytest.raises(ValueError, match=error):
+                other.load_adapter(tmp_path / "a")
+            return
+        other.load_adapter(tmp_path / "a")
+    assert torch.equal(other.adapter.weight, tiny_vlm.adapter.weight)
+    named = [str(w.message) for w in caught if "was trained with" in str(w.message)]
+    assert len(named) == (error == "warn")
+    if named:
+        assert all(f"{key}={value!r}" in named[0] for key, value in changes.items())
 
 
 def test_unloadable_model_gives_a_hint(monkeypatch, miniature):
