@@ -325,3 +325,42 @@ def test_info_lists_the_saved_analyses_apart_from_the_activations(store_and_suit
     assert after["bytes_stored"] == before["bytes_stored"]  # the analysis is not counted as stored activations
     assert cli(["info", store]) == 0
     assert "analysis     test-suite: states 0..5 (2), computed" in capsys.readouterr().out
+
+
+def test_a_gemma_scope_sae_loads_offline_from_a_prefilled_hub_cache(tmp_path, monkeypatch):
+    """sae-lens' own Gemma Scope loader, no stub: the canonical id resolves to its folder's params.npz in the cache."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    release = get_pretrained_saes_directory()["gemma-scope-2b-pt-res-canonical"]
+    folder = release.saes_map["layer_12/width_16k/canonical"]  # e.g. layer_12/width_16k/average_l0_82
+    repo = tmp_path / ("models--" + release.repo_id.replace("/", "--"))
+    (repo / "snapshots" / ("c" * 40) / folder).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
+    # Gemma Scope's real shapes (sae-lens takes them from the release, not the file), with 4 dimensions per latent
+    # so that the archive stays ~1 MB.
+    rng = np.random.default_rng(0)
+    d_model, width = 2304, 16384
+    w_enc, w_dec = np.zeros((d_model, width), np.float32), np.zeros((width, d_model), np.float32)
+    rows = np.stack([rng.choice(d_model, 4, replace=False) for _ in range(width)])
+    cols = np.repeat(np.arange(width), 4)
+    w_enc[rows.ravel(), cols] = rng.normal(size=4 * width)
+    w_dec[cols, rows.ravel()] = rng.normal(size=4 * width)
+    params = {"w_enc": w_enc, "w_dec": w_dec, "b_enc": rng.normal(size=width).astype(np.float32),
+              "b_dec": rng.normal(size=d_model).astype(np.float32), "threshold": rng.random(width).astype(np.float32)}
+    np.savez_compressed(repo / "snapshots" / ("c" * 40) / folder / "params.npz", **params)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"name": "gemma-scope", "saes": [
+        {"source": "sae_lens_pretrained", "release": "gemma-scope-2b-pt-res-canonical",
+         "sae_id": "layer_12/width_16k/canonical"}]}))
+    suite = load_suite(tmp_path / "suite.yaml")
+    assert list(suite.saes) == [13]  # blocks.12.hook_resid_post: the output of the 13th block
+    sae = suite.saes[13]
+    assert sae.activation == "jumprelu" and not sae.apply_b_dec_to_input
+    for ours, theirs in (("W_enc", "w_enc"), ("W_dec", "w_dec"), ("b_enc", "b_enc"), ("b_dec", "b_dec"),
+                         ("threshold", "threshold")):
+        np.testing.assert_array_equal(getattr(sae, ours).numpy(), params[theirs], err_msg=ours)
+    suite.check_store(d_model, list(range(27)))
+    with pytest.raises(ValueError, match="2304"):
+        suite.check_store(2048, list(range(27)))
