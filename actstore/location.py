@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,17 @@ def local_path(location: str | os.PathLike[str]) -> Path | None:
     if "://" in text:
         return None
     return Path(text)
+
+
+def free_bytes(location: str | os.PathLike[str]) -> int | None:
+    """Free bytes on the file system that holds (or will hold) ``location``; None for a remote URL."""
+    path = local_path(location)
+    if path is None:
+        return None
+    path = path.absolute()
+    while not path.exists():  # the store may not exist yet: ask about the folder it will be made in
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def open_zarr_store(

@@ -106,6 +106,11 @@ class StoreSchema:
         """Logical bytes of one layer of one block of image activations (one chunk or shard)."""
         return self.block_images * self.image_tokens * self.d_model * self.numpy_dtype.itemsize
 
+    def block_bytes(self) -> int:
+        """Logical bytes of one whole block: its image and text activations at every layer."""
+        text = self.text_slots_per_block * self.d_model * self.numpy_dtype.itemsize
+        return len(self.layers) * (self.image_block_bytes() + text)
+
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (stored in the group attributes)."""
         out = dataclasses.asdict(self)

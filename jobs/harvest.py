@@ -24,6 +24,7 @@ import yaml
 
 from actstore.errors import NotAStoreError
 from actstore.harvest import TEXT_TOKEN_RULE, BlockJob, HarvestStats, HostRing, block_groups, harvest_blocks, n_states
+from actstore.location import free_bytes
 from actstore.models import adapter_sha256
 from actstore.schema import StoreSchema
 from actstore.writer import StoreWriter
@@ -81,6 +82,17 @@ def wait_for_store(location: str, timeout: float = 600.0) -> None:
             time.sleep(0.5)
 
 
+def space_warning(needed: int, free: int | None, out: str) -> str | None:
+    """A warning when the blocks still to write may not fit on the store's file system, else None."""
+    if free is None or needed <= free:
+        return None
+    # Only a warning: compression shrinks the need by an amount known only once chunks are written, and a harvest that
+    # fills the disk stops with an error and resumes where it stopped.
+    return (f"[harvest] warning: the blocks still to write hold {needed / 1e9:.1f} GB before compression, and the "
+            f"file system of {out} has {free / 1e9:.1f} GB free (zstd stores bf16 residuals at ~0.75-0.8 of their "
+            "size); select fewer states (harvest.layers) or images, or free space")
+
+
 def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = print) -> dict[str, Any]:
     """Harvest this process's share of the missing blocks into ``out``."""
     from tqdm import tqdm
@@ -122,6 +134,9 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     todo = [b for group in groups for b in group if b in missing]
     say(f"[harvest] {len(states)} states x {schema.image_tokens} image tokens x d_model {schema.d_model} -> {out}; "
         f"{len(todo)} block(s) to write on rank 0 of {world_size}")
+    warning = space_warning(len(missing) * schema.block_bytes(), free_bytes(out), out)
+    if warning:
+        say(warning)
     stats = HarvestStats()
     # Buffers for the blocks one group's micro-batches fill, plus the 2 blocks the writer keeps in flight.
     ring = HostRing(slots=max(map(len, groups), default=1) + 2, pin=device.type == "cuda")

@@ -4,6 +4,7 @@ the same store as one uninterrupted run; a different job into the same store is 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import zarr
 import actstore
 from actstore.errors import SchemaMismatchError
 from actstore.integrity import verify
-from actstore.schema import ATTRS_KEY, image_chunk_key
+from actstore.schema import ATTRS_KEY, StoreSchema, image_chunk_key
 from jobs.harvest import HarvestConfig, run_harvest
 from jobs.train_adapter import build_model
 from writer_process import kill_at_hang_point
@@ -492,3 +493,33 @@ def test_the_writer_waits_for_a_block_copy_on_the_copy_device(monkeypatch):
     worker.start()
     worker.join()
     assert seen == [torch.device("cuda", 3)]
+
+
+def test_a_harvest_warns_when_its_blocks_may_not_fit_on_the_disk(adapter_dir, tmp_path, monkeypatch):
+    import jobs.harvest
+    from actstore.location import free_bytes
+
+    cfg = HarvestConfig.from_yaml(write_config(tmp_path / "a.yaml", adapter_dir, n_images=16))
+    logged = []
+    result = run_harvest(cfg, str(tmp_path / "s.zarr"), log=logged.append)
+    assert not any("warning" in line for line in logged)
+    group = zarr.open_group(tmp_path / "s.zarr", mode="r")
+    logical = group["image_resid"].nbytes + group["text_resid"].nbytes  # zarr's own account of the arrays
+    schema = actstore.open(tmp_path / "s.zarr").attrs["schema"]
+    assert logical == len(result["blocks"]) * StoreSchema.from_json(schema).block_bytes()
+    # a new store of 32 images (4 blocks, twice the first one's bytes) on a disk with 1 KB free
+    asked = []
+    monkeypatch.setattr(jobs.harvest, "free_bytes", lambda out: 1000)
+    monkeypatch.setattr(jobs.harvest, "space_warning",
+                        lambda *args, warn=jobs.harvest.space_warning: asked.append(args[:2]) or warn(*args))
+    run_harvest(HarvestConfig.from_yaml(write_config(tmp_path / "b.yaml", adapter_dir, n_images=32)),
+                str(tmp_path / "s2.zarr"), log=logged.append)
+    assert asked == [(2 * logical, 1000)]
+    warned = [line for line in logged if "warning" in line]
+    assert len(warned) == 1 and verify(tmp_path / "s2.zarr").ok  # a warning, not a stop
+    assert jobs.harvest.space_warning(3_000_000_000_000, 500_000_000_000, "/scratch/a.zarr").startswith(
+        "[harvest] warning: the blocks still to write hold 3000.0 GB before compression, and the file system of "
+        "/scratch/a.zarr has 500.0 GB free")
+    assert jobs.harvest.space_warning(3_000, 3_000, "/scratch/a.zarr") is None
+    assert free_bytes("s3://bucket/acts.zarr") is None
+    assert 0 < free_bytes(tmp_path / "not" / "made" / "yet.zarr") <= shutil.disk_usage(tmp_path).total
