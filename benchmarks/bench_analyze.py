@@ -5,7 +5,8 @@ Writes JSON to benchmarks/results/.
     python benchmarks/bench_analyze.py            # GPU: 256 images x 256 tokens x 4 states, d 2304, bf16, 16k latents
     python benchmarks/bench_analyze.py --quick    # CPU, tiny (CI; the kernel runs in Triton's interpreter)
 
-Goal: analysis tokens/s >= 0.8 x min(kernel-alone tokens/s, read-bound tokens/s).
+Goal: analysis tokens/s >= 0.8 x min(kernel-alone tokens/s, read-bound tokens/s). The ratios are given for the bare
+statistics and ("-full") for what `actstore analyze` computes, with top-k examples and each image's top latents.
 """
 
 from __future__ import annotations
@@ -185,8 +186,8 @@ def main() -> None:
         if "text_token" in ds.dims:
             first = first.isel(text_token=slice(0, args.block_images * args.text_tokens))
         # sync: one thread, for diagnosis; "full": what `actstore analyze` computes (top-k examples, image top latents)
-        runs = [(w, scheduler, {}) for w in WEIGHT_DTYPES] + [("float32", "sync", {}),
-                                                              ("float32", scheduler, {"top_k": 8, "image_top": 5})]
+        runs = ([(w, scheduler, {}) for w in WEIGHT_DTYPES] + [("float32", "sync", {})]
+                + [(w, scheduler, {"top_k": 8, "image_top": 5}) for w in WEIGHT_DTYPES])
         for weight_dtype, sched, extra in runs:
             name = f"{weight_dtype}-{'sync' if sched == 'sync' else args.scheduler}" + ("-full" if extra else "")
             start = time.perf_counter()
@@ -205,10 +206,14 @@ def main() -> None:
     read = read_cold if cold else read_warm
     bytes_per_token = info["bytes_logical"] / max(tokens, 1)
     ratios = {}
+    # "-full" is what `actstore analyze` runs (it also keeps top-k examples and each image's top latents), against the
+    # same limits: the kernel without codes and the read.
     for weight_dtype in WEIGHT_DTYPES:
-        ours = analysis[f"{weight_dtype}-{args.scheduler}"]
-        ratios[weight_dtype] = {"analysis_vs_kernel_only": ours / kernel[weight_dtype], "analysis_vs_read": ours / read,
-                                "analysis_vs_limit": ours / min(kernel[weight_dtype], read)}
+        for suffix in ("", "-full"):
+            ours = analysis[f"{weight_dtype}-{args.scheduler}{suffix}"]
+            ratios[weight_dtype + suffix] = {
+                "analysis_vs_kernel_only": ours / kernel[weight_dtype], "analysis_vs_read": ours / read,
+                "analysis_vs_limit": ours / min(kernel[weight_dtype], read)}
     ratios["goal"] = 0.8
     report = {
         "benchmark": "analyze",

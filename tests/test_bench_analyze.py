@@ -14,10 +14,11 @@ def test_bench_analyze_quick(tmp_path):
     report = json.loads(out.read_text())
     rates = report["tokens_per_s"]
     assert set(rates["analysis"]) == {"float32-threads", "bfloat16-threads", "float32-sync",
-                                       "float32-threads-full"}
+                                       "float32-threads-full", "bfloat16-threads-full"}
     assert min(rates["analysis"].values()) > 0 and min(rates["kernel_only"].values()) > 0 and rates["read_warm"] > 0
     assert report["config"]["tokens_total"] == 2 * (8 * 8 + 8 * 2)  # 2 states x (image + text tokens)
     for dtype in ("float32", "bfloat16"):
-        assert report["ratios"][dtype]["analysis_vs_limit"] == rates["analysis"][f"{dtype}-threads"] / min(
-            rates["kernel_only"][dtype], rates["read_cold"] or rates["read_warm"])
+        for suffix in ("", "-full"):
+            assert report["ratios"][dtype + suffix]["analysis_vs_limit"] == rates["analysis"][
+                f"{dtype}-threads{suffix}"] / min(rates["kernel_only"][dtype], rates["read_cold"] or rates["read_warm"])
     assert 1 <= report["mean_l0_image"] <= 96
