@@ -204,16 +204,17 @@ class AdapterVLM(nn.Module):
         wrong = [key for key in ("vision_layer", "keep_cls") if saved.get(key, ours[key]) != ours[key]]
         wrong += [key for key in ("vision_revision", "lm_revision")
                   if saved.get(key) is not None and ours[key] is not None and saved[key] != ours[key]]
+        def settings(config: dict[str, Any], keys: list[str]) -> str:
+            return ", ".join(f"{key}={config[key]!r}" for key in keys)
+
         if wrong:
-            raise ValueError(f"adapter in {directory} was trained with " + ", ".join(
-                f"{key}={saved[key]!r}" for key in wrong) + ", but this model has " + ", ".join(
-                f"{key}={ours[key]!r}" for key in wrong) + "; use the model settings of its training config")
+            raise ValueError(f"adapter in {directory} was trained with {settings(saved, wrong)}, but this model has "
+                             f"{settings(ours, wrong)}; use the model settings of its training config")
         # Names may differ for the same weights (a hub id here, a local copy there), so these only warn.
         renamed = [key for key in ("vision", "lm", "prompt_prefix") if saved.get(key, ours[key]) != ours[key]]
         if renamed:
-            warnings.warn(f"adapter in {directory} was trained with " + ", ".join(
-                f"{key}={saved[key]!r}" for key in renamed) + "; this model has " + ", ".join(
-                f"{key}={ours[key]!r}" for key in renamed), stacklevel=2)
+            warnings.warn(f"adapter in {directory} was trained with {settings(saved, renamed)}; this model has "
+                          f"{settings(ours, renamed)}", stacklevel=2)
         state = load_file(str(directory / ADAPTER_WEIGHTS))
         self.adapter.load_state_dict({k: v.to(self.adapter.weight.dtype) for k, v in state.items()})
 

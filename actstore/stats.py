@@ -30,8 +30,8 @@ import torch
 import xarray as xr
 
 from actstore.bfloat16 import to_torch
-from actstore.schema import ANALYSIS, ANALYSIS_PARTIAL
 from actstore.devices import thread_stream, to_device, to_host
+from actstore.schema import ANALYSIS, ANALYSIS_PARTIAL
 from kernels import sae_stats, wait_for_stream
 
 KINDS = ("image", "text")

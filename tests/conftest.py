@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -106,6 +107,18 @@ def tiny_vlm(miniature):
 
     torch.manual_seed(0)
     return AdapterVLM.from_pretrained(miniature["vision"], miniature["lm"])
+
+
+def hub_snapshot(cache: Path, repo_id: str, commit: str, *, main: bool = True) -> Path:
+    """The (new, empty) folder of ``repo_id`` at ``commit`` in a Hugging Face hub cache laid out as huggingface_hub
+    lays it out, so the real loading code finds it offline; ``main``: the main branch points at ``commit``."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    if main:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+    return snapshot
 
 
 def parquet_with_a_corrupt_image(path) -> None:

@@ -17,6 +17,7 @@ import actstore
 from actstore.saes import load_suite, state_of_hook
 from actstore.stats import compute_layer_stats, open_stats
 from jobs.analyze import run_analysis
+from conftest import hub_snapshot
 from test_stats import D, F, N_IMAGES, make_saes, write_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -333,10 +334,8 @@ def test_a_gemma_scope_sae_loads_offline_from_a_prefilled_hub_cache(tmp_path, mo
 
     release = get_pretrained_saes_directory()["gemma-scope-2b-pt-res-canonical"]
     folder = release.saes_map["layer_12/width_16k/canonical"]  # e.g. layer_12/width_16k/average_l0_82
-    repo = tmp_path / ("models--" + release.repo_id.replace("/", "--"))
-    (repo / "snapshots" / ("c" * 40) / folder).mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("c" * 40)
+    snapshot = hub_snapshot(tmp_path, release.repo_id, "c" * 40)
+    (snapshot / folder).mkdir(parents=True)
     # Gemma Scope's real shapes (sae-lens takes them from the release, not the file), with 4 dimensions per latent
     # so that the archive stays ~1 MB.
     rng = np.random.default_rng(0)
@@ -348,7 +347,7 @@ def test_a_gemma_scope_sae_loads_offline_from_a_prefilled_hub_cache(tmp_path, mo
     w_dec[cols, rows.ravel()] = rng.normal(size=4 * width)
     params = {"w_enc": w_enc, "w_dec": w_dec, "b_enc": rng.normal(size=width).astype(np.float32),
               "b_dec": rng.normal(size=d_model).astype(np.float32), "threshold": rng.random(width).astype(np.float32)}
-    np.savez_compressed(repo / "snapshots" / ("c" * 40) / folder / "params.npz", **params)
+    np.savez_compressed(snapshot / folder / "params.npz", **params)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"name": "gemma-scope", "saes": [

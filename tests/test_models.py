@@ -11,6 +11,7 @@ import torch
 
 from actstore import world
 from actstore.models import AdapterVLM, adapter_sha256, llava_positions
+from conftest import hub_snapshot
 
 PROMPTS = ["describe the image .", "one red circle", "what do you see ?", "this is a picture of"]
 
@@ -145,13 +146,11 @@ def test_config_revisions_pick_snapshots_of_a_prefilled_hub_cache(miniature, tmp
     from safetensors.torch import load_file, save_file
 
     old, new = "a" * 40, "b" * 40
-    for repo, source in (("mini-vision", miniature["vision"]), ("mini-lm", miniature["lm"])):
-        root = tmp_path / f"models--acme--{repo}"
+    for repo, source in (("acme/mini-vision", miniature["vision"]), ("acme/mini-lm", miniature["lm"])):
         for commit in (old, new):
-            shutil.copytree(source, root / "snapshots" / commit)
-        (root / "refs").mkdir()
-        (root / "refs" / "main").write_text(new)
-    weights = tmp_path / "models--acme--mini-lm" / "snapshots" / new / "model.safetensors"
+            snapshot = hub_snapshot(tmp_path, repo, commit, main=commit == new)
+            shutil.copytree(source, snapshot, dirs_exist_ok=True)
+    weights = snapshot / "model.safetensors"  # the main branch's LM
     save_file({k: v * 2 for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
     code = ("import sys; from jobs.train_adapter import ModelSection, build_model\n"
             "for revision in sys.argv[1:]:\n"
