@@ -401,6 +401,11 @@ def compute_with_progress(tasks: list[Any], scheduler: Any, progress: bool) -> l
     return list(dask.compute(*tasks, scheduler=scheduler))
 
 
+def delayed_sae(sae: SAEParams, layer: int) -> Any:
+    """``sae`` as one opaque Dask object, keyed by layer and weight digest (not by dask's tokenize of its tensors)."""
+    return dask.delayed(sae, name=f"sae-{layer}-{sae.digest()}", traverse=False)
+
+
 def compute_layer_stats(
     ds: xr.Dataset, saes: dict[int, SAEParams], layers: Sequence[int] | None = None, backend: str = "auto",
     scheduler: Any = None, weight_dtype: str = "float32", top_k: int = 0, image_top: int = 0, progress: bool = False,
@@ -423,9 +428,10 @@ def compute_layer_stats(
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     # One opaque object per layer (traverse=False), which every task of the layer receives as is: SAEParams.on then
-    # copies it to a worker's GPU once, not once per chunk (tests/test_stats.py holds this).
-    graph = {layer: layer_partials(ds, layer, dask.delayed(saes[layer], pure=True, traverse=False), backend,
-                                   weight_dtype, top_k, image_top) for layer in layers}
+    # copies it to a worker's GPU once, not once per chunk (tests/test_stats.py holds this). Named by its digest:
+    # dask would otherwise tokenize it by pickling every weight (1.5-2.6 s per 2304 x 16k SAE on the dev VM).
+    graph = {layer: layer_partials(ds, layer, delayed_sae(saes[layer], layer), backend, weight_dtype, top_k, image_top)
+             for layer in layers}
     flat = [(layer, kind, part) for layer, parts in graph.items() for kind, part in parts.items()]
     computed: dict[int, dict[str, Partial]] = {}
     for (layer, kind, _), value in zip(flat, compute_with_progress([p for _, _, p in flat], scheduler, progress)):

@@ -18,10 +18,12 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -132,6 +134,98 @@ def profile_chunk(ds: xr.Dataset, saes: dict[int, SAEParams], device: torch.devi
             for e in events]
 
 
+class TaskTimes:
+    """Per task name of a local-scheduler Dask computation: how many ran and the seconds they ran, with the
+    computation's wall time (a dask callback; the sum over a name divided by the wall is its mean concurrency)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started: dict[Any, float] = {}
+        self.spans: list[tuple[str, float]] = []
+        self.wall = [0.0, 0.0]
+
+    def callback(self) -> Any:
+        """The dask.callbacks.Callback that records into this object."""
+        from dask.callbacks import Callback
+        from dask.utils import key_split
+
+        def start(dsk: Any) -> None:
+            self.wall[0] = time.perf_counter()
+
+        def pretask(key: Any, dsk: Any, state: Any) -> None:
+            with self.lock:
+                self.started[key] = time.perf_counter()
+
+        def posttask(key: Any, result: Any, dsk: Any, state: Any, worker: Any) -> None:
+            now = time.perf_counter()
+            with self.lock:
+                self.spans.append((key_split(key), now - self.started.pop(key, now)))
+
+        def finish(dsk: Any, state: Any, errored: bool) -> None:
+            self.wall[1] = time.perf_counter()
+
+        return Callback(start=start, pretask=pretask, posttask=posttask, finish=finish)
+
+    def summary(self) -> dict:
+        """Per task name: count, total and mean seconds, mean concurrency; and the compute's wall seconds."""
+        wall = max(self.wall[1] - self.wall[0], 1e-9)
+        out: dict[str, Any] = {"compute_wall_s": wall}
+        for name in sorted({n for n, _ in self.spans}):
+            times = [t for n, t in self.spans if n == name]
+            out[name] = {"count": len(times), "total_s": sum(times), "mean_ms": 1e3 * sum(times) / len(times),
+                         "max_ms": 1e3 * max(times), "concurrency": sum(times) / wall}
+        return out
+
+
+@contextmanager
+def phase_clock(totals: dict[str, list[float]]) -> Iterator[None]:
+    """Host seconds spent in each step of ``chunk_partial`` (summed over threads), by patching actstore.stats'
+    names for the duration: the SAE copy lookup, the copy to the device, the kernel call, top-k, the read-back."""
+    import actstore.stats as stats
+
+    lock = threading.Lock()
+
+    def clocked(name: str, fn: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    totals.setdefault(name, []).append(time.perf_counter() - start)
+        return run
+
+    names = ("to_device", "sae_stats", "latent_top_k", "image_top_latents", "to_host", "_chunk_sums")
+    originals = {name: getattr(stats, name) for name in names}
+    on = stats.SAEParams.on
+    try:
+        for name, fn in originals.items():
+            setattr(stats, name, clocked(name, fn))
+        stats.SAEParams.on = clocked("SAEParams.on", on)
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(stats, name, fn)
+        stats.SAEParams.on = on
+
+
+def diagnose(ds: xr.Dataset, saes: dict[int, SAEParams], scheduler: Any, tokens: int, **options: Any) -> dict:
+    """One more analysis (not timed for the ratios) with every task and chunk step clocked: where its time goes."""
+    from actstore.stats import compute_layer_stats
+
+    tasks, steps = TaskTimes(), {}
+    drop_page_cache()
+    start = time.perf_counter()
+    with tasks.callback(), phase_clock(steps):
+        compute_layer_stats(ds, saes, scheduler=scheduler, **options)
+    seconds = time.perf_counter() - start
+    summary = tasks.summary()
+    return {"options": options, "tokens_per_s": tokens / seconds, "seconds": seconds,
+            "outside_compute_s": seconds - summary["compute_wall_s"], "tasks": summary,
+            "chunk_steps": {k: {"count": len(v), "total_s": sum(v), "mean_ms": 1e3 * sum(v) / len(v)}
+                            for k, v in steps.items()}}
+
+
 def main() -> None:
     """Run the benchmark and write its JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -199,6 +293,10 @@ def main() -> None:
             analysis[name] = tokens / (time.perf_counter() - start)
             stats = got if stats is None else stats
             print(f"  analysis {name}: {analysis[name]:.0f} tokens/s", flush=True)
+        # Where the time goes, for the bare and the full analysis (local schedulers only: the callback is theirs)
+        diagnosis = {} if client is not None else {
+            name: diagnose(ds, saes, scheduler, tokens, weight_dtype="bfloat16", **extra)
+            for name, extra in (("bfloat16", {}), ("bfloat16-full", {"top_k": 8, "image_top": 5}))}
         if client is not None:
             client.close()
     finally:
@@ -232,10 +330,11 @@ def main() -> None:
         "page_cache_dropped": cold,
         "warm_up_seconds": setup,  # every layer on one block of images, first SAE copies and autotuning included
         "chunk_profile": chunk_profile,
+        "diagnosis": diagnosis,
         "ratios": ratios,
     }
-    print(json.dumps({k: report[k] for k in ("tokens_per_s", "read_GBps_logical", "ratios", "mean_l0_image")},
-                     indent=1))
+    shown = ("tokens_per_s", "read_GBps_logical", "ratios", "mean_l0_image", "diagnosis")
+    print(json.dumps({k: report[k] for k in shown}, indent=1))
     tag = "gpu" if device.type == "cuda" else "cpu-quick"
     save_result(report, f"analyze-{tag}", args.out)
 

@@ -27,7 +27,7 @@ from actstore.harvest import TEXT_TOKEN_RULE, BlockJob, HarvestStats, HostRing, 
 from actstore.location import free_bytes
 from actstore.models import adapter_sha256
 from actstore.schema import StoreSchema
-from actstore.writer import StoreWriter
+from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter
 from jobs.config import parse_sections
 from jobs.train_adapter import DataSection, ModelSection, build_model, load_examples, local_device
 
@@ -46,7 +46,8 @@ class HarvestSection:
     clevel: int = 1
     chunk_images: int | None = None
     text_tokens_per_image: int = 16
-    threads: int | None = None
+    threads: int | None = None  # encoder threads (default: twice the cores)
+    pending_blocks: int = DEFAULT_PENDING_BLOCKS  # blocks the writer commits at once, each holding a host buffer
 
 
 @dataclass
@@ -120,14 +121,15 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
         "model": asdict(cfg.model),
         "adapter_sha256": adapter_sha256(cfg.adapter) if cfg.adapter else None,
         "dataset": {k: v for k, v in asdict(data).items() if k not in ("n_eval",)},
-        "harvest": {k: v for k, v in asdict(h).items() if k not in ("threads",)},
+        "harvest": {k: v for k, v in asdict(h).items() if k not in ("threads", "pending_blocks")},
         "text_tokens": TEXT_TOKEN_RULE,
     }
     if rank == 0:
-        writer = StoreWriter.open_or_create(out, schema, provenance, threads=h.threads)
+        writer = StoreWriter.open_or_create(out, schema, provenance, threads=h.threads,
+                                            max_pending_blocks=h.pending_blocks)
     else:
         wait_for_store(out)
-        writer = StoreWriter.open(out, schema, provenance, threads=h.threads)
+        writer = StoreWriter.open(out, schema, provenance, threads=h.threads, max_pending_blocks=h.pending_blocks)
     missing = set(writer.missing_blocks(h.n_images))
     groups = [group for g, group in enumerate(block_groups(schema.blocks_for(h.n_images), h.block_images, h.batch_size))
               if g % world_size == rank and missing.intersection(group)]
@@ -138,8 +140,8 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     if warning:
         say(warning)
     stats = HarvestStats()
-    # Buffers for the blocks one group's micro-batches fill, plus the 2 blocks the writer keeps in flight.
-    ring = HostRing(slots=max(map(len, groups), default=1) + 2, pin=device.type == "cuda")
+    # Buffers for the blocks one group's micro-batches fill, plus the blocks the writer keeps in flight.
+    ring = HostRing(slots=max(map(len, groups), default=1) + h.pending_blocks, pin=device.type == "cuda")
     start = time.perf_counter()
     futures = []
     bar = tqdm(total=len(todo), disable=None if rank == 0 else True, desc="harvest", unit="block")

@@ -177,6 +177,19 @@ def test_every_task_of_a_layer_shares_one_sae_object(stores, monkeypatch):
     assert set(seen) == {id(s) for s in saes.values()}
 
 
+def test_building_the_graph_never_tokenizes_sae_weights(stores, monkeypatch):
+    """Dask tokenizes an unnamed object by pickling it: seconds per layer for a wide SAE, on every analysis."""
+    from dask.tokenize import normalize_token
+
+    def refuse(sae):
+        raise AssertionError("dask tokenized an SAE's weights")
+
+    monkeypatch.setitem(normalize_token._lookup, SAEParams, refuse)
+    saes = make_saes()
+    stats = compute_layer_stats(actstore.open(stores / "b4.zarr"), saes, backend="reference", scheduler="threads")
+    check(stats, saes)
+
+
 def test_bf16_weights_stay_close_to_float32(stores):
     saes = make_saes()
     ds = actstore.open(stores / "b6.zarr")
