@@ -275,29 +275,40 @@ def compute_device(backend: str = "auto") -> torch.device:
 
 
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Tokens one analysis task runs on a GPU at once (several stored chunks where chunks are smaller). Each task costs ~60
+# small device launches and read-backs, each a hand-off of the GIL among Dask's threads, which on the H100 host took
+# far longer than the kernels of a 4096-token chunk (benchmarks/results/analyze-gpu-*). On a CPU worker grouping
+# saves nothing and holds more memory, so there a task is one stored chunk.
+TOKENS_PER_TASK = 16384
 
 
-def chunk_partial(x: np.ndarray, sae: SAEParams, first_token: int, backend: str = "auto",
+def default_tokens_per_task(backend: str = "auto") -> int:
+    """Tokens per analysis task: ``TOKENS_PER_TASK`` where this process computes on a GPU, else 1 (one chunk)."""
+    return TOKENS_PER_TASK if compute_device(backend).type == "cuda" else 1
+
+
+def chunk_partial(x: np.ndarray | Sequence[np.ndarray], sae: SAEParams, first_token: int, backend: str = "auto",
                   weight_dtype: str = "float32", top_k: int = 0, image_top: int = 0) -> Partial:
-    """The partial of one chunk of tokens ``x`` (..., d), whose first token has global index ``first_token``.
+    """The partial of one chunk of tokens ``x`` (..., d), or of consecutive chunks given as a list, whose first token
+    has global index ``first_token``.
 
     ``top_k`` keeps each latent's k most activating tokens; ``image_top`` (for an image chunk (1, images, tokens,
     d)) each image's most active latents. Both come from the codes of the statistics' own encode.
 
     ``weight_dtype="bfloat16"`` runs the SAE's matrix products on bf16 tensor cores (about 10x the float32 rate on an
     H100) with bf16-rounded weights; float32 (the default) is exact to the SAE's own arithmetic."""
-    x = np.asarray(x)
-    n_image_tokens = x.shape[-2] if x.ndim > 2 else 1
-    x = x.reshape(-1, x.shape[-1])
+    chunks = [np.asarray(c) for c in x] if isinstance(x, (list, tuple)) else [np.asarray(x)]
+    n_image_tokens = chunks[0].shape[-2] if chunks[0].ndim > 2 else 1
+    chunks = [c.reshape(-1, c.shape[-1]) for c in chunks]
     device = compute_device(backend)
     with thread_stream(device):
         # Held until the wait below: a copy dropped from the cache meanwhile must outlive the kernels that read it.
         weights = sae.on(device, WEIGHT_DTYPES[weight_dtype])
-        sums = _chunk_sums(x, weights, first_token, device, backend, top_k, image_top, n_image_tokens)
+        sums = _chunk_sums(chunks, weights, first_token, device, backend, top_k, image_top, n_image_tokens)
         host = dict(zip(sums, to_host(list(sums.values()))))  # one wait for the device per chunk
     empty_top = (np.zeros((sae.d_sae, 0)), np.zeros((sae.d_sae, 0), dtype=np.int64))
     return Partial(
-        n=len(x), mean=host["mean"], m2=float(host["m2"]), sq_err=float(host["sq_err"]),
+        n=sum(len(c) for c in chunks), mean=host["mean"], m2=float(host["m2"]), sq_err=float(host["sq_err"]),
         rel_err=float(host["rel_err"]), cos=float(host["cos"]), l0_hist=host["l0_hist"], fire=host["fire"],
         act_sum=host["act_sum"], act_max=host["act_max"], act_argmax=host["act_argmax"],
         top_act=host.get("top_act", empty_top[0]), top_token=host.get("top_token", empty_top[1]),
@@ -305,18 +316,20 @@ def chunk_partial(x: np.ndarray, sae: SAEParams, first_token: int, backend: str 
     )
 
 
-def _chunk_sums(x: np.ndarray, sae: SAEParams, first_token: int, device: torch.device, backend: str, top_k: int,
-                image_top: int, n_image_tokens: int) -> dict[str, torch.Tensor]:
-    """A chunk's partial sums as tensors on ``device`` (queued there, not yet waited for), in the partial's dtypes."""
-    # The chunk crosses to the GPU in its stored dtype (half the bytes of float32 for bf16), and every per-token
+def _chunk_sums(chunks: list[np.ndarray], sae: SAEParams, first_token: int, device: torch.device, backend: str,
+                top_k: int, image_top: int, n_image_tokens: int) -> dict[str, torch.Tensor]:
+    """Consecutive chunks' partial sums (tokens x d each) as tensors on ``device`` (queued there, not yet waited
+    for), in the partial's dtypes."""
+    # The chunks cross to the GPU in their stored dtype (half the bytes of float32 for bf16), and every per-token
     # reduction runs there: on a GPU worker the host only decompresses.
-    xt = to_device(to_torch(np.ascontiguousarray(x)), device)
+    parts = [to_device(to_torch(np.ascontiguousarray(c)), device) for c in chunks]
+    xt = parts[0] if len(parts) == 1 else torch.cat(parts)
     x_in = xt.to(sae.W_enc.dtype)  # the kernel uses tensor cores when x and W share a 16-bit dtype
     s = sae_stats(x_in, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, activation=sae.activation,
                   threshold=sae.threshold, k=sae.k, apply_b_dec_to_input=sae.apply_b_dec_to_input,
                   return_codes=bool(top_k or image_top), backend=backend)
     x64 = xt.double()
-    mean = x64.mean(0) if len(x64) else torch.zeros(x.shape[1], dtype=torch.float64, device=device)
+    mean = x64.mean(0) if len(x64) else torch.zeros(xt.shape[1], dtype=torch.float64, device=device)
     x_norm, xhat_norm, err_norm = s.x_sq.double().sqrt(), s.xhat_sq.double().sqrt(), s.sq_err.double().sqrt()
     rel = torch.where(x_norm > 0, err_norm / x_norm, 0.0)
     cos = torch.where((x_norm > 0) & (xhat_norm > 0), s.x_dot_xhat.double() / (x_norm * xhat_norm), 0.0)
@@ -348,19 +361,22 @@ def merge_tree(parts: list[Any]) -> Any:
 
 
 def layer_partials(ds: xr.Dataset, layer: int, sae: Any, backend: str = "auto",
-                   weight_dtype: str = "float32", top_k: int = 0, image_top: int = 0) -> dict[str, Any]:
-    """Delayed partials of one layer, per token kind, one task per stored chunk."""
+                   weight_dtype: str = "float32", top_k: int = 0, image_top: int = 0,
+                   tokens_per_task: int = 1) -> dict[str, Any]:
+    """Delayed partials of one layer, per token kind, one task per run of consecutive stored chunks that together
+    hold about ``tokens_per_task`` tokens (at least one chunk)."""
     out = {}
     for kind, name in (("image", "image_resid"), ("text", "text_resid")):
         if name not in ds:
             continue
         data = ds[name].sel(layer=layer).data  # (images, tokens, d) or (text_tokens, d)
         tokens_per_row = int(np.prod(data.shape[1:-1])) if data.ndim > 2 else 1
-        blocks = data.to_delayed().reshape(-1)
+        blocks = list(data.to_delayed().reshape(-1))
         starts = np.cumsum((0,) + data.chunks[0])[:-1]
+        per_task = max(1, tokens_per_task // max(1, max(data.chunks[0]) * tokens_per_row))
         per_image = image_top if kind == "image" else 0
-        parts = [dask.delayed(chunk_partial)(block, sae, int(start) * tokens_per_row, backend, weight_dtype, top_k,
-                                             per_image) for block, start in zip(blocks, starts)]
+        parts = [dask.delayed(chunk_partial)(blocks[i:i + per_task], sae, int(starts[i]) * tokens_per_row, backend,
+                                             weight_dtype, top_k, per_image) for i in range(0, len(blocks), per_task)]
         out[kind] = merge_tree(parts)
     return out
 
@@ -409,11 +425,14 @@ def delayed_sae(sae: SAEParams, layer: int) -> Any:
 def compute_layer_stats(
     ds: xr.Dataset, saes: dict[int, SAEParams], layers: Sequence[int] | None = None, backend: str = "auto",
     scheduler: Any = None, weight_dtype: str = "float32", top_k: int = 0, image_top: int = 0, progress: bool = False,
+    tokens_per_task: int | None = None,
 ) -> xr.Dataset:
     """Statistics of every layer's SAE on the image and text tokens of ``ds`` (an ``actstore.open`` dataset); with
     ``top_k``, each latent's k most activating tokens per kind (``top_token`` indexes image tokens as
     image * image_tokens + position, text tokens along ``text_token``); with ``image_top``, each image's most active
-    latents (``image_top_latents``, by activation summed over the image's tokens). One pass over the store."""
+    latents (``image_top_latents``, by activation summed over the image's tokens). One pass over the store; each
+    task runs about ``tokens_per_task`` tokens (whole stored chunks, at least one) on the device at once (default:
+    :func:`default_tokens_per_task`, decided where the graph is built; pass it for GPU workers of a CPU client)."""
     layers = list(layers) if layers is not None else [int(x) for x in ds.layer.values if int(x) in saes]
     missing = [x for x in layers if x not in saes]
     if missing:
@@ -430,8 +449,9 @@ def compute_layer_stats(
     # One opaque object per layer (traverse=False), which every task of the layer receives as is: SAEParams.on then
     # copies it to a worker's GPU once, not once per chunk (tests/test_stats.py holds this). Named by its digest:
     # dask would otherwise tokenize it by pickling every weight (1.5-2.6 s per 2304 x 16k SAE on the dev VM).
-    graph = {layer: layer_partials(ds, layer, delayed_sae(saes[layer], layer), backend, weight_dtype, top_k, image_top)
-             for layer in layers}
+    tokens_per_task = tokens_per_task or default_tokens_per_task(backend)
+    graph = {layer: layer_partials(ds, layer, delayed_sae(saes[layer], layer), backend, weight_dtype, top_k, image_top,
+                                   tokens_per_task) for layer in layers}
     flat = [(layer, kind, part) for layer, parts in graph.items() for kind, part in parts.items()]
     computed: dict[int, dict[str, Partial]] = {}
     for (layer, kind, _), value in zip(flat, compute_with_progress([p for _, _, p in flat], scheduler, progress)):

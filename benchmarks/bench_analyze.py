@@ -209,18 +209,26 @@ def phase_clock(totals: dict[str, list[float]]) -> Iterator[None]:
         stats.SAEParams.on = on
 
 
-def diagnose(ds: xr.Dataset, saes: dict[int, SAEParams], scheduler: Any, tokens: int, **options: Any) -> dict:
-    """One more analysis (not timed for the ratios) with every task and chunk step clocked: where its time goes."""
+def diagnose(ds: xr.Dataset, saes: dict[int, SAEParams], scheduler: Any, tokens: int, switch_interval: float | None,
+             **options: Any) -> dict:
+    """One more analysis (not timed for the ratios) with every task and chunk step clocked: where its time goes;
+    ``switch_interval`` sets Python's GIL switch interval for it (``sys.setswitchinterval``)."""
     from actstore.stats import compute_layer_stats
 
     tasks, steps = TaskTimes(), {}
     drop_page_cache()
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(switch_interval or before)
     start = time.perf_counter()
-    with tasks.callback(), phase_clock(steps):
-        compute_layer_stats(ds, saes, scheduler=scheduler, **options)
+    try:
+        with tasks.callback(), phase_clock(steps):
+            compute_layer_stats(ds, saes, scheduler=scheduler, **options)
+    finally:
+        sys.setswitchinterval(before)
     seconds = time.perf_counter() - start
     summary = tasks.summary()
-    return {"options": options, "tokens_per_s": tokens / seconds, "seconds": seconds,
+    return {"options": options, "switch_interval": switch_interval or before, "tokens_per_s": tokens / seconds,
+            "seconds": seconds,
             "outside_compute_s": seconds - summary["compute_wall_s"], "tasks": summary,
             "chunk_steps": {k: {"count": len(v), "total_s": sum(v), "mean_ms": 1e3 * sum(v) / len(v)}
                             for k, v in steps.items()}}
@@ -238,6 +246,9 @@ def main() -> None:
     parser.add_argument("--l0", type=float, default=100.0)
     parser.add_argument("--block-images", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--tokens-per-task", default="4096,65536", help="other task sizes to diagnose (0: none)")
+    parser.add_argument("--switch-interval", type=float, default=0.0005,
+                        help="GIL switch interval (s) to diagnose (0: none)")
     parser.add_argument("--scheduler", default="threads", help="'threads' or 'local' (a distributed.LocalCluster)")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--quick", action="store_true")
@@ -293,10 +304,19 @@ def main() -> None:
             analysis[name] = tokens / (time.perf_counter() - start)
             stats = got if stats is None else stats
             print(f"  analysis {name}: {analysis[name]:.0f} tokens/s", flush=True)
-        # Where the time goes, for the bare and the full analysis (local schedulers only: the callback is theirs)
+        # Where the time goes, for the bare and the full analysis (local schedulers only: the callback is theirs),
+        # with other task sizes and a shorter GIL switch interval than the defaults
+        variants = [("", {}, None)] + [(f"-tpt{n}", {"tokens_per_task": n}, None)
+                                       for n in map(int, args.tokens_per_task.split(",")) if n]
+        if args.switch_interval:
+            variants.append((f"-switch{args.switch_interval * 1e3:g}ms", {}, args.switch_interval))
         diagnosis = {} if client is not None else {
-            name: diagnose(ds, saes, scheduler, tokens, weight_dtype="bfloat16", **extra)
-            for name, extra in (("bfloat16", {}), ("bfloat16-full", {"top_k": 8, "image_top": 5}))}
+            f"bfloat16{full}{suffix}": diagnose(ds, saes, scheduler, tokens, switch, weight_dtype="bfloat16",
+                                                **extra, **options)
+            for suffix, options, switch in variants
+            for full, extra in (("", {}), ("-full", {"top_k": 8, "image_top": 5}))}
+        for name, row in diagnosis.items():
+            print(f"  diagnosis {name}: {row['tokens_per_s']:.0f} tokens/s", flush=True)
         if client is not None:
             client.close()
     finally:
@@ -333,7 +353,7 @@ def main() -> None:
         "diagnosis": diagnosis,
         "ratios": ratios,
     }
-    shown = ("tokens_per_s", "read_GBps_logical", "ratios", "mean_l0_image", "diagnosis")
+    shown = ("tokens_per_s", "read_GBps_logical", "ratios", "mean_l0_image")
     print(json.dumps({k: report[k] for k in shown}, indent=1))
     tag = "gpu" if device.type == "cuda" else "cpu-quick"
     save_result(report, f"analyze-{tag}", args.out)

@@ -25,6 +25,7 @@ import actstore
 from actstore.descriptions import alignment_score, suite_descriptions
 from actstore.saes import SAESuite, load_suite
 from actstore.stats import (
+    TOKENS_PER_TASK,
     WEIGHT_DTYPES,
     compute_layer_stats,
     load_layer_checkpoint,
@@ -37,7 +38,7 @@ from actstore.stats import (
 
 def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None, scheduler: Any = None,
                  backend: str = "auto", weight_dtype: str = "float32", top_k: int = 8, top_latents: int = 5,
-                 log: Callable[..., None] = print) -> xr.Dataset:
+                 tokens_per_task: int | None = None, log: Callable[..., None] = print) -> xr.Dataset:
     """Compute and save the suite's statistics, latent descriptions and per-layer semantic alignment on the store;
     returns them."""
     suite = load_suite(suite_path)
@@ -68,7 +69,8 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
         else:
             log(f"[analyze] {where}")
             done = compute_layer_stats(ds, suite.saes, [layer], backend=backend, scheduler=scheduler,
-                                       weight_dtype=weight_dtype, top_k=top_k, image_top=top_latents, progress=True)
+                                       weight_dtype=weight_dtype, top_k=top_k, image_top=top_latents, progress=True,
+                                       tokens_per_task=tokens_per_task)
             save_layer_checkpoint(store, suite.name, layer, done, fingerprint)
         done.attrs.clear()  # the fingerprint; the combined result gets its own attributes below
         per_layer.append(done)
@@ -155,6 +157,9 @@ def main(argv: list[str] | None = None) -> xr.Dataset:
     parser.add_argument("--weight-dtype", default="float32", choices=sorted(WEIGHT_DTYPES),
                         help="SAE matrix products in bf16 on tensor cores (GPU) instead of exact float32")
     parser.add_argument("--top-k", type=int, default=8, help="top-activating examples kept per latent and kind")
+    parser.add_argument("--tokens-per-task", type=int, default=None,
+                        help=f"tokens each task runs at once (default: {TOKENS_PER_TASK} where this process sees a GPU, "
+                             "else one stored chunk; set it for GPU workers of a scheduler without one)")
     args = parser.parse_args(argv)
     layers = args.layers
     with ExitStack() as stack:
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> xr.Dataset:
             cluster = stack.enter_context(LocalCluster(dashboard_address=None)) if args.scheduler == "local" else None
             scheduler = stack.enter_context(Client(cluster if cluster is not None else args.scheduler))
         return run_analysis(args.store, args.saes, layers=layers, scheduler=scheduler, weight_dtype=args.weight_dtype,
-                            top_k=args.top_k)
+                            top_k=args.top_k, tokens_per_task=args.tokens_per_task)
 
 
 if __name__ == "__main__":

@@ -172,9 +172,30 @@ def test_every_task_of_a_layer_shares_one_sae_object(stores, monkeypatch):
 
     monkeypatch.setattr(SAEParams, "on", record)
     saes = make_saes()
-    compute_layer_stats(actstore.open(stores / "b4.zarr"), saes, backend="reference", scheduler="threads")
-    assert len(seen) == 2 * 2 * 6  # 2 layers x (image + text) x 6 blocks
+    compute_layer_stats(actstore.open(stores / "b4.zarr"), saes, backend="reference", scheduler="threads",
+                        tokens_per_task=1)
+    assert len(seen) == 2 * 2 * 6  # 2 layers x (image + text) x 6 blocks, one task each
     assert set(seen) == {id(s) for s in saes.values()}
+
+
+# b6.zarr: 4 blocks (6, 6, 6, 4 images) of 18 image tokens and 12 text tokens each, 2 layers: chunks per task
+@pytest.mark.parametrize("tokens_per_task, chunks_per_task", [
+    (1, [1] * 16),  # one chunk per task
+    (40, [2, 2] * 2 + [3, 1] * 2),  # 40 // 18 = 2 image chunks, 40 // 12 = 3 text chunks per task
+    (10**6, [4] * 4),  # every chunk of a layer and kind in one task
+])
+def test_tasks_of_several_chunks_give_the_same_statistics(stores, tokens_per_task, chunks_per_task, monkeypatch):
+    """Chunks grouped into one task change nothing but the task count."""
+    from actstore import stats as stats_module
+
+    calls = []
+    original = stats_module.chunk_partial
+    monkeypatch.setattr(stats_module, "chunk_partial", lambda x, *a, **k: calls.append(len(x)) or original(x, *a, **k))
+    saes = make_saes()
+    got = compute_layer_stats(actstore.open(stores / "b6.zarr"), saes, backend="reference", scheduler="threads",
+                              top_k=5, image_top=4, tokens_per_task=tokens_per_task)
+    check(got, saes)
+    assert sorted(calls) == sorted(chunks_per_task)
 
 
 def test_building_the_graph_never_tokenizes_sae_weights(stores, monkeypatch):
