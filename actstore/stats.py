@@ -276,9 +276,11 @@ def compute_device(backend: str = "auto") -> torch.device:
 
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Tokens one analysis task runs on a GPU at once (several stored chunks where chunks are smaller). Each task costs ~60
-# small device launches and read-backs, each a hand-off of the GIL among Dask's threads, which on the H100 host took
-# far longer than the kernels of a 4096-token chunk (benchmarks/results/analyze-gpu-*). On a CPU worker grouping
-# saves nothing and holds more memory, so there a task is one stored chunk.
+# small device launches and read-backs, each a hand-off of the GIL among Dask's threads: on the H100 host a 4096-token
+# task took ~170 ms for ~10 ms of kernels, and 16384-token tasks raised the bf16 analysis from 130k to 276k tokens/s
+# (benchmarks/results/analyze-gpu-h100-2026-11-24-*). The code buffer per token shrinks as tasks grow (1024 latents at
+# 16384 tokens; denser tokens take the exact fallback). On a CPU worker grouping saves nothing and holds more memory,
+# so there a task is one stored chunk.
 TOKENS_PER_TASK = 16384
 
 

@@ -213,6 +213,11 @@ def _buffer_codes(lengths: torch.Tensor, codes_idx: torch.Tensor, codes_val: tor
     true count); the ``overflow`` tokens take their codes from ``exact`` instead."""
     N, dev = len(lengths), lengths.device
     lengths = lengths.long()
+    if len(overflow):
+        # The fallback's own counts: its float rounding may put a latent near its threshold on the other side, and
+        # the layout must hold exactly the codes written below (a longer row would run into the next token's).
+        lengths = lengths.clone()
+        lengths[overflow] = exact.indptr.diff()
     columns = valid.any(0).nonzero()
     used = int(columns.max()) + 1 if len(columns) else 0  # the buffer may be far wider than the largest L0
     valid = valid[:, :used]
@@ -341,7 +346,7 @@ def sae_stats_triton(
             x[overflow], W_enc, b_enc, W_dec, b_dec, activation=activation, threshold=threshold, k=k,
             apply_b_dec_to_input=apply_b_dec_to_input, feature_stats=False, return_codes=return_codes,
         )
-        for name in ("sq_err", "x_sq", "x_dot_xhat", "xhat_sq"):
+        for name in ("sq_err", "x_sq", "x_dot_xhat", "xhat_sq", "l0"):  # L0 too: it must count the codes returned
             getattr(stats, name)[overflow] = getattr(exact, name)
     if return_codes:
         if activation == "topk":  # the slots that relu zeroed are not codes

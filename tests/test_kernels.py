@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kernels import sae_encode_sparse, sae_stats
-from kernels.reference import PER_TOKEN, SAEStats, SparseCodes
+from kernels.reference import PER_TOKEN, SAEStats, SparseCodes, sae_stats_reference
 
 sae_lens = pytest.importorskip("sae_lens")
 
@@ -205,6 +205,61 @@ def test_small_cap_falls_back_instead_of_truncating():
     got = triton_call(sae_stats_triton, case, **case.params, **case.kwargs, cap=8)  # L0 ~ 30 > 8 for most tokens
     assert (want.l0 > 8).sum() > 10
     assert_stats_match(got, want)
+
+
+def codes_without_last(codes: SparseCodes) -> SparseCodes:
+    """The same codes with each token's last latent dropped (a fallback whose rounding disagrees near thresholds)."""
+    counts = codes.indptr.diff()
+    keep = torch.ones(len(codes.indices), dtype=torch.bool, device=codes.indices.device)
+    keep[(codes.indptr[1:] - 1)[counts > 0]] = False
+    indptr = torch.zeros_like(codes.indptr)
+    indptr[1:] = (counts - (counts > 0).long()).cumsum(0)
+    return SparseCodes(indptr, codes.indices[keep], codes.values[keep])
+
+
+def test_overflow_tokens_take_the_fallbacks_own_codes_and_l0(monkeypatch):
+    """The fallback (another rounding) may find fewer or more active latents than the kernel counted for a token;
+    the codes and L0 returned must be the fallback's, never the kernel's count laid over the fallback's codes."""
+    import kernels.sae_triton as sae_triton
+
+    fallbacks = []
+
+    def disagreeing(*args, **kwargs):
+        exact = sae_stats_reference(*args, **kwargs)
+        exact.codes = codes_without_last(exact.codes)
+        exact.l0 = exact.codes.indptr.diff().float()
+        fallbacks.append(exact)
+        return exact
+
+    monkeypatch.setattr(sae_triton, "sae_stats_reference", disagreeing)
+    case = make_case("jumprelu", active_fraction=0.1, seed=5)
+    got = triton_call(sae_triton.sae_stats_triton, case, **case.params, **case.kwargs, return_codes=True, cap=8)
+    (exact,) = fallbacks
+    kernel_l0 = oracle_stats(case)[0].l0
+    overflow = (kernel_l0 > 8).nonzero().flatten()
+    assert len(overflow) > 10
+    assert torch.equal(got.codes.indptr.diff().double(), got.l0.double()), "codes per token != L0"
+    assert torch.equal(got.l0[overflow], kernel_l0[overflow].float() - 1)
+    for i, t in enumerate(overflow.tolist()):
+        want_indices, want_values = exact.codes.token(i)
+        indices, values = got.codes.token(t)
+        assert torch.equal(indices.long(), want_indices.long().cpu()) and torch.equal(values, want_values.cpu())
+    fits = (kernel_l0 <= 8).nonzero().flatten()
+    assert torch.equal(got.l0[fits].double(), kernel_l0[fits])
+
+
+def test_buffer_codes_lay_out_a_fallback_longer_than_the_kernel_count():
+    from kernels.sae_triton import _buffer_codes, _filled_slots
+
+    # token 1 overflowed a 2-slot buffer with a count of 3; the fallback finds 4 latents
+    counts = torch.tensor([2, 3, 1])
+    codes_idx = torch.tensor([[4, 1], [7, 8], [5, -9]], dtype=torch.int32)
+    codes_val = torch.tensor([[0.4, 0.1], [0.7, 0.8], [0.5, -9.0]])
+    exact = SparseCodes(torch.tensor([0, 4]), torch.tensor([0, 2, 3, 9]), torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    codes = _buffer_codes(counts, codes_idx, codes_val, _filled_slots(counts, 2), torch.tensor([1]), exact)
+    assert codes.indptr.tolist() == [0, 2, 6, 7]
+    assert codes.indices.tolist() == [1, 4, 0, 2, 3, 9, 5]
+    assert codes.values.tolist() == pytest.approx([0.1, 0.4, 1.0, 2.0, 3.0, 4.0, 0.5])
 
 
 def test_feature_stats_off():
