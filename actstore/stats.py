@@ -243,10 +243,12 @@ def latent_top_k(codes: Any, first_token: int, d_sae: int, k: int) -> tuple[torc
     (-1 where fewer fired), on the codes' device."""
     device = codes.values.device
     token = code_tokens(codes) + first_token
-    latent, act = codes.indices.long(), codes.values.double()
-    order = torch.argsort(-act, stable=True)  # activation descending; ties keep token order
-    order = order[torch.argsort(latent[order], stable=True)]  # grouped by latent
-    latent, act, token = latent[order], act[order], token[order]
+    latent, act = codes.indices.long(), codes.values.float()
+    # One sort, by latent and then activation descending: codes are active latents, so activations are positive
+    # float32, whose bit patterns order as int32 like the values. Stable: ties keep token order.
+    descending = 0x7FFFFFFF - act.view(torch.int32).long()
+    order = torch.sort((latent << 31) | descending, stable=True).indices
+    latent, act, token = latent[order], act[order].double(), token[order]
     rank = torch.arange(len(latent), device=device) - torch.searchsorted(latent, latent)
     keep = rank < k
     top_act = torch.zeros((d_sae, k), dtype=torch.float64, device=device)

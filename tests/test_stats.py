@@ -198,6 +198,20 @@ def test_tasks_of_several_chunks_give_the_same_statistics(stores, tokens_per_tas
     assert sorted(calls) == sorted(chunks_per_task)
 
 
+def test_latent_top_k_ranks_by_activation_then_token():
+    """Per latent, activations descending; equal activations in token order; fewer than k leave -1 / 0."""
+    from actstore.stats import latent_top_k
+    from kernels.reference import SparseCodes
+
+    # token: latents (activation)   0: 2 (0.5), 5 (3.0)   1: 2 (0.5)   2: 0 (7.0), 2 (2.0)   3: 2 (0.5), 5 (1e-30)
+    codes = SparseCodes(torch.tensor([0, 2, 3, 5, 7]), torch.tensor([2, 5, 2, 0, 2, 2, 5]),
+                        torch.tensor([0.5, 3.0, 0.5, 7.0, 2.0, 0.5, 1e-30]))
+    top_act, top_token = latent_top_k(codes, first_token=100, d_sae=6, k=3)
+    assert top_token.tolist() == [[102, -1, -1], [-1] * 3, [102, 100, 101], [-1] * 3, [-1] * 3, [100, 103, -1]]
+    np.testing.assert_array_equal(top_act.numpy()[[0, 2, 5]], np.array(
+        [[7.0, 0, 0], [2.0, 0.5, 0.5], [3.0, np.float32(1e-30), 0]]))
+
+
 def test_building_the_graph_never_tokenizes_sae_weights(stores, monkeypatch):
     """Dask tokenizes an unnamed object by pickling it: seconds per layer for a wide SAE, on every analysis."""
     from dask.tokenize import normalize_token
