@@ -88,13 +88,26 @@ def as_write_error(key: str, where: str, exc: OSError) -> StoreWriteError:
     )
 
 
+DURABILITY_MODES = ("syncfs", "fsync")
+
+
+def durability_mode() -> str:
+    """``ACTSTORE_DURABILITY``: "syncfs" (default; one syncfs per block where Linux has it) or "fsync" (each file and
+    its directory as it is written; which is faster depends on the file system and the disk)."""
+    mode = os.environ.get("ACTSTORE_DURABILITY", "syncfs")
+    if mode not in DURABILITY_MODES:
+        raise ValueError(f"ACTSTORE_DURABILITY must be one of {DURABILITY_MODES}, got {mode!r}")
+    return mode
+
+
 class LocalSink:
     """Writes keys under a local directory: temporary file, rename; durable through an fsync of the file and its
-    directory, or (``batched``, wherever syncfs exists) deferred puts through one syncfs in ``flush``."""
+    directory, or (``batched``, wherever syncfs exists and ``durability_mode()`` is "syncfs") deferred puts through
+    one syncfs in ``flush``."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        self.batched = _SYNCFS is not None
+        self.batched = _SYNCFS is not None and durability_mode() == "syncfs"
 
     def put(self, key: str, data: Buffer | Sequence[Buffer], deferred: bool = False) -> None:
         """Write ``data`` (one buffer, or buffers back to back) at ``key`` so that it is never seen half-written, and

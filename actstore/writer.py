@@ -24,7 +24,7 @@ from actstore.bfloat16 import to_numpy
 from actstore.codecs import Buffer, ChunkEncoder, array_codec_kwargs, encode_shard, encoded_size
 from actstore.errors import NotAStoreError, SchemaVersionError, StoreWriteError
 from actstore.location import list_keys, make_sink, open_zarr_store
-from actstore.sink import as_write_error
+from actstore.sink import as_write_error, durability_mode
 from actstore.schema import (
     ATTRS_KEY,
     SCHEMA_VERSION,
@@ -242,6 +242,7 @@ class StoreWriter:
         storage_options: dict[str, Any] | None = None,
     ) -> "StoreWriter":
         """Create a new, empty store (``overwrite`` replaces an existing one)."""
+        durability_mode()  # a misspelt setting is refused before anything is written
         store = open_zarr_store(location, read_only=False, storage_options=storage_options)
         try:
             group = zarr.open_group(store, mode="w" if overwrite else "w-", zarr_format=3)

@@ -210,6 +210,9 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="directory on the disk to measure")
     parser.add_argument("--pending-blocks", default=f"{DEFAULT_PENDING_BLOCKS}",
                         help="comma-separated blocks committing at once, one harvest each; the first is reported")
+    parser.add_argument("--durability", default="syncfs",
+                        help="comma-separated ACTSTORE_DURABILITY modes, each beyond the first one more harvest at the "
+                             "first --pending-blocks; the first is reported")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -226,12 +229,16 @@ def main() -> None:
     fwd = forward_only(vlm, batches, prompt, device)
     stages = breakdown(vlm, batches[0] + batches[-1], prompt, device, sorted({args.block_images, args.batch}))
     pending = [int(p) for p in args.pending_blocks.split(",")]
+    modes = args.durability.split(",")
+    settings = [(p, modes[0]) for p in pending] + [(pending[0], m) for m in modes[1:]]
     sweep = {}
-    for p in pending[::-1]:  # the reported setting last, so that the others' one-time costs do not count against it
+    for p, mode in settings[::-1]:  # the reported setting last: the others' one-time costs do not count against it
+        os.environ["ACTSTORE_DURABILITY"] = mode
         run = harvest(vlm, batches, prompt, directory, args.block_images, device, p)
-        sweep[p] = {"images_per_s": run[0], "writer_seconds_per_block": run[3],
-                    "write_wait_s": run[2].seconds_write_wait}
-        print(f"  pending blocks {p}: {run[0]:.1f} images/s", flush=True)
+        sweep[f"{p}-{mode}"] = {"images_per_s": run[0], "writer_seconds_per_block": run[3],
+                                "write_wait_s": run[2].seconds_write_wait}
+        print(f"  pending blocks {p}, {mode}: {run[0]:.1f} images/s", flush=True)
+    os.environ["ACTSTORE_DURABILITY"] = modes[0]
     ours, info, stats, writer_steps = run
     probe_schema = StoreSchema(layers=tuple(range(len(info["schema"]["layers"]))),
                                image_tokens=info["schema"]["image_tokens"], d_model=info["schema"]["d_model"],
@@ -250,7 +257,7 @@ def main() -> None:
         "config": {**vars(args), "dtype": str(dtype), "image_tokens": info["schema"]["image_tokens"],
                    "states": len(info["schema"]["layers"]), "d_model": info["schema"]["d_model"]},
         "images_per_s": {"harvest": ours, "forward_only": fwd, "disk_bound": disk_bound,
-                         "by_pending_blocks": {p: r["images_per_s"] for p, r in sweep.items()}},
+                         "by_pending_blocks_and_durability": {k: r["images_per_s"] for k, r in sweep.items()}},
         "harvest_GBps_logical": ours * info["bytes_logical"] / info["images"] / GB,
         "harvest_GBps_stored": ours * stored_per_image / GB,
         "raw_write_GBps": raw,
@@ -266,7 +273,7 @@ def main() -> None:
         # copy, encoding + writing chunks, coordinates, syncfs, marker. A disk-bound harvest spends it in chunks and flush.
         "writer_seconds_per_block": writer_steps,
         "writer_threads": default_threads(),
-        "pending_blocks_sweep": sweep,  # the first setting is the one reported above
+        "sweep": sweep,  # "<pending blocks>-<durability>"; the first setting is the one reported above
         "launches_per_s": launches,  # one thread's tiny-op launch rate, alone and beside a busy in-process writer
         "ratios": {"harvest_vs_forward_only": ours / fwd, "harvest_vs_disk_bound": ours / disk_bound,
                    "harvest_vs_limit": ours / limit, "goal": 0.85},

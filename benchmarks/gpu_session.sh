@@ -32,8 +32,9 @@ case "${1:-tests-harvest}" in
       tests/test_stats.py::test_a_chunk_waits_for_the_gpu_at_most_twice \
       tests/test_stats.py::test_the_triton_path_gives_the_same_statistics
     step gpu-harvest-tests 100 python3 -m pytest -q tests/test_harvest.py -k micro_batches
-    # the default (4 blocks committing at once) reported, 2 and 8 beside it in the same run
-    step bench-harvest 300 python3 benchmarks/bench_harvest.py --pending-blocks 4,2,8 --out "$out/harvest-gpu-$host.json"
+    # the default (4 blocks committing at once, syncfs) reported; 2 and 8, and fsync per file, beside it in one run
+    step bench-harvest 300 python3 benchmarks/bench_harvest.py --pending-blocks 4,2,8 --durability syncfs,fsync \
+      --out "$out/harvest-gpu-$host.json"
     ;;
   analyze-kernels)
     step bench-analyze 270 python3 benchmarks/bench_analyze.py --out "$out/analyze-gpu-$host.json"

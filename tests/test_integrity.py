@@ -165,22 +165,36 @@ def test_a_failed_flush_leaves_the_block_missing(store_path, monkeypatch):
     assert verify(store_path).ok
 
 
-@pytest.mark.parametrize("batched", [True, False])
-def test_both_durability_modes_write_the_same_store(tmp_path, monkeypatch, batched):
-    """Per-block syncfs where Linux has it; an fsync per file and directory elsewhere (forced here)."""
+@pytest.mark.parametrize("batched, how", [(True, "default"), (False, "no syncfs"), (False, "ACTSTORE_DURABILITY")])
+def test_both_durability_modes_write_the_same_store(tmp_path, monkeypatch, batched, how):
+    """Per-block syncfs where Linux has it; an fsync per file and directory elsewhere, or where asked for."""
     import actstore.sink as sink
 
     if batched and sink._SYNCFS is None:
         pytest.skip("no syncfs on this system")
-    if not batched:
+    if how == "no syncfs":
         monkeypatch.setattr(sink, "_SYNCFS", None)
+    if how == "ACTSTORE_DURABILITY":
+        monkeypatch.setenv("ACTSTORE_DURABILITY", "fsync")
+    fsyncs = []
+    real_fsync = sink.os.fsync
+    monkeypatch.setattr(sink.os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
     schema = small_schema()
     with StoreWriter.create(tmp_path / "s.zarr", schema) as writer:
         assert writer.sink.batched is batched
         write_blocks(writer, [0, 1])
+    chunks = 2 * len(schema.layers)  # image chunks of two blocks (text chunks too where the schema has them)
+    assert (len(fsyncs) >= 2 * chunks) is not batched  # each chunk file and its directory, or neither
     want = np.concatenate([block_data(schema, b)[0] for b in (0, 1)], axis=1)
     got = actstore.open(tmp_path / "s.zarr").image_resid.values[:, : want.shape[1]]
     np.testing.assert_array_equal(bits(got), bits(want))
+
+
+def test_an_unknown_durability_mode_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACTSTORE_DURABILITY", "fdatasync")
+    with pytest.raises(ValueError, match="ACTSTORE_DURABILITY must be one of .*'fdatasync'"):
+        StoreWriter.create(tmp_path / "s.zarr", small_schema())
+    assert not (tmp_path / "s.zarr").exists()
 
 
 @pytest.mark.parametrize("code, fallback", [(errno.ENOSYS, True), (errno.EIO, False)])
