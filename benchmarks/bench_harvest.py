@@ -270,7 +270,8 @@ def main() -> None:
                                  "write_wait: host time waiting for a free host buffer or a writer slot"},
         "seconds_per_image_by_stage": stages,
         # Where the writer's commit threads spent each block (the reported setting): waiting for the device-to-host
-        # copy, encoding + writing chunks, coordinates, syncfs, marker. A disk-bound harvest spends it in chunks and flush.
+        # copy, encoding + writing chunks, coordinates, syncfs, marker. A disk-bound harvest spends it in chunks and
+        # flush.
         "writer_seconds_per_block": writer_steps,
         "writer_threads": default_threads(),
         "sweep": sweep,  # "<pending blocks>-<durability>"; the first setting is the one reported above
