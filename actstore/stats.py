@@ -225,6 +225,8 @@ class Partial:
 def merge_top_k(act_a: np.ndarray, token_a: np.ndarray, act_b: np.ndarray, token_b: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Per latent, the k largest of both lists (ties: the smaller token index first, so merging is deterministic)."""
+    # One lexsort of the union: a merge of the two ranked lists by k x k comparisons ran 3-4x slower in numpy (dev VM,
+    # 16384 latents, k 8 and 32).
     k = act_a.shape[1]
     act, token = np.concatenate([act_a, act_b], 1), np.concatenate([token_a, token_b], 1)
     empty = token < 0

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -213,9 +214,12 @@ def phase_clock(totals: dict[str, list[float]]) -> Iterator[None]:
 
 
 def diagnose(ds: xr.Dataset, saes: dict[int, SAEParams], scheduler: Any, tokens: int, switch_interval: float | None,
-             **options: Any) -> dict:
+             threads: int | None = None, **options: Any) -> dict:
     """One more analysis (not timed for the ratios) with every task and chunk step clocked: where its time goes;
-    ``switch_interval`` sets Python's GIL switch interval for it (``sys.setswitchinterval``)."""
+    ``switch_interval`` sets Python's GIL switch interval for it (``sys.setswitchinterval``), ``threads`` the threaded
+    scheduler's thread count (default: one per core)."""
+    import dask
+
     from actstore.stats import compute_layer_stats
 
     tasks, steps = TaskTimes(), {}
@@ -224,21 +228,28 @@ def diagnose(ds: xr.Dataset, saes: dict[int, SAEParams], scheduler: Any, tokens:
     sys.setswitchinterval(switch_interval or before)
     start = time.perf_counter()
     try:
-        with tasks.callback(), phase_clock(steps):
+        with tasks.callback(), phase_clock(steps), dask.config.set(num_workers=threads):
             compute_layer_stats(ds, saes, scheduler=scheduler, **options)
     finally:
         sys.setswitchinterval(before)
     seconds = time.perf_counter() - start
     summary = tasks.summary()
-    return {"options": options, "switch_interval": switch_interval or before, "tokens_per_s": tokens / seconds,
+    return {"options": options, "switch_interval": switch_interval or before, "threads": threads or os.cpu_count(),
+            "tokens_per_s": tokens / seconds,
             "seconds": seconds,
             "outside_compute_s": seconds - summary["compute_wall_s"], "tasks": summary,
             "chunk_steps": {k: {"count": len(v), "total_s": sum(v), "mean_ms": 1e3 * sum(v) / len(v)}
                             for k, v in steps.items()}}
 
 
+def stop_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (a time box's ``timeout``) as an exception: the runs so far and the limits are still reported."""
+    raise TimeoutError("stopped by SIGTERM (time box)")
+
+
 def main() -> None:
     """Run the benchmark and write its JSON."""
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=256)
@@ -252,6 +263,8 @@ def main() -> None:
     parser.add_argument("--tokens-per-task", default="4096,65536", help="other task sizes to diagnose (0: none)")
     parser.add_argument("--switch-interval", type=float, default=0.0005,
                         help="GIL switch interval (s) to diagnose (0: none)")
+    parser.add_argument("--threads", type=int, default=2 * (os.cpu_count() or 1),
+                        help="threads of the threaded scheduler to diagnose, beside one per core (0: none)")
     parser.add_argument("--scheduler", default="threads", help="'threads' or 'local' (a distributed.LocalCluster)")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--quick", action="store_true")
@@ -310,11 +323,14 @@ def main() -> None:
                 stats = got if stats is None else stats
                 print(f"  analysis {name}: {analysis[name]:.0f} tokens/s", flush=True)
             # Where the time goes, for the bare and the full analysis (local schedulers only: the callback is theirs),
-            # with other task sizes and a shorter GIL switch interval than the defaults
+            # with other task sizes, a shorter GIL switch interval and more threads than the defaults (a thread
+            # whose task waits for the GPU reads no chunk meanwhile)
             variants = [("", {}, None)] + [(f"-tpt{n}", {"tokens_per_task": n}, None)
                                            for n in map(int, args.tokens_per_task.split(",")) if n]
             if args.switch_interval:
                 variants.append((f"-switch{args.switch_interval * 1e3:g}ms", {}, args.switch_interval))
+            if args.threads:
+                variants.append((f"-threads{args.threads}", {"threads": args.threads}, None))
             for suffix, options, switch in variants if client is None else []:
                 for full, extra in (("", {}), ("-full", {"top_k": 8, "image_top": 5})):
                     name = f"bfloat16{full}{suffix}"

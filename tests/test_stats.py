@@ -212,6 +212,37 @@ def test_latent_top_k_ranks_by_activation_then_token():
         [[7.0, 0, 0], [2.0, 0.5, 0.5], [3.0, np.float32(1e-30), 0]]))
 
 
+def ranked_lists(rng: np.random.Generator, latents: int, k: int, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per latent, up to k of ``tokens`` with activations from a small set (so that ties occur), ranked as
+    latent_top_k ranks them: activation descending, then token; empty slots (0, -1) last."""
+    act, token = np.zeros((latents, k)), np.full((latents, k), -1, dtype=np.int64)
+    for row in range(latents):
+        n = rng.integers(0, k + 1)
+        chosen = sorted(zip(-rng.choice([0.5, 1.0, 2.0], n), rng.choice(tokens, n, replace=False)))
+        act[row, :n], token[row, :n] = [-a for a, _ in chosen], [t for _, t in chosen]
+    return act, token
+
+
+def test_merge_top_k_keeps_the_k_best_of_both_lists_in_rank_order():
+    """Against a sort of each latent's union; which list comes first does not matter."""
+    from actstore.stats import merge_top_k
+
+    rng = np.random.default_rng(0)
+    for k in (1, 3, 8):
+        a = ranked_lists(rng, 200, k, np.arange(0, 50))
+        b = ranked_lists(rng, 200, k, np.arange(50, 100))  # partials cover disjoint tokens
+        act, token = merge_top_k(*a, *b)
+        for row in range(200):
+            union = sorted((-x, t) for x, t in zip(np.r_[a[0][row], b[0][row]], np.r_[a[1][row], b[1][row]]) if t >= 0)
+            want = union[:k] + [(0.0, -1)] * (k - len(union[:k]))
+            assert [(-x if t >= 0 else 0.0, t) for x, t in zip(act[row], token[row])] == want
+        swapped = merge_top_k(*b, *a)
+        np.testing.assert_array_equal(swapped[0], act)
+        np.testing.assert_array_equal(swapped[1], token)
+    empty = (np.zeros((4, 0)), np.zeros((4, 0), dtype=np.int64))
+    assert merge_top_k(*empty, *empty)[0].shape == (4, 0)
+
+
 def test_building_the_graph_never_tokenizes_sae_weights(stores, monkeypatch):
     """Dask tokenizes an unnamed object by pickling it: seconds per layer for a wide SAE, on every analysis."""
     from dask.tokenize import normalize_token
@@ -335,6 +366,40 @@ def test_a_thread_waits_for_its_stream_asleep(cuda_event_log):
 
     wait_for_stream(torch.device("cuda", 1))
     assert cuda_event_log == [("made", {"blocking": True}), ("record", "stream of cuda:1"), ("wait",)]
+
+
+def test_packed_bytes_unpack_to_every_tensor_exactly():
+    """A task's sums cross to the host as one packed buffer: every dtype, shape and value comes back, in order."""
+    from actstore.devices import pack_bytes, unpack_bytes
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randint(-5, 5, (7,), generator=g, dtype=torch.int32), torch.randn((), generator=g, dtype=torch.float64),
+               torch.rand(3, 4, generator=g) > 0.5, torch.randn(5, 2, generator=g, dtype=torch.float64),
+               torch.zeros(6, 0, dtype=torch.int64), torch.randint(0, 9, (3,), generator=g, dtype=torch.uint8),
+               torch.randn(2, 3, generator=g).t(), torch.randint(-9, 9, (4, 2), generator=g)]
+    packed = pack_bytes(tensors)
+    assert packed.dtype == torch.uint8 and packed.numel() == sum(t.numel() * t.element_size() for t in tensors)
+    host = unpack_bytes(packed.numpy(), tensors)
+    for t, h in zip(tensors, host):
+        assert h.shape == tuple(t.shape) and h.dtype == t.numpy().dtype
+        np.testing.assert_array_equal(h, t.numpy())
+        assert h.ctypes.data % h.itemsize == 0  # aligned: numpy's fast paths apply
+    with pytest.raises(ValueError, match="packed buffer holds"):
+        unpack_bytes(packed.numpy()[:-1], tensors)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_gpu_tasks_sums_cross_in_one_copy():
+    """to_host reads GPU tensors back in one device-to-host copy, with the values .cpu() gives."""
+    from actstore.devices import to_host
+
+    tensors = [torch.randn(5, device="cuda", dtype=torch.float64), torch.arange(7, device="cuda", dtype=torch.int32),
+               torch.randn((), device="cuda"), torch.ones(3, 2, device="cuda", dtype=torch.int64)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        host = to_host(tensors)
+    assert sum(e.count for e in prof.key_averages() if e.key == "cudaMemcpyAsync") == 1
+    for t, h in zip(tensors, host):
+        np.testing.assert_array_equal(h, t.cpu().numpy())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
