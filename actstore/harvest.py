@@ -333,7 +333,8 @@ def _submit(writer: StoreWriter, job: BlockJob, block: _FillingBlock, copied: An
     t_wait = time.perf_counter()
     future = writer.submit_block(job.block, image_resid, [e["image_id"] for e in job.examples], list(job.prompts),
                                  text, job.skipped, ready=ready)
-    block.buffers["future"] = future
+    # The host buffer is free again once the writer has its data: with a ProcessWriter, when the data is copied out.
+    block.buffers["future"] = getattr(future, "released", future)
     stats.seconds_write_wait += time.perf_counter() - t_wait  # submit blocks only when too many blocks are in flight
     stats.images += n
     stats.text_tokens += m

@@ -9,6 +9,13 @@ Where Linux's ``syncfs`` exists, deferred puts are not fsync'd one by one: ``flu
 pending writes durable at once. On the dev VM's disk (ext4) our writer put 19 MB chunks, 8 threads, at
 0.47-0.49 GB/s that way against 0.38-0.45 GB/s with an fsync of each file and its directory (three alternating runs
 each): every directory fsync forces a journal commit. Elsewhere every put is durable on return.
+
+``ACTSTORE_DURABILITY=writeback`` also starts each deferred file's writeback as it is written (``sync_file_range``,
+which does not wait), as databases do: on a host with much memory the kernel leaves a block's chunks in the page cache
+until its ``syncfs``, so the disk may idle while blocks are encoded. In the harvester's pipeline on the dev VM with a
+128 GB host's dirty-page limits (``benchmarks/results/writer-pipeline-cpu-2core-vm.json``) a block's syncfs took
+0.14-0.17 s instead of 0.53-0.66 s, but the rate did not change (the pipeline already wrote as fast as the raw
+sequential write there), so it is not the default until a GPU host's harvest shows it helps.
 """
 
 from __future__ import annotations
@@ -40,6 +47,25 @@ def _load_syncfs():  # noqa: ANN202 - a ctypes function, or None
 
 
 _SYNCFS = _load_syncfs()
+
+
+def _load_sync_file_range():  # noqa: ANN202 - a ctypes function, or None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages; wait for nothing
+
+
+def start_writeback(fd: int) -> bool:
+    """Ask the kernel to start writing the file's dirty pages to disk now, without waiting (Linux); True if it
+    accepted. Only a hint: durability still comes from the flush."""
+    return _SYNC_FILE_RANGE is not None and _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 def _alive(pid: int) -> bool:
@@ -88,12 +114,13 @@ def as_write_error(key: str, where: str, exc: OSError) -> StoreWriteError:
     )
 
 
-DURABILITY_MODES = ("syncfs", "fsync")
+DURABILITY_MODES = ("syncfs", "writeback", "fsync")
 
 
 def durability_mode() -> str:
-    """``ACTSTORE_DURABILITY``: "syncfs" (default; one syncfs per block where Linux has it) or "fsync" (each file and
-    its directory as it is written; which is faster depends on the file system and the disk)."""
+    """``ACTSTORE_DURABILITY``: "syncfs" (default; one syncfs per block where Linux has it), "writeback" (the same, each
+    file's writeback started as it is written) or "fsync" (each file and its directory as it is written; which is
+    fastest depends on the file system and the disk)."""
     mode = os.environ.get("ACTSTORE_DURABILITY", "syncfs")
     if mode not in DURABILITY_MODES:
         raise ValueError(f"ACTSTORE_DURABILITY must be one of {DURABILITY_MODES}, got {mode!r}")
@@ -102,12 +129,14 @@ def durability_mode() -> str:
 
 class LocalSink:
     """Writes keys under a local directory: temporary file, rename; durable through an fsync of the file and its
-    directory, or (``batched``, wherever syncfs exists and ``durability_mode()`` is "syncfs") deferred puts through
-    one syncfs in ``flush``."""
+    directory, or (``batched``, wherever syncfs exists and ``durability_mode()`` is not "fsync") deferred puts through
+    one syncfs in ``flush``, their writeback started as they are written (``early_writeback``, mode "writeback")."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        self.batched = _SYNCFS is not None and durability_mode() == "syncfs"
+        mode = durability_mode()
+        self.batched = _SYNCFS is not None and mode != "fsync"
+        self.early_writeback = self.batched and mode == "writeback" and _SYNC_FILE_RANGE is not None
 
     def put(self, key: str, data: Buffer | Sequence[Buffer], deferred: bool = False) -> None:
         """Write ``data`` (one buffer, or buffers back to back) at ``key`` so that it is never seen half-written, and
@@ -122,6 +151,8 @@ class LocalSink:
                 write_all(fd, as_parts(data))
                 if now:
                     os.fsync(fd)
+                elif self.early_writeback:
+                    start_writeback(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)

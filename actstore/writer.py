@@ -322,8 +322,7 @@ class StoreWriter:
         e.g. a CUDA event's ``synchronize`` when they are still being copied from the GPU (only their shapes and the
         text coordinates are read now). The future's result is the block's completion marker.
         """
-        images = self._check_images(block, image_resid, image_ids, prompts)
-        text_arrays = self._check_text(text, images.shape[1]) if text is not None else None
+        images, text_arrays = self.check_block(block, image_resid, image_ids, prompts, text)
         self._ensure_capacity(block)
         self._pending.acquire()
         try:
@@ -336,6 +335,15 @@ class StoreWriter:
             raise
         future.add_done_callback(lambda _: self._pending.release())
         return future
+
+    def check_block(
+        self, block: int, image_resid: Any, image_ids: Sequence[str], prompts: Sequence[str] | None = None,
+        text: TextTokens | None = None,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """A block's activations as numpy views (images; text resid and coordinates, or None) once they fit this
+        store; ValueError naming what does not."""
+        images = self._check_images(block, image_resid, image_ids, prompts)
+        return images, self._check_text(text, images.shape[1]) if text is not None else None
 
     def _check_images(
         self, block: int, image_resid: Any, image_ids: Sequence[str], prompts: Sequence[str] | None

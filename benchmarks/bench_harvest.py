@@ -35,6 +35,7 @@ from actstore.integrity import store_info  # noqa: E402
 from actstore.miniature import build_tokenizer  # noqa: E402
 from actstore.models import AdapterConfig, AdapterVLM  # noqa: E402
 from actstore.schema import StoreSchema  # noqa: E402
+from actstore.process_writer import ProcessWriter  # noqa: E402
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter, default_threads  # noqa: E402
 
 
@@ -129,33 +130,43 @@ def launch_rate(device: torch.device, n: int = 3000) -> float:
     return n / (time.perf_counter() - start)
 
 
-def launch_rate_beside_writer(device: torch.device, directory: Path, schema: StoreSchema) -> dict:
-    """Launch rate alone and while a StoreWriter in this process writes blocks of ``schema`` (its threads share the
-    GIL with the launching thread, as in a harvest): a lower rate beside the writer means the GIL starves the
-    device's feeder."""
+def launch_rate_beside_writer(device: torch.device, directory: Path, schema: StoreSchema,
+                              kinds: tuple[str, ...] = ("threads",)) -> dict:
+    """Launch rate alone and while a writer of each kind writes blocks of ``schema`` as fast as it can: "threads"
+    (a StoreWriter whose threads share the GIL with the launching thread, as in a harvest) or "process" (a
+    ProcessWriter: only its feeder thread is here). A lower rate beside a writer means it starves the device's
+    feeder."""
     import threading
 
     data = activation_like(np.random.default_rng(0),
                            (len(schema.layers), schema.block_images, schema.image_tokens, schema.d_model),
                            schema.numpy_dtype)
     alone = launch_rate(device)
-    stop = threading.Event()
+    out: dict[str, float] = {"alone": alone}
+    for kind in kinds:
+        stop = threading.Event()
+        writer: StoreWriter | ProcessWriter = StoreWriter.create(directory / "probe.zarr", schema, overwrite=True)
+        if kind == "process":
+            writer = ProcessWriter(writer)
 
-    def write() -> None:
-        with StoreWriter.create(directory / "probe.zarr", schema) as writer:
-            block = 0
-            while not stop.is_set():
-                writer.submit_block(block % schema.n_blocks, data, [f"p{i}" for i in range(schema.block_images)])
-                block += 1
+        def write() -> None:
+            with writer:
+                block = 0
+                while not stop.is_set():
+                    writer.submit_block(block % schema.n_blocks, data, [f"p{i}" for i in range(schema.block_images)])
+                    block += 1
 
-    thread = threading.Thread(target=write)
-    thread.start()
-    time.sleep(1.0)  # the writer's threads are busy by now
-    beside = launch_rate(device)
-    stop.set()
-    thread.join()
-    shutil.rmtree(directory / "probe.zarr", ignore_errors=True)
-    return {"alone": alone, "beside_writer": beside, "ratio": beside / alone}
+        thread = threading.Thread(target=write)
+        thread.start()
+        time.sleep(1.0)  # the writer's threads are busy by now
+        beside = launch_rate(device)
+        stop.set()
+        thread.join()
+        shutil.rmtree(directory / "probe.zarr", ignore_errors=True)
+        name = "beside_writer" if kind == "threads" else f"beside_{kind}_writer"
+        out[name] = beside
+        out["ratio" if kind == "threads" else f"{kind}_ratio"] = beside / alone
+    return out
 
 
 def step_summary(timings: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -166,10 +177,11 @@ def step_summary(timings: list[dict[str, float]]) -> dict[str, dict[str, float]]
 
 
 def harvest(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, directory: Path, block_images: int,
-            device: torch.device, pending_blocks: int) -> tuple[float, dict, HarvestStats, dict]:
+            device: torch.device, pending_blocks: int, writer_kind: str = "threads"
+            ) -> tuple[float, dict, HarvestStats, dict]:
     """Images/s of the harvester into a fresh store on ``directory``'s disk (fsync'd) with ``pending_blocks``
-    blocks committing at once, the store's info, the harvest's time split and the writer's seconds per block by
-    commit step."""
+    blocks committing at once, written from this process's threads or a child process (``writer_kind``), the
+    store's info, the harvest's time split and the writer's seconds per block by commit step."""
     states = list(range(n_states(vlm.lm)))
     probe = vlm.prepare(batches[0][:1], [prompt])
     n = sum(len(b) for b in batches)
@@ -182,8 +194,11 @@ def harvest(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, direc
     batch_size = len(batches[0])
     groups = block_groups(schema.blocks_for(n), block_images, batch_size)
     ring = HostRing(slots=len(groups[0]) + pending_blocks, pin=device.type == "cuda")  # as jobs.harvest sizes it
+    writer: StoreWriter | ProcessWriter = StoreWriter.create(path, schema, max_pending_blocks=pending_blocks)
+    if writer_kind == "process":
+        writer = ProcessWriter(writer, max_pending_blocks=pending_blocks)  # started (and ready) before the clock
     start = time.perf_counter()
-    with StoreWriter.create(path, schema, max_pending_blocks=pending_blocks) as writer:
+    with writer:
         for group in groups:
             jobs = []
             for block in group:
@@ -213,6 +228,9 @@ def main() -> None:
     parser.add_argument("--durability", default="syncfs",
                         help="comma-separated ACTSTORE_DURABILITY modes, each beyond the first one more harvest at the "
                              "first --pending-blocks; the first is reported")
+    parser.add_argument("--writer", default="threads",
+                        help="comma-separated: threads (in this process), process (a child process); each beyond the "
+                             "first one more harvest at the first --pending-blocks and --durability")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -229,21 +247,23 @@ def main() -> None:
     fwd = forward_only(vlm, batches, prompt, device)
     stages = breakdown(vlm, batches[0] + batches[-1], prompt, device, sorted({args.block_images, args.batch}))
     pending = [int(p) for p in args.pending_blocks.split(",")]
-    modes = args.durability.split(",")
-    settings = [(p, modes[0]) for p in pending] + [(pending[0], m) for m in modes[1:]]
+    modes, writers = args.durability.split(","), args.writer.split(",")
+    settings = ([(p, modes[0], writers[0]) for p in pending] + [(pending[0], m, writers[0]) for m in modes[1:]]
+                + [(pending[0], modes[0], w) for w in writers[1:]])
     sweep = {}
-    for p, mode in settings[::-1]:  # the reported setting last: the others' one-time costs do not count against it
+    for p, mode, kind in settings[::-1]:  # the reported setting last: the others' one-time costs do not count against it
         os.environ["ACTSTORE_DURABILITY"] = mode
-        run = harvest(vlm, batches, prompt, directory, args.block_images, device, p)
-        sweep[f"{p}-{mode}"] = {"images_per_s": run[0], "writer_seconds_per_block": run[3],
-                                "write_wait_s": run[2].seconds_write_wait}
-        print(f"  pending blocks {p}, {mode}: {run[0]:.1f} images/s", flush=True)
+        run = harvest(vlm, batches, prompt, directory, args.block_images, device, p, kind)
+        sweep[f"{p}-{mode}-{kind}"] = {"images_per_s": run[0], "writer_seconds_per_block": run[3],
+                                       "write_wait_s": run[2].seconds_write_wait,
+                                       "forward_s": run[2].seconds_forward}
+        print(f"  pending blocks {p}, {mode}, writer {kind}: {run[0]:.1f} images/s", flush=True)
     os.environ["ACTSTORE_DURABILITY"] = modes[0]
     ours, info, stats, writer_steps = run
     probe_schema = StoreSchema(layers=tuple(range(len(info["schema"]["layers"]))),
                                image_tokens=info["schema"]["image_tokens"], d_model=info["schema"]["d_model"],
                                capacity=4 * args.block_images, block_images=args.block_images, text_tokens_per_image=0)
-    launches = launch_rate_beside_writer(device, directory, probe_schema)
+    launches = launch_rate_beside_writer(device, directory, probe_schema, tuple(dict.fromkeys(("threads", *writers))))
     raw = raw_sequential_write(directory, max(info["bytes_stored"], 64 << 20))
     shutil.rmtree(directory, ignore_errors=True)
     stored_per_image = info["bytes_stored"] / info["images"]
@@ -257,7 +277,7 @@ def main() -> None:
         "config": {**vars(args), "dtype": str(dtype), "image_tokens": info["schema"]["image_tokens"],
                    "states": len(info["schema"]["layers"]), "d_model": info["schema"]["d_model"]},
         "images_per_s": {"harvest": ours, "forward_only": fwd, "disk_bound": disk_bound,
-                         "by_pending_blocks_and_durability": {k: r["images_per_s"] for k, r in sweep.items()}},
+                         "by_setting": {k: r["images_per_s"] for k, r in sweep.items()}},
         "harvest_GBps_logical": ours * info["bytes_logical"] / info["images"] / GB,
         "harvest_GBps_stored": ours * stored_per_image / GB,
         "raw_write_GBps": raw,
@@ -274,7 +294,7 @@ def main() -> None:
         # flush.
         "writer_seconds_per_block": writer_steps,
         "writer_threads": default_threads(),
-        "sweep": sweep,  # "<pending blocks>-<durability>"; the first setting is the one reported above
+        "sweep": sweep,  # "<pending blocks>-<durability>-<writer>"; the first setting is the one reported above
         "launches_per_s": launches,  # one thread's tiny-op launch rate, alone and beside a busy in-process writer
         "ratios": {"harvest_vs_forward_only": ours / fwd, "harvest_vs_disk_bound": ours / disk_bound,
                    "harvest_vs_limit": ours / limit, "goal": 0.85},

@@ -40,6 +40,17 @@ def save_result(report: dict, name: str, out: str | None) -> Path:
     return path
 
 
+def report_header(benchmark: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields a benchmark's JSON starts with: what, when, where, and its options (without output paths)."""
+    return {
+        "benchmark": benchmark,
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "dir")},
+    }
+
+
 def drop_page_cache() -> bool:
     """Ask the kernel to drop clean pages so reads hit the disk (root only); True if it worked."""
     try:
@@ -222,12 +233,8 @@ def main() -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
     report = {
-        "benchmark": "store",
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        **report_header("store", args),
         "versions": {"actstore": actstore.__version__, "zarr": zarr.__version__, "numpy": np.__version__},
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "dir")},
         "results": results,
     }
     save_result(report, "store", args.out)

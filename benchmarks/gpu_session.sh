@@ -3,10 +3,10 @@
 # failing step does not stop the others. Results land in $OUT (or benchmarks/results/ without it).
 # Wheels for the device (once, here): ../shared/device/wheels.sh crc32c==2.9.post0   then carry .whl and start with
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-#     .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit; bash benchmarks/gpu_session.sh tests-harvest
-# Modes, each sized to fit one 10-minute device call (two calls cover everything):
-#   tests-harvest     GPU kernel, statistics and harvest-copy tests, then bench_harvest
-#   analyze-kernels   bench_analyze, then bench_kernels
+#     .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || exit; bash benchmarks/gpu_session.sh acceptance
+# Modes, each sized to fit one device call (with 15 minutes of device time a session, acceptance first):
+#   acceptance        bench_analyze, bench_harvest (writers and durability modes side by side), the writer pipeline
+#   tests-kernels     GPU kernel, statistics and harvest-copy tests, then bench_kernels
 #   store             bench_store on the GPU host's disk
 set -u
 out=${OUT:-benchmarks/results}
@@ -21,8 +21,19 @@ step() {  # step NAME SECONDS COMMAND...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-case "${1:-tests-harvest}" in
-  tests-harvest)
+case "${1:-acceptance}" in
+  acceptance)
+    step bench-analyze 250 python3 benchmarks/bench_analyze.py --out "$out/analyze-gpu-$host.json"
+    # 4 blocks committing at once (the default; 2 and 8 were slower on the H100 host); writeback started early, and
+    # the writer in a child process (no GIL shared with the forward pass), each beside the default in one run
+    step bench-harvest 240 python3 benchmarks/bench_harvest.py --durability syncfs,writeback --writer threads,process \
+      --out "$out/harvest-gpu-$host.json"
+    # the same host's writers and disk with the forward pass replaced by launches of tiny CPU ops: whether the
+    # harvest's gap to the disk is the writer's or the forward pass's beside it
+    step writer-pipeline 60 python3 benchmarks/bench_writer_pipeline.py --images 384 --repeat 1 \
+      --out "$out/writer-pipeline-gpu-host-$host.json"
+    ;;
+  tests-kernels)
     # The GPU-only tests and the code-buffer overflow tests (every Triton variant compiled on the GPU: the whole of
     # test_kernels.py + test_stats.py did not finish in 150 s on the H100 host)
     step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider \
@@ -30,20 +41,15 @@ case "${1:-tests-harvest}" in
       tests/test_kernels.py::test_overflow_tokens_take_the_fallbacks_own_codes_and_l0 \
       tests/test_kernels.py::test_small_cap_falls_back_instead_of_truncating \
       tests/test_stats.py::test_a_chunk_waits_for_the_gpu_at_most_twice \
+      tests/test_stats.py::test_a_gpu_tasks_sums_cross_in_one_copy \
       tests/test_stats.py::test_the_triton_path_gives_the_same_statistics
-    step gpu-harvest-tests 100 python3 -m pytest -q tests/test_harvest.py -k micro_batches
-    # the default (4 blocks committing at once, syncfs) reported; 2 and 8, and fsync per file, beside it in one run
-    step bench-harvest 300 python3 benchmarks/bench_harvest.py --pending-blocks 4,2,8 --durability syncfs,fsync \
-      --out "$out/harvest-gpu-$host.json"
-    ;;
-  analyze-kernels)
-    step bench-analyze 270 python3 benchmarks/bench_analyze.py --out "$out/analyze-gpu-$host.json"
-    step bench-kernels 240 python3 benchmarks/bench_kernels.py --out "$out/kernels-gpu-$host.json"
+    step gpu-harvest-tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_harvest.py -k micro_batches
+    step bench-kernels 200 python3 benchmarks/bench_kernels.py --out "$out/kernels-gpu-$host.json"
     ;;
   store)
     step bench-store 400 python3 benchmarks/bench_store.py --out "$out/store-gpu-host-$host.json"
     ;;
   *)
-    echo "unknown mode $1: tests-harvest, analyze-kernels or store"; exit 2
+    echo "unknown mode $1: acceptance, tests-kernels or store"; exit 2
     ;;
 esac

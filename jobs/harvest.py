@@ -28,8 +28,12 @@ from actstore.location import free_bytes
 from actstore.models import adapter_sha256
 from actstore.schema import StoreSchema
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter
+from actstore.process_writer import ProcessWriter
 from jobs.config import parse_sections
 from jobs.train_adapter import DataSection, ModelSection, build_model, load_examples, local_device
+
+
+WRITERS = ("threads", "process")  # where the store's chunks are encoded and written: this process, or a child
 
 
 @dataclass
@@ -48,6 +52,11 @@ class HarvestSection:
     text_tokens_per_image: int = 16
     threads: int | None = None  # encoder threads (default: twice the cores)
     pending_blocks: int = DEFAULT_PENDING_BLOCKS  # blocks the writer commits at once, each holding a host buffer
+    writer: str = "threads"  # "process": encode and write in a child process (see actstore.process_writer)
+
+    def __post_init__(self) -> None:
+        if self.writer not in WRITERS:
+            raise ValueError(f"harvest.writer must be one of {WRITERS}, got {self.writer!r}")
 
 
 @dataclass
@@ -121,7 +130,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
         "model": asdict(cfg.model),
         "adapter_sha256": adapter_sha256(cfg.adapter) if cfg.adapter else None,
         "dataset": {k: v for k, v in asdict(data).items() if k not in ("n_eval",)},
-        "harvest": {k: v for k, v in asdict(h).items() if k not in ("threads", "pending_blocks")},
+        "harvest": {k: v for k, v in asdict(h).items() if k not in ("threads", "pending_blocks", "writer")},
         "text_tokens": TEXT_TOKEN_RULE,
     }
     if rank == 0:
@@ -130,6 +139,8 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     else:
         wait_for_store(out)
         writer = StoreWriter.open(out, schema, provenance, threads=h.threads, max_pending_blocks=h.pending_blocks)
+    if h.writer == "process":
+        writer = ProcessWriter(writer, threads=h.threads, max_pending_blocks=h.pending_blocks)
     missing = set(writer.missing_blocks(h.n_images))
     groups = [group for g, group in enumerate(block_groups(schema.blocks_for(h.n_images), h.block_images, h.batch_size))
               if g % world_size == rank and missing.intersection(group)]

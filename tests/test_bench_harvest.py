@@ -10,8 +10,8 @@ BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_harvest.py"
 
 def test_bench_harvest_quick(tmp_path):
     out = tmp_path / "harvest.json"
-    subprocess.run([sys.executable, str(BENCH), "--quick", "--dir", str(tmp_path), "--out", str(out)], check=True,
-                   timeout=600)
+    subprocess.run([sys.executable, str(BENCH), "--quick", "--dir", str(tmp_path), "--out", str(out),
+                    "--writer", "threads,process"], check=True, timeout=600)
     report = json.loads(out.read_text())
     rates = report["images_per_s"]
     assert rates["harvest"] > 0 and rates["forward_only"] > 0 and rates["disk_bound"] > 0
@@ -24,3 +24,6 @@ def test_bench_harvest_quick(tmp_path):
     steps = report["writer_seconds_per_block"]
     assert set(steps) == {"ready", "chunks", "coordinates", "flush", "marker"}
     assert all(0 <= v["mean"] <= v["max"] for v in steps.values()) and steps["chunks"]["max"] > 0
+    assert set(report["sweep"]) == {"4-syncfs-threads", "4-syncfs-process"}
+    assert report["images_per_s"]["harvest"] == report["sweep"]["4-syncfs-threads"]["images_per_s"]
+    assert launches["process_ratio"] == launches["beside_process_writer"] / launches["alone"]

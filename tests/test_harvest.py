@@ -108,6 +108,18 @@ def test_two_torchrun_processes_equal_one(adapter_dir, tmp_path):
     _assert_same_store(tmp_path / "one.zarr", tmp_path / "two.zarr")
 
 
+def test_a_harvest_written_from_a_child_process_equals_one_written_in_process(adapter_dir, tmp_path):
+    config = write_config(tmp_path / "h.yaml", adapter_dir, n_images=24)
+    run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "threads.zarr"))
+    child = HarvestConfig.from_yaml(write_config(tmp_path / "p.yaml", adapter_dir, n_images=24, writer="process"))
+    result = run_harvest(child, str(tmp_path / "process.zarr"))
+    assert result["stats"]["bytes_stored"] > 0
+    assert verify(tmp_path / "process.zarr").ok
+    _assert_same_store(tmp_path / "threads.zarr", tmp_path / "process.zarr")
+    with pytest.raises(ValueError, match="harvest.writer must be one of"):
+        HarvestConfig.from_yaml(write_config(tmp_path / "x.yaml", adapter_dir, writer="subprocess"))
+
+
 def test_sigkill_mid_harvest_then_rerun(adapter_dir, tmp_path):
     config = write_config(tmp_path / "h.yaml", adapter_dir)
     store, sentinel = tmp_path / "killed.zarr", tmp_path / "hanging"

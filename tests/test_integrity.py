@@ -165,29 +165,49 @@ def test_a_failed_flush_leaves_the_block_missing(store_path, monkeypatch):
     assert verify(store_path).ok
 
 
-@pytest.mark.parametrize("batched, how", [(True, "default"), (False, "no syncfs"), (False, "ACTSTORE_DURABILITY")])
-def test_both_durability_modes_write_the_same_store(tmp_path, monkeypatch, batched, how):
-    """Per-block syncfs where Linux has it; an fsync per file and directory elsewhere, or where asked for."""
+@pytest.mark.parametrize("batched, how", [(True, "default"), (True, "writeback"), (False, "no syncfs"),
+                                          (False, "fsync")])
+def test_every_durability_mode_writes_the_same_store(tmp_path, monkeypatch, batched, how):
+    """Per-block syncfs where Linux has it (``writeback``: each file's writeback started as it is written); an fsync
+    per file and directory elsewhere, or where asked for."""
     import actstore.sink as sink
 
     if batched and sink._SYNCFS is None:
         pytest.skip("no syncfs on this system")
+    if how == "writeback" and sink._SYNC_FILE_RANGE is None:
+        pytest.skip("no sync_file_range on this system")
     if how == "no syncfs":
         monkeypatch.setattr(sink, "_SYNCFS", None)
-    if how == "ACTSTORE_DURABILITY":
-        monkeypatch.setenv("ACTSTORE_DURABILITY", "fsync")
-    fsyncs = []
-    real_fsync = sink.os.fsync
+    if how in ("writeback", "fsync"):
+        monkeypatch.setenv("ACTSTORE_DURABILITY", how)
+    fsyncs, started = [], []
+    real_fsync, real_start = sink.os.fsync, sink.start_writeback
     monkeypatch.setattr(sink.os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    monkeypatch.setattr(sink, "start_writeback", lambda fd: started.append(fd) or real_start(fd))
     schema = small_schema()
     with StoreWriter.create(tmp_path / "s.zarr", schema) as writer:
         assert writer.sink.batched is batched
         write_blocks(writer, [0, 1])
     chunks = 2 * len(schema.layers)  # image chunks of two blocks (text chunks too where the schema has them)
     assert (len(fsyncs) >= 2 * chunks) is not batched  # each chunk file and its directory, or neither
+    assert len(started) == (2 * chunks if how == "writeback" else 0)  # image and text chunks, as they are written
     want = np.concatenate([block_data(schema, b)[0] for b in (0, 1)], axis=1)
     got = actstore.open(tmp_path / "s.zarr").image_resid.values[:, : want.shape[1]]
     np.testing.assert_array_equal(bits(got), bits(want))
+
+
+def test_writeback_is_started_on_a_written_file_and_refused_on_a_bad_descriptor(tmp_path):
+    import actstore.sink as sink
+
+    if sink._SYNC_FILE_RANGE is None:
+        pytest.skip("no sync_file_range on this system")
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, b"x" * 8192)
+        assert sink.start_writeback(fd)
+    finally:
+        os.close(fd)
+    assert not sink.start_writeback(fd)  # closed: the kernel refuses, and the hint is only reported
 
 
 def test_an_unknown_durability_mode_is_named(tmp_path, monkeypatch):
