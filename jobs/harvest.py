@@ -129,8 +129,10 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     provenance = {
         "model": asdict(cfg.model),
         "adapter_sha256": adapter_sha256(cfg.adapter) if cfg.adapter else None,
-        "dataset": {k: v for k, v in asdict(data).items() if k not in ("n_eval",)},
-        "harvest": {k: v for k, v in asdict(h).items() if k not in ("threads", "pending_blocks", "writer")},
+        # Not how many images (n_train is n_images here): a rerun with more images extends the store, since the first
+        # n images of a source are the same whatever n (tests/test_harvest.py holds this); nor how fast it is written.
+        "dataset": {k: v for k, v in asdict(data).items() if k not in ("n_eval", "n_train")},
+        "harvest": {k: v for k, v in asdict(h).items() if k not in ("threads", "pending_blocks", "writer", "n_images")},
         "text_tokens": TEXT_TOKEN_RULE,
     }
     if rank == 0:

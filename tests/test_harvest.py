@@ -321,6 +321,17 @@ def test_a_different_job_into_the_same_store_is_refused(adapter_dir, tmp_path):
         run_harvest(other, str(tmp_path / "s.zarr"))
 
 
+def test_a_rerun_with_more_images_extends_the_store(adapter_dir, tmp_path):
+    """Only the new blocks are harvested, and the store equals one harvested at the larger size at once."""
+    store = tmp_path / "s.zarr"
+    first = run_harvest(HarvestConfig.from_yaml(write_config(tmp_path / "a.yaml", adapter_dir, n_images=16)), str(store))
+    more = HarvestConfig.from_yaml(write_config(tmp_path / "b.yaml", adapter_dir, n_images=40))
+    assert run_harvest(more, str(store))["blocks"] == [b for b in range(5) if b not in first["blocks"]]
+    run_harvest(more, str(tmp_path / "whole.zarr"))
+    assert verify(store).ok
+    _assert_same_store(store, tmp_path / "whole.zarr")
+
+
 def test_a_rerun_into_a_store_harvested_with_another_text_token_rule_is_refused(adapter_dir, tmp_path):
     cfg = HarvestConfig.from_yaml(write_config(tmp_path / "a.yaml", adapter_dir, n_images=16))
     store = tmp_path / "s.zarr"
