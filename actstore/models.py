@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -126,6 +128,7 @@ class AdapterVLM(nn.Module):
         super().__init__()
         self.vision = freeze(vision)
         self.lm = freeze(lm)
+        self.commits: dict[str, str] = {}  # hub commit of each part loaded by name (from_pretrained sets it)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.config = config
@@ -147,11 +150,16 @@ class AdapterVLM(nn.Module):
         """Load the vision tower, LM, tokenizer and image processor with transformers; an adapter folder if given."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        vision_model = load_vision_tower(vision, vision_revision, dtype)
-        lm_model = load_lm(lm, lm_revision, dtype)
+        # Each hub name is resolved to one commit first and everything of it is loaded from that commit, which the
+        # model records: weights, tokenizer and processor cannot come from two states of a repository.
+        commits = {part: commit for part, commit in (("vision", resolve_commit(vision, vision_revision)),
+                                                     ("lm", resolve_commit(lm, lm_revision))) if commit}
+        vision_at, lm_at = commits.get("vision", vision_revision), commits.get("lm", lm_revision)
+        vision_model = load_vision_tower(vision, vision_at, dtype)
+        lm_model = load_lm(lm, lm_at, dtype)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(lm, revision=lm_revision)
-            processor = AutoImageProcessor.from_pretrained(vision, revision=vision_revision)
+            tokenizer = AutoTokenizer.from_pretrained(lm, revision=lm_at)
+            processor = AutoImageProcessor.from_pretrained(vision, revision=vision_at)
         except (OSError, ValueError) as exc:
             raise _load_hint("tokenizer / image processor of", f"{lm} / {vision}", exc) from exc
         vcfg = getattr(vision_model.config, "vision_config", vision_model.config)
@@ -161,6 +169,7 @@ class AdapterVLM(nn.Module):
             vision_revision=vision_revision, lm_revision=lm_revision,
         )
         model = cls(vision_model, lm_model, tokenizer, processor, config)
+        model.commits = commits
         if adapter is not None:
             model.load_adapter(adapter)
         return model
@@ -299,6 +308,27 @@ class AdapterVLM(nn.Module):
         return loss, (shifted != -100).sum()
 
 
+def resolve_commit(name: str, revision: str | None = None) -> str | None:
+    """The hub commit that ``name`` at ``revision`` (None: the default branch) points to now, found the way a load
+    finds it: by resolving its config.json (from the Hugging Face cache when offline); None for a local folder or
+    when it cannot be resolved (the load itself then says why)."""
+    if os.path.exists(name):
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(name, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - any failure to resolve: the load reports it in its own words
+        return None
+    match = re.search(r"snapshots/([0-9a-f]{40})/", Path(path).as_posix())
+    return match.group(1) if match else None
+
+
+def weight_commits(vlm: Any) -> dict[str, str]:
+    """The hub commits a model's pretrained parts were loaded from, by part (none for local folders)."""
+    return dict(getattr(vlm, "commits", {}))
+
+
 def adapter_sha256(directory: str | Path) -> str:
     """sha256 of a saved adapter's weights file (the store's provenance records it)."""
     return hashlib.sha256((Path(directory) / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
@@ -325,6 +355,7 @@ class LlavaVLM(nn.Module):
         super().__init__()
         self.model = freeze(model)
         self.processor = processor
+        self.commits: dict[str, str] = {}  # {"llava": hub commit} when loaded by name (from_pretrained sets it)
         self.prompt_template = prompt_template
         self.image_token_id = model.config.image_token_index
 
@@ -334,12 +365,15 @@ class LlavaVLM(nn.Module):
         """Load model and processor with transformers."""
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+        commit = resolve_commit(name, revision)  # one commit for model and processor, recorded (see AdapterVLM)
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(name, revision=revision, dtype=dtype)
-            processor = AutoProcessor.from_pretrained(name, revision=revision)
+            model = LlavaForConditionalGeneration.from_pretrained(name, revision=commit or revision, dtype=dtype)
+            processor = AutoProcessor.from_pretrained(name, revision=commit or revision)
         except (OSError, ValueError) as exc:
             raise _load_hint("LLaVA model", name, exc) from exc
-        return cls(model, processor, prompt_template)
+        vlm = cls(model, processor, prompt_template)
+        vlm.commits = {"llava": commit} if commit else {}
+        return vlm
 
     @property
     def lm(self) -> nn.Module:

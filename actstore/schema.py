@@ -139,10 +139,16 @@ def schema_differences(stored: StoreSchema, requested: StoreSchema) -> list[str]
     ]
 
 
+# Provenance keys that stores written before they existed lack: such a store is reopened without comparing them.
+PROVENANCE_ADDED_LATER = {"weights"}
+
+
 def provenance_differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
     """Differences in the provenance keys the writer gives (model, adapter, dataset, config identities)."""
     out = []
     for key in sorted(requested):
+        if key not in stored and key in PROVENANCE_ADDED_LATER:
+            continue
         if key not in stored:
             out.append(f"provenance {key!r}: store has none, requested {requested[key]!r}")
         elif stored[key] != requested[key]:

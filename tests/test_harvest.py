@@ -332,6 +332,35 @@ def test_a_rerun_with_more_images_extends_the_store(adapter_dir, tmp_path):
     _assert_same_store(store, tmp_path / "whole.zarr")
 
 
+def hub_snapshot(cache: Path, repo: str, files: Path, commit: str) -> None:
+    """Put ``files`` into a Hugging Face cache as ``repo`` at ``commit``, its main branch (what a download leaves)."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(files, root / "snapshots" / commit)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+
+
+def test_a_rerun_after_the_hub_moved_on_is_refused(adapter_dir, tmp_path, miniature):
+    """Unpinned hub names: the store records the commits they resolved to, and a rerun that resolves them to other
+    weights is refused instead of mixing two models in one store."""
+    cache, old, new = tmp_path / "hub", "1" * 40, "2" * 40
+    for part in ("vision", "lm"):
+        hub_snapshot(cache, f"actstore-test/tiny-{part}", Path(miniature[part]), old)
+    raw = yaml.safe_load(write_config(tmp_path / "h.yaml", adapter_dir, n_images=8).read_text())
+    raw["model"] = {"vision": "actstore-test/tiny-vision", "lm": "actstore-test/tiny-lm"}
+    config = tmp_path / "hub.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    harvest = [sys.executable, "-m", "jobs.harvest", "--config", str(config), "--out", str(tmp_path / "s.zarr")]
+    subprocess.run(harvest, check=True, timeout=300, env=env, cwd=ROOT, capture_output=True)
+    provenance = zarr.open_group(tmp_path / "s.zarr", mode="r").attrs[ATTRS_KEY]["provenance"]
+    assert provenance["weights"] == {"vision": old, "lm": old}
+    hub_snapshot(cache, "actstore-test/tiny-lm", Path(miniature["lm"]), new)  # the same files, a new commit
+    rerun = subprocess.run(harvest, timeout=300, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert rerun.returncode != 0
+    assert "provenance 'weights'" in rerun.stderr and new in rerun.stderr
+
+
 def test_a_rerun_into_a_store_harvested_with_another_text_token_rule_is_refused(adapter_dir, tmp_path):
     cfg = HarvestConfig.from_yaml(write_config(tmp_path / "a.yaml", adapter_dir, n_images=16))
     store = tmp_path / "s.zarr"
