@@ -72,7 +72,7 @@ class ProcessWriter:
                  max_pending_blocks: int = DEFAULT_PENDING_BLOCKS,
                  storage_options: dict[str, Any] | None = None) -> None:
         self._writer = writer
-        image, text, size = slot_layout(writer.schema)
+        size = slot_layout(writer.schema)[2]
         slots = max(1, max_pending_blocks) + 1  # the blocks the child writes, and one being copied in
         free = shared_memory_free()
         if free is not None and free < slots * size:

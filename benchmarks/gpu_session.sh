@@ -30,7 +30,7 @@ case "${1:-acceptance}" in
       --out "$out/harvest-gpu-$host.json"
     # the same host's writers and disk with the forward pass replaced by launches of tiny CPU ops: whether the
     # harvest's gap to the disk is the writer's or the forward pass's beside it
-    step writer-pipeline 60 python3 benchmarks/bench_writer_pipeline.py --images 384 --repeat 1 \
+    step writer-pipeline 70 python3 benchmarks/bench_writer_pipeline.py --images 256 --repeat 1 \
       --out "$out/writer-pipeline-gpu-host-$host.json"
     ;;
   tests-kernels)
