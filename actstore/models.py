@@ -43,6 +43,10 @@ class AdapterConfig:
     prompt_prefix: str = ""
     vision_revision: str | None = None
     lm_revision: str | None = None
+    # The hub commits the towers were loaded from (None for local folders): an unpinned name resolves to whatever the
+    # hub holds that day, and an adapter only fits the weights it was trained on.
+    vision_commit: str | None = None
+    lm_commit: str | None = None
     template: str = "[BOS] [prompt_prefix] [image tokens] [text] [EOS when training]"
 
     def to_json(self) -> dict[str, Any]:
@@ -167,6 +171,7 @@ class AdapterVLM(nn.Module):
             vision=vision, lm=lm, d_vision=vcfg.hidden_size, d_model=lm_model.config.hidden_size,
             vision_layer=vision_layer, keep_cls=keep_cls, prompt_prefix=prompt_prefix,
             vision_revision=vision_revision, lm_revision=lm_revision,
+            vision_commit=commits.get("vision"), lm_commit=commits.get("lm"),
         )
         model = cls(vision_model, lm_model, tokenizer, processor, config)
         model.commits = commits
@@ -209,16 +214,19 @@ class AdapterVLM(nn.Module):
             )
         ours = self.config.to_json()
         # Same shapes, other inputs: an adapter trained on another vision layer or other weights maps features it
-        # never saw, with no error anywhere downstream. Revisions count only where both sides pin one.
+        # never saw, with no error anywhere downstream. Revisions and commits count only where both sides have one.
         wrong = [key for key in ("vision_layer", "keep_cls") if saved.get(key, ours[key]) != ours[key]]
-        wrong += [key for key in ("vision_revision", "lm_revision")
+        wrong += [key for key in ("vision_revision", "lm_revision", "vision_commit", "lm_commit")
                   if saved.get(key) is not None and ours[key] is not None and saved[key] != ours[key]]
         def settings(config: dict[str, Any], keys: list[str]) -> str:
             return ", ".join(f"{key}={config[key]!r}" for key in keys)
 
         if wrong:
+            hint = ("; the hub has moved on since it was trained: pin model.vision_revision / model.lm_revision to the "
+                    "commit it was trained on" if any(key.endswith("_commit") for key in wrong)
+                    else "; use the model settings of its training config")
             raise ValueError(f"adapter in {directory} was trained with {settings(saved, wrong)}, but this model has "
-                             f"{settings(ours, wrong)}; use the model settings of its training config")
+                             f"{settings(ours, wrong)}{hint}")
         # Names may differ for the same weights (a hub id here, a local copy there), so these only warn.
         renamed = [key for key in ("vision", "lm", "prompt_prefix") if saved.get(key, ours[key]) != ours[key]]
         if renamed:

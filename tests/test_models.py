@@ -82,12 +82,15 @@ def test_adapter_files_roundtrip_and_refuse_other_dims(tiny_vlm, miniature, tmp_
     ({"keep_cls": True}, "trained with keep_cls=False, but this model has keep_cls=True"),
     ({"lm_revision": "b" * 40}, "trained with lm_revision='aaaa"),
     ({"lm_revision": None}, None),  # a pin on one side only: nothing to compare
+    ({"lm_commit": "d" * 40}, "trained with lm_commit='cccc.*the hub has moved on"),  # unpinned, resolved elsewhere
+    ({"lm_commit": None}, None),  # a local folder on one side: nothing to compare
     ({"lm": "google/gemma-2-2b-it"}, "warn"),
     ({"prompt_prefix": "look :"}, "warn"),
 ])
 def test_an_adapter_trained_with_other_model_settings_is_refused_or_warned(tiny_vlm, tmp_path, changes, error):
     trained = AdapterVLM(tiny_vlm.vision, tiny_vlm.lm, tiny_vlm.tokenizer, tiny_vlm.image_processor,
-                         dataclasses.replace(tiny_vlm.config, lm_revision="a" * 40), adapter=tiny_vlm.adapter)
+                         dataclasses.replace(tiny_vlm.config, lm_revision="a" * 40, lm_commit="c" * 40),
+                         adapter=tiny_vlm.adapter)
     trained.save_adapter(tmp_path / "a")
     other = AdapterVLM(tiny_vlm.vision, tiny_vlm.lm, tiny_vlm.tokenizer, tiny_vlm.image_processor,
                        dataclasses.replace(trained.config, **changes))
