@@ -242,6 +242,21 @@ def diagnose(ds: xr.Dataset, saes: dict[int, SAEParams], scheduler: Any, tokens:
                             for k, v in steps.items()}}
 
 
+def beyond_code_buffer(stats: xr.Dataset, tokens_per_task: int) -> dict[str, Any]:
+    """Per token kind: the largest L0 seen and the share of tokens whose L0 exceeds the fused kernel's code slots per
+    token at this task size (those tokens take the exact, slower fallback in the analyses that keep codes)."""
+    from kernels.sae_triton import code_capacity
+
+    cap = code_capacity(tokens_per_task, stats.sizes["latent"])
+    out: dict[str, Any] = {"tokens_per_task": tokens_per_task, "slots_per_token": cap}
+    for kind in stats.kind.values:
+        hist = stats.l0_hist.sel(kind=kind).sum("layer").values
+        seen = np.nonzero(hist)[0]
+        out[str(kind)] = {"max_l0": int(seen[-1]) if len(seen) else 0,
+                          "share_beyond": float(hist[cap + 1:].sum() / max(hist.sum(), 1))}
+    return out
+
+
 def stop_on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM (a time box's ``timeout``) as an exception: the runs so far and the limits are still reported."""
     raise TimeoutError("stopped by SIGTERM (time box)")
@@ -278,7 +293,7 @@ def main() -> None:
     import dask
 
     import actstore
-    from actstore.stats import WEIGHT_DTYPES, compute_device, compute_layer_stats
+    from actstore.stats import WEIGHT_DTYPES, compute_device, compute_layer_stats, default_tokens_per_task
 
     device = compute_device()
     directory = Path(tempfile.mkdtemp(prefix="bench-analyze-", dir=args.dir))
@@ -368,6 +383,8 @@ def main() -> None:
         "store": {"bytes_logical": info["bytes_logical"], "bytes_stored": info["bytes_stored"],
                   "compression_ratio": info["compression_ratio"]},
         "mean_l0_image": float(stats.l0_mean.sel(kind="image").mean()) if stats is not None else None,
+        "l0_beyond_code_buffer": None if stats is None else beyond_code_buffer(
+            stats, max(default_tokens_per_task(), args.block_images * args.tokens)),  # a task: at least one chunk
         "failure": failure,
         "tokens_per_s": {"analysis": analysis, "kernel_only": kernel, "read_cold": read_cold if cold else None,
                          "read_warm": read_warm},
@@ -379,7 +396,7 @@ def main() -> None:
         "diagnosis": diagnosis,
         "ratios": ratios,
     }
-    shown = ("tokens_per_s", "read_GBps_logical", "ratios", "mean_l0_image")
+    shown = ("tokens_per_s", "read_GBps_logical", "ratios", "mean_l0_image", "l0_beyond_code_buffer")
     print(json.dumps({k: report[k] for k in shown}, indent=1))
     tag = "gpu" if device.type == "cuda" else "cpu-quick"
     save_result(report, f"analyze-{tag}", args.out)

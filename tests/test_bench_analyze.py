@@ -22,3 +22,7 @@ def test_bench_analyze_quick(tmp_path):
             assert report["ratios"][dtype + suffix]["analysis_vs_limit"] == rates["analysis"][
                 f"{dtype}-threads{suffix}"] / min(rates["kernel_only"][dtype], rates["read_cold"] or rates["read_warm"])
     assert 1 <= report["mean_l0_image"] <= 96
+    beyond = report["l0_beyond_code_buffer"]
+    assert beyond["tokens_per_task"] == 4 * 8 and 1 <= beyond["slots_per_token"] <= 96  # one chunk of 4 images x 8
+    for kind in ("image", "text"):
+        assert 1 <= beyond[kind]["max_l0"] <= 96 and 0.0 <= beyond[kind]["share_beyond"] <= 1.0
