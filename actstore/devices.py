@@ -38,11 +38,15 @@ def thread_stream(device: torch.device) -> ContextManager:
     return torch.cuda.stream(streams[index])
 
 
+def _packing_order(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Widest dtype first, so that every tensor's bytes start at a multiple of its item size."""
+    return sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
+
+
 def pack_bytes(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The tensors' bytes back to back in one uint8 tensor on their device (one copy kernel), widest dtype first so
-    that every tensor starts at a multiple of its item size; :func:`unpack_bytes` takes them apart."""
-    order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
-    flat = [tensors[i].detach().contiguous().reshape(-1).view(torch.uint8) for i in order]
+    """The tensors' bytes back to back in one uint8 tensor on their device (one copy kernel), in
+    :func:`_packing_order`; :func:`unpack_bytes` takes them apart."""
+    flat = [tensors[i].detach().contiguous().reshape(-1).view(torch.uint8) for i in _packing_order(tensors)]
     return torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8)
 
 
@@ -59,7 +63,7 @@ def unpack_bytes(packed: np.ndarray, like: Sequence[torch.Tensor]) -> list[np.nd
         raise ValueError(f"packed buffer holds {packed.nbytes} bytes, the tensors {sum(sizes)}")
     out: list[np.ndarray] = [np.empty(0)] * len(like)
     offset = 0
-    for i in sorted(range(len(like)), key=lambda i: -like[i].element_size()):
+    for i in _packing_order(like):
         t = like[i]
         out[i] = packed[offset : offset + sizes[i]].view(_NUMPY_DTYPES[t.dtype]).reshape(tuple(t.shape))
         offset += sizes[i]

@@ -132,7 +132,6 @@ class AdapterVLM(nn.Module):
         super().__init__()
         self.vision = freeze(vision)
         self.lm = freeze(lm)
-        self.commits: dict[str, str] = {}  # hub commit of each part loaded by name (from_pretrained sets it)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.config = config
@@ -174,10 +173,15 @@ class AdapterVLM(nn.Module):
             vision_commit=commits.get("vision"), lm_commit=commits.get("lm"),
         )
         model = cls(vision_model, lm_model, tokenizer, processor, config)
-        model.commits = commits
         if adapter is not None:
             model.load_adapter(adapter)
         return model
+
+    @property
+    def commits(self) -> dict[str, str]:
+        """The hub commit each tower was loaded from, by part (none for towers loaded from local folders)."""
+        parts = (("vision", self.config.vision_commit), ("lm", self.config.lm_commit))
+        return {part: commit for part, commit in parts if commit}
 
     def train(self, mode: bool = True) -> "AdapterVLM":
         """Only the adapter changes mode; the frozen towers stay in eval (no dropout, fixed norms)."""
@@ -330,11 +334,6 @@ def resolve_commit(name: str, revision: str | None = None) -> str | None:
         return None
     match = re.search(r"snapshots/([0-9a-f]{40})/", Path(path).as_posix())
     return match.group(1) if match else None
-
-
-def weight_commits(vlm: Any) -> dict[str, str]:
-    """The hub commits a model's pretrained parts were loaded from, by part (none for local folders)."""
-    return dict(getattr(vlm, "commits", {}))
 
 
 def adapter_sha256(directory: str | Path) -> str:

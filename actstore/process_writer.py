@@ -19,7 +19,6 @@ threads,process`` measures both on a GPU host.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import queue
 import shutil
 import threading
@@ -34,19 +33,12 @@ from actstore.schema import StoreSchema
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter, TextTokens
 
 
-def slot_layout(schema: StoreSchema) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-    """Shapes of a slot's image and text regions and the slot's size in bytes."""
-    L, item = len(schema.layers), schema.numpy_dtype.itemsize
-    image = (L, schema.block_images, schema.image_tokens, schema.d_model)
-    text = (L, schema.text_slots_per_block, schema.d_model)
-    return image, text, (int(np.prod(image)) + int(np.prod(text))) * item
-
-
 def slot_views(buffer: Any, schema: StoreSchema) -> tuple[np.ndarray, np.ndarray]:
-    """The image and text regions of one slot's shared memory as arrays of the store's dtype."""
-    image, text, _ = slot_layout(schema)
-    dtype = schema.numpy_dtype
-    images = np.ndarray(image, dtype=dtype, buffer=buffer)
+    """The image and text regions of one slot's shared memory (``schema.block_bytes()``) as arrays of the store's
+    dtype."""
+    L, dtype = len(schema.layers), schema.numpy_dtype
+    images = np.ndarray((L, schema.block_images, schema.image_tokens, schema.d_model), dtype=dtype, buffer=buffer)
+    text = (L, schema.text_slots_per_block, schema.d_model)
     return images, np.ndarray(text, dtype=dtype, buffer=buffer, offset=images.nbytes)
 
 
@@ -72,7 +64,7 @@ class ProcessWriter:
                  max_pending_blocks: int = DEFAULT_PENDING_BLOCKS,
                  storage_options: dict[str, Any] | None = None) -> None:
         self._writer = writer
-        size = slot_layout(writer.schema)[2]
+        size = writer.schema.block_bytes()
         slots = max(1, max_pending_blocks) + 1  # the blocks the child writes, and one being copied in
         free = shared_memory_free()
         if free is not None and free < slots * size:

@@ -25,7 +25,7 @@ import yaml
 from actstore.errors import NotAStoreError
 from actstore.harvest import TEXT_TOKEN_RULE, BlockJob, HarvestStats, HostRing, block_groups, harvest_blocks, n_states
 from actstore.location import free_bytes
-from actstore.models import adapter_sha256, weight_commits
+from actstore.models import adapter_sha256
 from actstore.schema import StoreSchema
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter
 from actstore.process_writer import ProcessWriter
@@ -135,9 +135,8 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
         "harvest": {k: v for k, v in asdict(h).items() if k not in ("threads", "pending_blocks", "writer", "n_images")},
         "text_tokens": TEXT_TOKEN_RULE,
     }
-    commits = weight_commits(vlm)
-    if commits:  # what an unpinned hub name resolved to: a rerun after the hub moved on is refused, not mixed
-        provenance["weights"] = commits
+    if vlm.commits:  # what an unpinned hub name resolved to: a rerun after the hub moved on is refused, not mixed
+        provenance["weights"] = dict(vlm.commits)
     if rank == 0:
         writer = StoreWriter.open_or_create(out, schema, provenance, threads=h.threads,
                                             max_pending_blocks=h.pending_blocks)
