@@ -337,6 +337,17 @@ def serve(location: str, storage_options: dict[str, Any] | None, threads: int | 
             shm.close()
 
 
+WRITERS = ("threads", "process")  # where a store's chunks are encoded and written: this process, or a child
+
+
+def writer_of_kind(writer: StoreWriter, kind: str, threads: int | None = None,
+                   max_pending_blocks: int = DEFAULT_PENDING_BLOCKS) -> StoreWriter | ProcessWriter:
+    """``writer`` itself ("threads"), or a ProcessWriter that writes its store from a child ("process")."""
+    if kind not in WRITERS:
+        raise ValueError(f"writer must be one of {WRITERS}, got {kind!r}")
+    return writer if kind == "threads" else ProcessWriter(writer, threads, max_pending_blocks)
+
+
 def _picklable(exc: BaseException) -> BaseException:
     """``exc`` in a form that crosses a pipe: itself, the same error without its chained causes (which may not
     unpickle), or a StoreWriteError with its message."""

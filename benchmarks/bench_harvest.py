@@ -35,7 +35,7 @@ from actstore.integrity import store_info  # noqa: E402
 from actstore.miniature import build_tokenizer  # noqa: E402
 from actstore.models import AdapterConfig, AdapterVLM  # noqa: E402
 from actstore.schema import StoreSchema  # noqa: E402
-from actstore.process_writer import ProcessWriter  # noqa: E402
+from actstore.process_writer import writer_of_kind  # noqa: E402
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter, default_threads  # noqa: E402
 
 
@@ -145,9 +145,7 @@ def launch_rate_beside_writer(device: torch.device, directory: Path, schema: Sto
     out: dict[str, float] = {"alone": alone}
     for kind in kinds:
         stop = threading.Event()
-        writer: StoreWriter | ProcessWriter = StoreWriter.create(directory / "probe.zarr", schema, overwrite=True)
-        if kind == "process":
-            writer = ProcessWriter(writer)
+        writer = writer_of_kind(StoreWriter.create(directory / "probe.zarr", schema, overwrite=True), kind)
 
         def write() -> None:
             with writer:
@@ -194,9 +192,9 @@ def harvest(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, direc
     batch_size = len(batches[0])
     groups = block_groups(schema.blocks_for(n), block_images, batch_size)
     ring = HostRing(slots=len(groups[0]) + pending_blocks, pin=device.type == "cuda")  # as jobs.harvest sizes it
-    writer: StoreWriter | ProcessWriter = StoreWriter.create(path, schema, max_pending_blocks=pending_blocks)
-    if writer_kind == "process":
-        writer = ProcessWriter(writer, max_pending_blocks=pending_blocks)  # started (and ready) before the clock
+    # a child writer is started (and ready) before the clock
+    writer = writer_of_kind(StoreWriter.create(path, schema, max_pending_blocks=pending_blocks), writer_kind,
+                            max_pending_blocks=pending_blocks)
     start = time.perf_counter()
     with writer:
         for group in groups:

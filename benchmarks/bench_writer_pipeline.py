@@ -33,7 +33,7 @@ from bench_store import GB, activation_like, raw_sequential_write, report_header
 from actstore.harvest import HostRing  # noqa: E402
 from actstore.schema import StoreSchema  # noqa: E402
 from actstore.sink import DURABILITY_MODES  # noqa: E402
-from actstore.process_writer import ProcessWriter  # noqa: E402
+from actstore.process_writer import writer_of_kind  # noqa: E402
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter  # noqa: E402
 
 
@@ -84,10 +84,8 @@ def run_pipeline(directory: Path, schema: StoreSchema, n_images: int, batch: int
     ring = filled_ring(schema, per_batch + pending_blocks, source)
     ids = [f"i{i}" for i in range(B)]
     wait = forward_s = 0.0
-    writer: StoreWriter | ProcessWriter = StoreWriter.create(directory / "pipeline.zarr", schema,
-                                                             max_pending_blocks=pending_blocks)
-    if writer_kind == "process":
-        writer = ProcessWriter(writer, max_pending_blocks=pending_blocks)
+    writer = writer_of_kind(StoreWriter.create(directory / "pipeline.zarr", schema, max_pending_blocks=pending_blocks),
+                            writer_kind, max_pending_blocks=pending_blocks)
     start = time.perf_counter()
     with writer:
         for first in range(0, n_images // B, per_batch):

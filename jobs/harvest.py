@@ -28,12 +28,9 @@ from actstore.location import free_bytes
 from actstore.models import adapter_sha256
 from actstore.schema import StoreSchema
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter
-from actstore.process_writer import ProcessWriter
+from actstore.process_writer import WRITERS, writer_of_kind
 from jobs.config import parse_sections
 from jobs.train_adapter import DataSection, ModelSection, build_model, load_examples, local_device
-
-
-WRITERS = ("threads", "process")  # where the store's chunks are encoded and written: this process, or a child
 
 
 @dataclass
@@ -143,8 +140,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     else:
         wait_for_store(out)
         writer = StoreWriter.open(out, schema, provenance, threads=h.threads, max_pending_blocks=h.pending_blocks)
-    if h.writer == "process":
-        writer = ProcessWriter(writer, threads=h.threads, max_pending_blocks=h.pending_blocks)
+    writer = writer_of_kind(writer, h.writer, h.threads, h.pending_blocks)
     missing = set(writer.missing_blocks(h.n_images))
     groups = [group for g, group in enumerate(block_groups(schema.blocks_for(h.n_images), h.block_images, h.batch_size))
               if g % world_size == rank and missing.intersection(group)]

@@ -127,3 +127,16 @@ def test_a_child_that_cannot_open_the_store_fails_at_once(tmp_path):
         ProcessWriter(writer)
     if os.path.isdir("/dev/shm"):
         assert set(os.listdir("/dev/shm")) <= shm  # its shared memory freed
+
+
+def test_writer_of_kind_keeps_threads_in_process_and_names_an_unknown_kind(tmp_path):
+    from actstore.process_writer import writer_of_kind
+
+    writer = StoreWriter.create(tmp_path / "s.zarr", small_schema())
+    assert writer_of_kind(writer, "threads") is writer
+    with pytest.raises(ValueError, match="writer must be one of .*'subprocess'"):
+        writer_of_kind(writer, "subprocess")
+    with writer_of_kind(writer, "process") as child:
+        assert isinstance(child, ProcessWriter)
+        write_blocks(child, [0])
+    assert StoreWriter.open(tmp_path / "s.zarr").completed_blocks() == [0]
