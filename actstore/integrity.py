@@ -91,7 +91,10 @@ def store_info(location: str | os.PathLike[str]) -> dict[str, Any]:
     if missing:
         verdict = f"DAMAGED: {len(missing)} chunk(s) of completed blocks are missing, e.g. {missing[0]}"
     elif partials:
-        verdict = f"OK with {len(partials)} leftover temporary file(s) of a killed writer (removed on next write)"
+        # Ours name their host and process and go when a writer next opens the store; zarr's (small arrays, markers)
+        # name neither, so they stay, unread.
+        verdict = (f"OK with {len(partials)} temporary file(s) of running or killed writers (readers ignore them; a "
+                   "writer opening the store removes the chunk files of dead writers on this host)")
     else:
         verdict = "OK: every completed block has all its chunks (run `actstore verify` to check every checksum)"
     return {

@@ -202,3 +202,11 @@ def text_chunk_key(layer_index: int, block: int) -> str:
 def marker_key(block: int) -> str:
     """Key of a block's completion marker: its one chunk of ``block_status`` (images, text tokens written)."""
     return f"{BLOCK_STATUS}/c/{block}/0"
+
+
+def marker_block(key: str) -> int | None:
+    """The block whose completion marker ``key`` is, or None for any other key (a temporary file beside it included)."""
+    parts = key.split("/")
+    if len(parts) == 4 and parts[2].isdigit() and key == marker_key(int(parts[2])):
+        return int(parts[2])
+    return None

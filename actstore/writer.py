@@ -36,6 +36,7 @@ from actstore.schema import (
     StoreSchema,
     check_compatible,
     image_chunk_key,
+    marker_block,
     marker_key,
     text_chunk_key,
 )
@@ -288,7 +289,11 @@ class StoreWriter:
     # ---- progress -------------------------------------------------------------------------------------------
     def completed_blocks(self) -> list[int]:
         """Blocks whose completion marker exists."""
-        return sorted(int(k.split("/")[2]) for k in list_keys(self.store, f"{BLOCK_STATUS}/c/"))
+        # The markers' exact keys only: zarr writes a marker through a temporary file ("0.<hex>.partial") and a rename,
+        # so a writer killed between the two leaves that file beside the key, and the block is still missing (readers
+        # see no marker there).
+        keys = list_keys(self.store, f"{BLOCK_STATUS}/c/")
+        return sorted(block for block in map(marker_block, keys) if block is not None)
 
     def missing_blocks(self, n_images: int | None = None) -> list[int]:
         """Blocks still to write to hold ``n_images`` images (default: the whole capacity)."""

@@ -10,7 +10,7 @@ import numpy as np
 
 import actstore
 from actstore.integrity import verify
-from actstore.schema import image_chunk_key
+from actstore.schema import image_chunk_key, marker_key
 from actstore.writer import StoreWriter
 from writer_process import kill_at_hang_point
 from conftest import bits, small_schema, write_blocks
@@ -61,6 +61,23 @@ def test_sigkill_mid_block_then_resume(tmp_path):
     resume = subprocess.run([sys.executable, HELPER, str(path), "2,3"], timeout=120)
     assert resume.returncode == 0
     _assert_same(actstore.open(path), _reference_store(tmp_path / "ref.zarr", range(4)))
+
+
+def test_sigkill_inside_a_markers_write_leaves_the_block_missing(tmp_path):
+    """zarr writes a marker through a temporary file and a rename: a writer killed between the two leaves that file
+    beside the marker's key. The writer must count the block as missing, as readers do, so that a rerun writes it."""
+    path, sentinel = tmp_path / "killed.zarr", tmp_path / "hanging"
+    proc = subprocess.Popen([sys.executable, HELPER, str(path), "0,1", marker_key(1), str(sentinel)])
+    kill_at_hang_point(proc, sentinel)
+    assert list((path / "block_status").rglob("*.partial")), "the kill should have left zarr's temporary file"
+
+    with StoreWriter.open(path) as writer:
+        assert writer.missing_blocks(n_images=8) == [1]
+    assert actstore.open(path).sizes["image"] == 4
+    resume = subprocess.run([sys.executable, HELPER, str(path), "1"], timeout=120)
+    assert resume.returncode == 0
+    assert StoreWriter.open(path).missing_blocks(n_images=8) == []
+    _assert_same(actstore.open(path), _reference_store(tmp_path / "ref.zarr", range(2)))
 
 
 def test_reopening_keeps_temporary_files_of_live_writers(tmp_path):
