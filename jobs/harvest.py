@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from actstore.errors import NotAStoreError
+from actstore.errors import NotAStoreError, StoreWriteError
 from actstore.harvest import TEXT_TOKEN_RULE, BlockJob, HarvestStats, HostRing, block_groups, harvest_blocks, n_states
 from actstore.location import free_bytes
 from actstore.models import adapter_sha256
@@ -98,6 +98,20 @@ def space_warning(needed: int, free: int | None, out: str) -> str | None:
     return (f"[harvest] warning: the blocks still to write hold {needed / 1e9:.1f} GB before compression, and the "
             f"file system of {out} has {free / 1e9:.1f} GB free (zstd stores bf16 residuals at ~0.75-0.8 of their "
             "size); select fewer states (harvest.layers) or images, or free space")
+
+
+def check_marked(out: str, blocks: list[int]) -> None:
+    """Raise StoreWriteError unless readers of ``out`` see every one of ``blocks`` as complete."""
+    from actstore.location import open_zarr_store
+    from actstore.reader import read_markers
+    from actstore.writer import open_group
+
+    # Read as readers do (the markers' values), not as the writer decides what is missing (by listing keys): a
+    # harvest never reports success for a block that a reader would leave out.
+    unmarked = sorted(set(blocks) - set(read_markers(open_group(open_zarr_store(out, read_only=True), out, "r"))))
+    if unmarked:
+        raise StoreWriteError(f"blocks {unmarked} of {out} were written but readers see no completion marker for "
+                              "them; rerun the same command to write them again")
 
 
 def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = print) -> dict[str, Any]:
@@ -191,6 +205,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     for f in futures:
         f.result()
     writer.close()
+    check_marked(out, todo)
     stats.bytes_stored = writer.bytes_written
     stats.settle(wait=True)
     stats.seconds_write_wait += time.perf_counter() - t0

@@ -16,7 +16,7 @@ import yaml
 import zarr
 
 import actstore
-from actstore.errors import SchemaMismatchError
+from actstore.errors import SchemaMismatchError, StoreWriteError
 from actstore.integrity import verify
 from actstore.schema import ATTRS_KEY, StoreSchema, image_chunk_key
 from jobs.harvest import HarvestConfig, run_harvest
@@ -135,6 +135,24 @@ def test_sigkill_mid_harvest_then_rerun(adapter_dir, tmp_path):
     run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "whole.zarr"))
     assert verify(store).ok
     _assert_same_store(store, tmp_path / "whole.zarr")
+
+
+def test_a_harvest_whose_marker_readers_cannot_see_fails(adapter_dir, tmp_path, monkeypatch):
+    """The harvest's last check reads the markers as readers do: a block left without one is an error naming it,
+    never a success with a store that readers show shorter."""
+    from actstore.schema import BLOCK_STATUS, marker_key
+    from actstore.writer import StoreWriter
+
+    config = write_config(tmp_path / "h.yaml", adapter_dir, n_images=24)
+    real = StoreWriter._zarr_write
+
+    def lose_marker_of_block_1(self, writes, deferred=False):
+        return real(self, [w for w in writes if w[3] != marker_key(1)], deferred)
+
+    monkeypatch.setattr(StoreWriter, "_zarr_write", lose_marker_of_block_1)
+    with pytest.raises(StoreWriteError, match=r"blocks \[1\] .* no completion marker"):
+        run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "s.zarr"))
+    assert not (tmp_path / "s.zarr" / BLOCK_STATUS / "c" / "1").exists()
 
 
 def test_a_harvest_into_an_fsspec_url_equals_one_into_a_path(adapter_dir, tmp_path):
