@@ -23,3 +23,7 @@ class ChunkCorruptError(StoreError):
 
 class StoreWriteError(StoreError):
     """Writing to the store failed (disk full, read-only, ...); completed blocks are unaffected."""
+
+
+class IncompleteAnalysisError(StoreError):
+    """An analysis group in a store was left unfinished by a run stopped while saving it."""

@@ -15,6 +15,7 @@ from actstore.reader import read_markers, read_skipped
 from actstore.schema import (
     ANALYSIS,
     ANALYSIS_PARTIAL,
+    ANALYSIS_SAVED_MARK,
     IMAGE_RESID,
     TEXT_RESID,
     StoreSchema,
@@ -124,7 +125,8 @@ def saved_analyses(group: Any) -> list[dict[str, Any]]:
     found = []
     for name, analysis in sorted(group[ANALYSIS].groups()):
         layers = [int(x) for x in analysis["layer"][:]] if "layer" in analysis else []
-        found.append({"name": name, "layers": layers, "computed": analysis.attrs.get("computed")})
+        found.append({"name": name, "layers": layers, "computed": analysis.attrs.get("computed"),
+                      "complete": ANALYSIS_SAVED_MARK in analysis.attrs})
     return found
 
 

@@ -28,6 +28,8 @@ BLOCK_SKIPPED = "block_skipped"
 # Groups `actstore analyze` adds to a store: finished analyses (one per suite), and finished layers of unfinished ones.
 ANALYSIS = "analysis"
 ANALYSIS_PARTIAL = "analysis_partial"
+# The attribute an analysis group gets last, once all its arrays are written: a group without it was cut short.
+ANALYSIS_SAVED_MARK = "fingerprint"
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,12 @@ import dask
 import numpy as np
 import torch
 import xarray as xr
+import zarr
 
 from actstore.bfloat16 import to_torch
 from actstore.devices import thread_stream, to_device, to_host
-from actstore.schema import ANALYSIS, ANALYSIS_PARTIAL
+from actstore.errors import IncompleteAnalysisError
+from actstore.schema import ANALYSIS, ANALYSIS_PARTIAL, ANALYSIS_SAVED_MARK
 from kernels import sae_stats, wait_for_stream
 
 KINDS = ("image", "text")
@@ -492,11 +494,23 @@ def analysis_group(name: str) -> str:
 def _write_group(location: str, group: str, stats: xr.Dataset) -> None:
     # Strings as objects: zarr v3 stores them as variable-length UTF-8 (its fixed-width form has no stable spec yet).
     stats = stats.assign_coords(kind=stats.kind.values.astype(object))
+    # xarray writes a group's attributes before its arrays, so a run killed while saving would leave a group whose
+    # unwritten chunks read as fill values under a valid-looking fingerprint. The fingerprint goes in last instead.
+    mark = str(stats.attrs.get(ANALYSIS_SAVED_MARK, ""))
+    stats.attrs = {k: v for k, v in stats.attrs.items() if k != ANALYSIS_SAVED_MARK}
     stats.to_zarr(str(location), group=group, mode="w", zarr_format=3, consolidated=False)
+    _mark_saved(location, group, mark)
+
+
+def _mark_saved(location: str, group: str, mark: str) -> None:
+    zarr.open_group(str(location), path=group, mode="r+", zarr_format=3).attrs[ANALYSIS_SAVED_MARK] = mark
 
 
 def _read_group(location: str, group: str, *, load: bool = True) -> xr.Dataset:
     ds = xr.open_zarr(str(location), group=group, consolidated=False, zarr_format=3)
+    if ANALYSIS_SAVED_MARK not in ds.attrs:
+        raise IncompleteAnalysisError(f"{group} in {location} is incomplete: the run saving it was stopped before "
+                                      "it finished; run the analysis again")
     return ds.load() if load else ds
 
 
@@ -525,15 +539,13 @@ def load_layer_checkpoint(location: str, name: str, layer: int, fingerprint: str
     """A layer's statistics kept by an interrupted run with the same ``fingerprint``, else None."""
     try:
         stats = _read_group(location, checkpoint_group(name, layer))
-    except (FileNotFoundError, KeyError, ValueError, OSError):  # absent, or torn by the crash: compute it again
+    except (FileNotFoundError, KeyError, ValueError, OSError, IncompleteAnalysisError):  # absent, or cut short
         return None
-    return stats if stats.attrs.get("fingerprint") == fingerprint else None
+    return stats if stats.attrs.get(ANALYSIS_SAVED_MARK) == fingerprint else None
 
 
 def remove_checkpoints(location: str, name: str) -> None:
     """Drop an analysis's kept layers (after its result is saved)."""
-    import zarr
-
     root = zarr.open_group(str(location), mode="r+", zarr_format=3)
     if checkpoint_group(name) in root:
         del root[checkpoint_group(name)]

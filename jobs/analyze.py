@@ -23,6 +23,7 @@ import xarray as xr
 
 import actstore
 from actstore.descriptions import alignment_score, suite_descriptions
+from actstore.errors import IncompleteAnalysisError
 from actstore.saes import SAESuite, load_suite
 from actstore.stats import (
     TOKENS_PER_TASK,
@@ -128,7 +129,7 @@ def saved_statistics(store: str, name: str, fingerprint: str) -> xr.Dataset | No
     else None."""
     try:
         saved = open_stats(store, name, load=False)  # the attributes first: a stale analysis is not worth reading
-    except (FileNotFoundError, KeyError, ValueError, OSError):
+    except (FileNotFoundError, KeyError, ValueError, OSError, IncompleteAnalysisError):
         return None
     if saved.attrs.get("fingerprint") != fingerprint:
         return None

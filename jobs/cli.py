@@ -60,7 +60,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for analysis in info["analyses"]:
         layers = analysis["layers"]
         span = f"states {layers[0]}..{layers[-1]} ({len(layers)})" if layers else "no layers"
-        print(f"analysis     {analysis['name']}: {span}, computed {analysis['computed']}")
+        state = f"computed {analysis['computed']}" if analysis["complete"] else "INCOMPLETE (stopped while saving)"
+        print(f"analysis     {analysis['name']}: {span}, {state}")
     print(f"integrity    {info['verdict']}")
     return 0 if not info["verdict"].startswith("DAMAGED") else 1
 

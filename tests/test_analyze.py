@@ -172,6 +172,52 @@ def test_an_interrupted_analysis_resumes_with_the_missing_layers(store_and_suite
     assert calls == [[0], [5]]
 
 
+def test_an_analysis_stopped_while_saving_is_never_read_as_a_result(store_and_suite, monkeypatch):
+    """xarray writes a group's attributes before its arrays: a run stopped while saving a layer or the result leaves
+    a group that must not pass for one (its unwritten chunks would read as fill values). Such a group is refused by
+    name, and the rerun computes what it held."""
+    import jobs.analyze
+    import actstore.stats as stats_module
+    from actstore.errors import IncompleteAnalysisError
+    from actstore.integrity import store_info
+
+    root, _ = store_and_suite
+    store, suite = str(root / "s.zarr"), str(root / "suite.yaml")
+    whole = run_analysis(store, suite, backend="reference")
+    shutil.rmtree(root / "s.zarr" / "analysis")
+    real_mark = stats_module._mark_saved
+
+    def stopped_before(prefix):
+        def mark(location, group, value):
+            if group.startswith(prefix):
+                raise KeyboardInterrupt("stopped")
+            real_mark(location, group, value)
+        return mark
+
+    calls = []
+    monkeypatch.setattr(jobs.analyze, "compute_layer_stats",
+                        lambda *args, **kwargs: calls.append(args[2]) or compute_layer_stats(*args, **kwargs))
+    monkeypatch.setattr(stats_module, "_mark_saved", stopped_before("analysis_partial"))
+    with pytest.raises(KeyboardInterrupt):
+        run_analysis(store, suite, backend="reference")  # stopped while keeping state 0
+    monkeypatch.setattr(stats_module, "_mark_saved", stopped_before("analysis/"))
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_analysis(store, suite, backend="reference")  # stopped while saving the result
+    assert calls == [[0], [5]]  # the unmarked state 0 was computed again
+    with pytest.raises(IncompleteAnalysisError, match="analysis/test-suite .* is incomplete"):
+        open_stats(store, "test-suite")
+    assert [a["complete"] for a in store_info(store)["analyses"]] == [False]
+    monkeypatch.setattr(stats_module, "_mark_saved", real_mark)
+    calls.clear()
+    resumed = run_analysis(store, suite, backend="reference")
+    assert calls == []  # both layers were kept, marked, before the result's save was stopped
+    for name in whole.data_vars:
+        np.testing.assert_array_equal(resumed[name].values, whole[name].values, err_msg=name)
+        np.testing.assert_array_equal(open_stats(store, "test-suite")[name].values, whole[name].values, err_msg=name)
+    assert [a["complete"] for a in store_info(store)["analyses"]] == [True]
+
+
 def test_a_finished_analysis_is_reused_when_only_descriptions_are_added(store_and_suite, monkeypatch):
     import jobs.analyze
 
