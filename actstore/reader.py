@@ -169,22 +169,25 @@ def open(  # noqa: A001 - mirrors xarray.open_dataset / zarr.open
     schema = attrs.schema
     markers = read_markers(group)
 
+    # The schema's capacity, not the arrays' shapes: growing a store resizes its arrays one by one and records the new
+    # capacity last, so a writer killed in between leaves arrays of two lengths, of which the schema's is the shorter.
+    n_images, n_text = schema.capacity, schema.n_blocks * schema.text_slots_per_block
     variables: dict[str, Any] = {
         IMAGE_RESID: (("layer", "image", "image_token", "d_model"),
-                      _lazy(group, IMAGE_RESID, schema, where, directory)),
+                      _lazy(group, IMAGE_RESID, schema, where, directory)[:, :n_images]),
     }
     coords: dict[str, Any] = {
         "layer": ("layer", group["layer"][:]),
-        "image": ("image", np.arange(group[IMAGE_RESID].shape[1], dtype=np.int64)),
+        "image": ("image", np.arange(n_images, dtype=np.int64)),
     }
     for name in IMAGE_COORDS:
-        coords[name] = ("image", np.asarray(group[name][:]).astype(object))
+        coords[name] = ("image", np.asarray(group[name][:n_images]).astype(object))
     has_text = schema.text_tokens_per_image > 0
     if has_text:
         variables[TEXT_RESID] = (("layer", "text_token", "d_model"),
-                                 _lazy(group, TEXT_RESID, schema, where, directory))
+                                 _lazy(group, TEXT_RESID, schema, where, directory)[:, :n_text])
         for name in TEXT_COORDS:
-            coords[name] = ("text_token", _lazy(group, name, schema, where))
+            coords[name] = ("text_token", _lazy(group, name, schema, where)[:n_text])
 
     ds = xr.Dataset(variables, coords=coords)
     ds.attrs.update(

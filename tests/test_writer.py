@@ -40,6 +40,39 @@ def test_store_grows_past_capacity_and_keeps_old_blocks(store_path):
     assert StoreWriter.open(store_path).missing_blocks(n_images=24) == [1, 2, 3, 4]
 
 
+def test_a_store_left_half_grown_still_opens_and_the_next_write_finishes_growing(store_path, monkeypatch):
+    """Growing resizes the arrays one by one and records the new capacity last: a writer stopped in between leaves
+    arrays of two lengths. Readers go by the recorded capacity, and the next write finishes the growth."""
+    from zarr.core.array import AsyncArray
+
+    schema = small_schema(capacity=8)
+    real_resize, resized = AsyncArray.resize, []
+
+    async def resize_one_then_stop(self, *args, **kwargs):
+        if resized:
+            raise RuntimeError("writer stopped while growing the store")
+        resized.append(self.path)
+        return await real_resize(self, *args, **kwargs)
+
+    with StoreWriter.create(store_path, schema) as writer:
+        write_blocks(writer, [0, 1])
+        monkeypatch.setattr(AsyncArray, "resize", resize_one_then_stop)
+        with pytest.raises(RuntimeError, match="while growing"):
+            write_blocks(writer, [2])
+    monkeypatch.undo()
+    assert resized == ["image_resid"]
+    ds = actstore.open(store_path)
+    assert ds.sizes["image"] == 8 and ds.attrs["schema"]["capacity"] == 8
+    np.testing.assert_array_equal(bits(ds.image_resid.values),
+                                  bits(np.concatenate([block_data(schema, b)[0] for b in (0, 1)], axis=1)))
+    with StoreWriter.open(store_path) as writer:
+        write_blocks(writer, [2])
+    ds = actstore.open(store_path)
+    assert ds.sizes["image"] == 12
+    np.testing.assert_array_equal(bits(ds.image_resid.values),
+                                  bits(np.concatenate([block_data(schema, b)[0] for b in (0, 1, 2)], axis=1)))
+
+
 def test_reopen_with_other_schema_names_every_difference(store_path):
     StoreWriter.create(store_path, small_schema(), {"model": "lm-a", "adapter": "abc"}).close()
     with pytest.raises(SchemaMismatchError) as err:
