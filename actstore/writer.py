@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -100,6 +101,14 @@ def set_thread_niceness(niceness: int) -> None:
 
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _left_by_unfinished_create(keys: list[str]) -> bool:
+    """Whether a group's keys are what a create stopped before its attributes leaves: the root's and our arrays'
+    metadata, the layer list, zarr's temporary files, and no data."""
+    ours = {IMAGE_RESID, TEXT_RESID, "layer", BLOCK_STATUS, BLOCK_SKIPPED, *IMAGE_COORDS, *TEXT_COORDS}
+    metadata = {"zarr.json", "layer/c/0", *(f"{name}/zarr.json" for name in ours)}
+    return all(key in metadata or re.search(r"\.[0-9a-f]{32}\.partial$", key) for key in keys)
 
 
 def _create_arrays(group: zarr.Group, schema: StoreSchema) -> None:
@@ -282,9 +291,11 @@ class StoreWriter:
             return cls.open(location, schema, provenance, **kwargs)
         except NotAStoreError:
             store = open_zarr_store(location, read_only=True, storage_options=kwargs.get("storage_options"))
-            if list_keys(store, ""):
+            keys = list_keys(store, "")
+            if keys and not _left_by_unfinished_create(keys):
                 raise
-            return cls.create(location, schema, provenance, **kwargs)
+            # Empty, or a create killed before it wrote the attributes that make a group a store: no data to lose.
+            return cls.create(location, schema, provenance, **{**kwargs, "overwrite": bool(keys)})
 
     # ---- progress -------------------------------------------------------------------------------------------
     def completed_blocks(self) -> list[int]:

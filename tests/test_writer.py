@@ -102,6 +102,39 @@ def test_open_or_create(store_path):
         StoreWriter.open_or_create(store_path, small_schema(image_tokens=6))
 
 
+def test_a_create_stopped_before_its_attributes_is_redone_but_other_groups_are_refused(store_path, monkeypatch):
+    """A group becomes a store when its attributes are written, last: what a stopped create leaves holds no data, so
+    open_or_create (what a rerun calls) creates the store afresh; a group holding anything else is never replaced."""
+    import zarr
+
+    import actstore.writer as writer_module
+    from actstore.errors import NotAStoreError
+
+    real = writer_module._create_arrays
+
+    def create_then_stop(group, schema):
+        real(group, schema)
+        raise KeyboardInterrupt("stopped before the attributes")
+
+    monkeypatch.setattr(writer_module, "_create_arrays", create_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        StoreWriter.create(store_path, small_schema())
+    monkeypatch.undo()
+    with pytest.raises(NotAStoreError):
+        StoreWriter.open(store_path)
+    with StoreWriter.open_or_create(store_path, small_schema()) as writer:
+        write_blocks(writer, [0])
+    np.testing.assert_array_equal(bits(actstore.open(store_path).image_resid.values),
+                                  bits(block_data(small_schema(), 0)[0]))
+
+    other = store_path.parent / "other.zarr"
+    group = zarr.open_group(other, mode="w", zarr_format=3)
+    group.create_array("image_resid", shape=(4,), dtype="float32")[:] = 1.0  # someone's data under our name
+    with pytest.raises(NotAStoreError):
+        StoreWriter.open_or_create(other, small_schema())
+    np.testing.assert_array_equal(zarr.open_group(other, mode="r")["image_resid"][:], np.ones(4))
+
+
 def test_rewriting_a_block_replaces_it(store_path):
     schema = small_schema()
     with StoreWriter.create(store_path, schema) as writer:
