@@ -1,0 +1,93 @@
+"""Opt-in crash fuzzing: SIGKILL a harvest or an analysis at random moments, rerun it, and compare with an
+uninterrupted run. Slow (about 10 s per round), so skipped unless ``ACTSTORE_FUZZ_ROUNDS`` is set, e.g.
+
+    ACTSTORE_FUZZ_ROUNDS=60 python -m pytest -q tests/test_crash_fuzz.py
+
+``ACTSTORE_FUZZ_SEED`` picks the kill points (default 1). It found a resume bug that the fixed-point kill tests
+missed: a writer killed inside zarr's write of a completion marker left a temporary file that counted as the marker."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+import actstore
+from actstore.integrity import verify
+from actstore.stats import open_stats
+from jobs.harvest import HarvestConfig, run_harvest
+from test_analyze import store_and_suite  # noqa: F401 - fixture
+from test_harvest import _assert_same_store, adapter_dir, write_config  # noqa: F401 - fixture
+
+ROOT = Path(__file__).parents[1]
+ROUNDS = int(os.environ.get("ACTSTORE_FUZZ_ROUNDS", "0"))
+pytestmark = pytest.mark.skipif(not ROUNDS, reason="crash fuzzing is opt-in: set ACTSTORE_FUZZ_ROUNDS")
+
+
+def _count(directory: Path) -> int:
+    return sum(1 for _ in directory.rglob("*")) if directory.exists() else -1
+
+
+def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay: float, timeout: float = 120) -> None:
+    """SIGKILL ``proc`` ``delay`` seconds after ``ready()`` holds (or once it has exited)."""
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("writer", ["threads", "process"])
+def test_a_harvest_killed_anywhere_then_rerun_equals_an_uninterrupted_one(adapter_dir, tmp_path, writer):
+    config = write_config(tmp_path / "h.yaml", adapter_dir, writer=writer, n_images=80)
+    run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "whole.zarr"))
+    command = [sys.executable, "-m", "jobs.harvest", "--config", str(config)]
+    rng = random.Random(int(os.environ.get("ACTSTORE_FUZZ_SEED", "1")))
+    for round_ in range(ROUNDS):
+        store = tmp_path / f"r{round_}.zarr"
+        seen = []
+        for _ in range(rng.choice([1, 2, 3])):
+            proc = subprocess.Popen([*command, "--out", str(store)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            markers = rng.randint(-1, 9)  # -1: as soon as the store's folder exists, i.e. while it is created
+            _kill_when(proc, lambda: (_count(store / "block_status" / "c") >= markers if markers >= 0
+                                      else store.exists()), rng.uniform(0.0, 0.02))
+            seen.append(markers)
+        rerun = subprocess.run([*command, "--out", str(store)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, f"round {round_} (kills after {seen} markers): {rerun.stderr[-2000:]}"
+        assert verify(store).ok, f"round {round_}"
+        _assert_same_store(store, tmp_path / "whole.zarr")
+        shutil.rmtree(store)
+
+
+def test_an_analysis_killed_anywhere_then_rerun_equals_an_uninterrupted_one(store_and_suite):
+    root, _ = store_and_suite
+    store = root / "s.zarr"
+    command = [sys.executable, "-m", "jobs.analyze", str(store), "--saes", str(root / "suite.yaml")]
+    begun = time.time()
+    subprocess.run(command, cwd=root, check=True, capture_output=True)
+    span = time.time() - begun
+    whole = open_stats(str(store), "test-suite")
+    rng = random.Random(int(os.environ.get("ACTSTORE_FUZZ_SEED", "1")))
+    for round_ in range(ROUNDS):
+        for group in ("analysis", "analysis_partial"):
+            shutil.rmtree(store / group, ignore_errors=True)
+        for _ in range(rng.choice([1, 2])):
+            proc = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _kill_when(proc, lambda: True, rng.uniform(0.5 * span, 1.05 * span))
+        rerun = subprocess.run(command, cwd=root, capture_output=True, text=True)
+        assert rerun.returncode == 0, f"round {round_}: {rerun.stderr[-2000:]}"
+        again = open_stats(str(store), "test-suite")
+        for name in whole.data_vars:
+            np.testing.assert_array_equal(again[name].values, whole[name].values, err_msg=f"round {round_}: {name}")
+    assert actstore.open(store).sizes["image"] > 0  # the activations were never touched
