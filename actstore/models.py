@@ -199,8 +199,14 @@ class AdapterVLM(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
-        save_file(state, str(directory / ADAPTER_WEIGHTS))
-        (directory / ADAPTER_CONFIG).write_text(json.dumps(self.config.to_json(), indent=2))
+        # Each file through a temporary and a rename, the weights last: their presence is what says "trained" (the
+        # demo skips training when they exist), so a save stopped midway never leaves weights without a config.
+        config = directory / f".{ADAPTER_CONFIG}.partial"
+        config.write_text(json.dumps(self.config.to_json(), indent=2))
+        os.replace(config, directory / ADAPTER_CONFIG)
+        weights = directory / f".{ADAPTER_WEIGHTS}.partial"
+        save_file(state, str(weights))
+        os.replace(weights, directory / ADAPTER_WEIGHTS)
         return adapter_sha256(directory)
 
     def load_adapter(self, directory: str | Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,26 @@ def test_adapter_files_roundtrip_and_refuse_other_dims(tiny_vlm, miniature, tmp_
     wrong.config = type(tiny_vlm.config)(**{**tiny_vlm.config.to_json(), "d_model": 128})
     with pytest.raises(ValueError, match="maps d_vision=64 -> d_model=64 .* needs 64 -> 128"):
         wrong.load_adapter(tmp_path / "a")
+
+
+def test_an_adapter_save_stopped_midway_leaves_no_weights(tiny_vlm, tmp_path, monkeypatch):
+    """The weights' file says "trained" (the demo skips training when it exists): a save stopped while writing it
+    leaves none under its name, and a complete save after that loads."""
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def half_then_stop(state, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt("stopped while saving")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_vlm.save_adapter(tmp_path / "a")
+    assert not (tmp_path / "a" / "adapter.safetensors").exists()
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    tiny_vlm.save_adapter(tmp_path / "a")
+    tiny_vlm.load_adapter(tmp_path / "a")
 
 
 @pytest.mark.parametrize("changes, error", [
