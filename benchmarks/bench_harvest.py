@@ -130,12 +130,18 @@ def launch_rate(device: torch.device, n: int = 3000) -> float:
     return n / (time.perf_counter() - start)
 
 
+# A shorter GIL switch interval than CPython's 5 ms, tried beside each writer: a thread that gives the GIL away around
+# every op (torch's bindings release it) may wait up to one interval to get it back from a thread running Python.
+SHORT_SWITCH_INTERVAL = 0.0005
+
+
 def launch_rate_beside_writer(device: torch.device, directory: Path, schema: StoreSchema,
                               kinds: tuple[str, ...] = ("threads",)) -> dict:
     """Launch rate alone and while a writer of each kind writes blocks of ``schema`` as fast as it can: "threads"
     (a StoreWriter whose threads share the GIL with the launching thread, as in a harvest) or "process" (a
-    ProcessWriter: only its feeder thread is here). A lower rate beside a writer means it starves the device's
-    feeder."""
+    ProcessWriter: only its feeder thread is here); beside each, also with the GIL's switch interval at
+    ``SHORT_SWITCH_INTERVAL`` (keys ending ``_short_switch``). A lower rate beside a writer means it starves the
+    device's feeder."""
     import threading
 
     data = activation_like(np.random.default_rng(0),
@@ -158,12 +164,18 @@ def launch_rate_beside_writer(device: torch.device, directory: Path, schema: Sto
         thread.start()
         time.sleep(1.0)  # the writer's threads are busy by now
         beside = launch_rate(device)
+        default_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SHORT_SWITCH_INTERVAL)
+        try:
+            beside_short = launch_rate(device)
+        finally:
+            sys.setswitchinterval(default_interval)
         stop.set()
         thread.join()
         shutil.rmtree(directory / "probe.zarr", ignore_errors=True)
-        name = "beside_writer" if kind == "threads" else f"beside_{kind}_writer"
-        out[name] = beside
-        out["ratio" if kind == "threads" else f"{kind}_ratio"] = beside / alone
+        name, ratio = ("beside_writer", "ratio") if kind == "threads" else (f"beside_{kind}_writer", f"{kind}_ratio")
+        out[name], out[ratio] = beside, beside / alone
+        out[f"{name}_short_switch"], out[f"{ratio}_short_switch"] = beside_short, beside_short / alone
     return out
 
 

@@ -27,3 +27,5 @@ def test_bench_harvest_quick(tmp_path):
     assert set(report["sweep"]) == {"4-syncfs-threads", "4-syncfs-process"}
     assert report["images_per_s"]["harvest"] == report["sweep"]["4-syncfs-threads"]["images_per_s"]
     assert launches["process_ratio"] == launches["beside_process_writer"] / launches["alone"]
+    for name, ratio in (("beside_writer", "ratio"), ("beside_process_writer", "process_ratio")):
+        assert launches[f"{ratio}_short_switch"] == launches[f"{name}_short_switch"] / launches["alone"] > 0
