@@ -239,7 +239,9 @@ def merge_top_k(act_a: np.ndarray, token_a: np.ndarray, act_b: np.ndarray, token
 def code_tokens(codes: Any) -> torch.Tensor:
     """The chunk-local token index of every entry of CSR sparse codes (the row each entry belongs to)."""
     counts = codes.indptr.diff()
-    return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    # With its output size given, repeat_interleave needs no read-back of the counts' sum from the device.
+    return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts,
+                                   output_size=len(codes.indices))
 
 
 def latent_top_k(codes: Any, first_token: int, d_sae: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,12 +256,12 @@ def latent_top_k(codes: Any, first_token: int, d_sae: int, k: int) -> tuple[torc
     order = torch.sort((latent << 31) | descending, stable=True).indices
     latent, act, token = latent[order], act[order].double(), token[order]
     rank = torch.arange(len(latent), device=device) - torch.searchsorted(latent, latent)
-    keep = rank < k
-    top_act = torch.zeros((d_sae, k), dtype=torch.float64, device=device)
-    top_token = torch.full((d_sae, k), -1, dtype=torch.int64, device=device)
-    top_act[latent[keep], rank[keep]] = act[keep]
-    top_token[latent[keep], rank[keep]] = token[keep]
-    return top_act, top_token
+    # Entries ranked k or below go to one spare slot past the end, then dropped: selecting the kept entries by a mask
+    # would read their count back from the device, a wait per task. Only the spare slot receives several values.
+    slot = torch.where(rank < k, latent * k + rank, d_sae * k)
+    top_act = torch.zeros(d_sae * k + 1, dtype=torch.float64, device=device).index_copy_(0, slot, act)
+    top_token = torch.full((d_sae * k + 1,), -1, dtype=torch.int64, device=device).index_copy_(0, slot, token)
+    return top_act[:-1].view(d_sae, k), top_token[:-1].view(d_sae, k)
 
 
 def image_top_latents(codes: Any, n_tokens: int, d_sae: int, m: int) -> torch.Tensor:
