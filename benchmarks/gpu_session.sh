@@ -40,6 +40,7 @@ case "${1:-acceptance}" in
       tests/test_kernels.py::test_triton_on_gpu_never_allocates_tokens_by_latents \
       tests/test_kernels.py::test_overflow_tokens_take_the_fallbacks_own_codes_and_l0 \
       tests/test_kernels.py::test_small_cap_falls_back_instead_of_truncating \
+      tests/test_kernels.py::test_codes_cost_one_wait_for_the_gpu \
       tests/test_stats.py::test_a_chunk_waits_for_the_gpu_at_most_twice \
       tests/test_stats.py::test_top_k_and_image_top_wait_for_the_gpu_no_more_than_the_codes_do \
       tests/test_stats.py::test_a_gpu_tasks_sums_cross_in_one_copy \

@@ -218,8 +218,11 @@ def _buffer_codes(lengths: torch.Tensor, codes_idx: torch.Tensor, codes_val: tor
         # the layout must hold exactly the codes written below (a longer row would run into the next token's).
         lengths = lengths.clone()
         lengths[overflow] = exact.indptr.diff()
-    columns = valid.any(0).nonzero()
-    used = int(columns.max()) + 1 if len(columns) else 0  # the buffer may be far wider than the largest L0
+    # The widest slot in use (the buffer may be far wider than the largest L0) and the number of codes size the
+    # buffers below: both cross from the device in one read-back, the only one here.
+    slot_ends = torch.arange(1, valid.shape[1] + 1, device=dev)
+    last = torch.where(valid, slot_ends, 0).amax() if valid.numel() else torch.zeros((), dtype=torch.int64, device=dev)
+    used, n_codes = (int(v) for v in torch.stack([last.long(), lengths.sum()]).tolist())
     valid = valid[:, :used]
     # Slots fill in tile order: sort each token's latents ascending, invalid slots last.
     empty = torch.iinfo(torch.int64).max
@@ -230,14 +233,17 @@ def _buffer_codes(lengths: torch.Tensor, codes_idx: torch.Tensor, codes_val: tor
     fits = torch.ones(N, dtype=torch.bool, device=dev)
     fits[overflow] = False
     keep = valid & fits[:, None]
-    indices = torch.empty(int(indptr[-1]), dtype=torch.int64, device=dev)
-    values = torch.empty(int(indptr[-1]), dtype=torch.float32, device=dev)
-    positions = (indptr[:-1, None] + torch.arange(used, device=dev)[None, :])[keep]
-    indices[positions], values[positions] = idx[keep], val[keep]
+    # Every slot is scattered, those not kept into one spare entry past the end (dropped): selecting the kept slots by
+    # a mask would read their count back from the device once more. Only the spare entry receives several values.
+    positions = torch.where(keep, indptr[:-1, None] + torch.arange(used, device=dev)[None, :], n_codes).flatten()
+    indices = torch.empty(n_codes + 1, dtype=torch.int64, device=dev).index_copy_(0, positions, idx.flatten())
+    values = torch.empty(n_codes + 1, dtype=torch.float32, device=dev).index_copy_(0, positions, val.flatten())
+    indices, values = indices[:n_codes], values[:n_codes]
     if len(overflow):
         counts = exact.indptr.diff()
-        within = torch.arange(len(exact.indices), device=dev) - exact.indptr[:-1].repeat_interleave(counts)
-        at = indptr[overflow].repeat_interleave(counts) + within
+        spread = {"output_size": len(exact.indices)}  # known here: no read-back of the counts' sum
+        within = torch.arange(len(exact.indices), device=dev) - exact.indptr[:-1].repeat_interleave(counts, **spread)
+        at = indptr[overflow].repeat_interleave(counts, **spread) + within
         indices[at], values[at] = exact.indices, exact.values
     return SparseCodes(indptr, indices, values)
 

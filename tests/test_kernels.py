@@ -387,6 +387,41 @@ def test_triton_on_gpu_never_allocates_tokens_by_latents():
     assert ref.l0.mean() > 50  # the comparison covers tokens with many active latents
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("activation, k", [("jumprelu", None), ("topk", 16)])
+def test_codes_cost_one_wait_for_the_gpu(activation, k):
+    """Returning the codes adds one read-back from the device (their extent) to the statistics' own: a wait per
+    layout step would stall each analysis thread behind the device."""
+    import warnings
+
+    N, d, F = 4096, 128, 2048
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, d, device="cuda", generator=g)
+    W_enc, W_dec = torch.randn(d, F, device="cuda", generator=g) / d**0.5, torch.randn(F, d, device="cuda", generator=g)
+    threshold = torch.full((F,), 1.0, device="cuda") if k is None else None
+
+    def waits(return_codes: bool):
+        def run():
+            return sae_stats(x, W_enc, torch.zeros(F, device="cuda"), W_dec, torch.zeros(d, device="cuda"),
+                             activation=activation, k=k, threshold=threshold, return_codes=return_codes)
+
+        run()  # tuning and first-call work, before counting
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                stats = run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return [str(w.message) for w in caught if "synchroniz" in str(w.message)], stats
+
+    plain, _ = waits(False)
+    with_codes, got = waits(True)
+    assert len(with_codes) <= len(plain) + 1, with_codes
+    assert torch.equal(got.codes.indptr.diff(), got.l0.long()) and len(got.codes.indices) == int(got.codes.indptr[-1])
+    assert got.l0.mean() > (10 if k else 100)  # many codes per token
+
+
 def test_first_compiled_call_of_a_kernel_variant_runs_alone(monkeypatch):
     """Triton's autotuner is not thread-safe: Dask's threads must not tune one kernel at once, but may run it at once
     after."""
