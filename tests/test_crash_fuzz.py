@@ -1,5 +1,5 @@
-"""Opt-in crash fuzzing: SIGKILL a harvest or an analysis at random moments, rerun it, and compare with an
-uninterrupted run. Slow (about 10 s per round), so skipped unless ``ACTSTORE_FUZZ_ROUNDS`` is set, e.g.
+"""Opt-in crash fuzzing: SIGKILL a harvest (one process, or two torchrun ranks rerun on one or two) or an analysis at
+random moments, rerun it, and compare with an uninterrupted run. Slow (about 10 s per round), so skipped unless ``ACTSTORE_FUZZ_ROUNDS`` is set, e.g.
 
     ACTSTORE_FUZZ_ROUNDS=60 python -m pytest -q tests/test_crash_fuzz.py
 
@@ -65,6 +65,39 @@ def test_a_harvest_killed_anywhere_then_rerun_equals_an_uninterrupted_one(adapte
             seen.append(markers)
         rerun = subprocess.run([*command, "--out", str(store)], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert rerun.returncode == 0, f"round {round_} (kills after {seen} markers): {rerun.stderr[-2000:]}"
+        assert verify(store).ok, f"round {round_}"
+        _assert_same_store(store, tmp_path / "whole.zarr")
+        shutil.rmtree(store)
+
+
+def test_a_two_rank_harvest_killed_then_rerun_with_one_or_two_ranks_equals_an_uninterrupted_one(adapter_dir,
+                                                                                                 tmp_path):
+    config = write_config(tmp_path / "h.yaml", adapter_dir, n_images=80)
+    run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "whole.zarr"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rng = random.Random(int(os.environ.get("ACTSTORE_FUZZ_SEED", "1")))
+
+    def job(ranks: int, port: int) -> list[str]:
+        launcher = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+        return [sys.executable, *(launcher if ranks == 2 else []), "-m", "jobs.harvest", "--config", str(config)]
+
+    for round_ in range(ROUNDS):
+        store = tmp_path / f"r{round_}.zarr"
+        # its own session, so that one SIGKILL of the group takes torchrun and both ranks at once
+        proc = subprocess.Popen([*job(2, 29600 + round_ % 100), "--out", str(store)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        markers = rng.randint(-1, 8)
+        ready = (lambda: _count(store / "block_status" / "c") >= markers) if markers >= 0 else store.exists
+        deadline = time.time() + 120
+        while not ready() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0.0, 0.02))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        ranks = rng.choice([1, 2])
+        rerun = subprocess.run([*job(ranks, 29700 + round_ % 100), "--out", str(store)], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, f"round {round_} (rerun on {ranks} ranks): {rerun.stderr[-2000:]}"
         assert verify(store).ok, f"round {round_}"
         _assert_same_store(store, tmp_path / "whole.zarr")
         shutil.rmtree(store)
