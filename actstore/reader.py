@@ -171,7 +171,7 @@ def open(  # noqa: A001 - mirrors xarray.open_dataset / zarr.open
 
     # The schema's capacity, not the arrays' shapes: growing a store resizes its arrays one by one and records the new
     # capacity last, so a writer killed in between leaves arrays of two lengths, of which the schema's is the shorter.
-    n_images, n_text = schema.capacity, schema.n_blocks * schema.text_slots_per_block
+    n_images, n_text = schema.capacity, schema.text_capacity
     variables: dict[str, Any] = {
         IMAGE_RESID: (("layer", "image", "image_token", "d_model"),
                       _lazy(group, IMAGE_RESID, schema, where, directory)[:, :n_images]),

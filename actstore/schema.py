@@ -100,6 +100,11 @@ class StoreSchema:
         """Slots of the text-token axis owned by one block."""
         return self.block_images * self.text_tokens_per_image
 
+    @property
+    def text_capacity(self) -> int:
+        """Slots of the text-token axis at the current capacity."""
+        return self.n_blocks * self.text_slots_per_block
+
     def blocks_for(self, n_images: int) -> int:
         """Number of blocks that hold ``n_images`` images."""
         return math.ceil(n_images / self.block_images)

@@ -147,7 +147,7 @@ def _create_arrays(group: zarr.Group, schema: StoreSchema) -> None:
         R = schema.text_slots_per_block
         group.create_array(
             TEXT_RESID,
-            shape=(L, schema.n_blocks * R, D),
+            shape=(L, schema.text_capacity, D),
             dtype=schema.numpy_dtype,
             fill_value=fill,
             dimension_names=("layer", "text_token", "d_model"),
@@ -156,7 +156,7 @@ def _create_arrays(group: zarr.Group, schema: StoreSchema) -> None:
         )
         for name, dtype in zip(TEXT_COORDS, ("int64", "int32", "int32")):
             group.create_array(
-                name, shape=(schema.n_blocks * R,), chunks=(R,), dtype=dtype, dimension_names=("text_token",),
+                name, shape=(schema.text_capacity,), chunks=(R,), dtype=dtype, dimension_names=("text_token",),
                 fill_value=-1,
             )
 
@@ -425,7 +425,7 @@ class StoreWriter:
                 array = self.group[name]
                 shape = list(array.shape)
                 axis = 1 if name in (IMAGE_RESID, TEXT_RESID) else 0
-                shape[axis] = new.capacity if name in image_arrays else new.n_blocks * new.text_slots_per_block
+                shape[axis] = new.capacity if name in image_arrays else new.text_capacity
                 sync(array._async_array.resize(tuple(shape), delete_outside_chunks=False))
             status = self.group[BLOCK_STATUS]
             sync(status._async_array.resize((new.n_blocks, 2), delete_outside_chunks=False))
