@@ -34,7 +34,7 @@ from actstore.bfloat16 import to_torch
 from actstore.devices import thread_stream, to_device, to_host
 from actstore.errors import IncompleteAnalysisError
 from actstore.schema import ANALYSIS, ANALYSIS_PARTIAL, ANALYSIS_SAVED_MARK
-from kernels import sae_stats, wait_for_stream
+from kernels import sae_stats, scatter_kept, wait_for_stream
 
 KINDS = ("image", "text")
 
@@ -256,12 +256,9 @@ def latent_top_k(codes: Any, first_token: int, d_sae: int, k: int) -> tuple[torc
     order = torch.sort((latent << 31) | descending, stable=True).indices
     latent, act, token = latent[order], act[order].double(), token[order]
     rank = torch.arange(len(latent), device=device) - torch.searchsorted(latent, latent)
-    # Entries ranked k or below go to one spare slot past the end, then dropped: selecting the kept entries by a mask
-    # would read their count back from the device, a wait per task. Only the spare slot receives several values.
-    slot = torch.where(rank < k, latent * k + rank, d_sae * k)
-    top_act = torch.zeros(d_sae * k + 1, dtype=torch.float64, device=device).index_copy_(0, slot, act)
-    top_token = torch.full((d_sae * k + 1,), -1, dtype=torch.int64, device=device).index_copy_(0, slot, token)
-    return top_act[:-1].view(d_sae, k), top_token[:-1].view(d_sae, k)
+    keep, slot = rank < k, latent * k + rank
+    return (scatter_kept(d_sae * k, keep, slot, act, 0.0).view(d_sae, k),
+            scatter_kept(d_sae * k, keep, slot, token, -1).view(d_sae, k))
 
 
 def image_top_latents(codes: Any, n_tokens: int, d_sae: int, m: int) -> torch.Tensor:

@@ -43,6 +43,18 @@ def _triton_guard(*variant: object) -> Iterator[None]:
         _TUNED.add(key)
 
 
+def scatter_kept(size: int, keep: torch.Tensor, positions: torch.Tensor, values: torch.Tensor,
+                 fill: float | int | None = None) -> torch.Tensor:
+    """A ``size``-long tensor holding ``values[keep]`` at ``positions[keep]`` (``fill`` elsewhere; uninitialised
+    where None), without selecting by ``keep``: a boolean selection reads its count back from the device, a wait.
+
+    Every value is copied; those not kept go to one spare entry past the end, which is dropped (it alone receives
+    several values). ``positions`` of kept values must be distinct."""
+    out = torch.empty(size + 1, dtype=values.dtype, device=values.device) if fill is None else \
+        torch.full((size + 1,), fill, dtype=values.dtype, device=values.device)
+    return out.index_copy_(0, torch.where(keep, positions, size).flatten(), values.flatten())[:size]
+
+
 def wait_for_stream(device: torch.device) -> None:
     """Block, without spinning, until the calling thread's current stream of ``device`` has run what is queued
     (nothing to wait for off a GPU).

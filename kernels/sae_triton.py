@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import wait_for_stream  # the package is initialised before this module is imported
+from kernels import scatter_kept, wait_for_stream  # the package is initialised before this module is imported
 from kernels.reference import (
     SAEStats,
     SparseCodes,
@@ -233,12 +233,8 @@ def _buffer_codes(lengths: torch.Tensor, codes_idx: torch.Tensor, codes_val: tor
     fits = torch.ones(N, dtype=torch.bool, device=dev)
     fits[overflow] = False
     keep = valid & fits[:, None]
-    # Every slot is scattered, those not kept into one spare entry past the end (dropped): selecting the kept slots by
-    # a mask would read their count back from the device once more. Only the spare entry receives several values.
-    positions = torch.where(keep, indptr[:-1, None] + torch.arange(used, device=dev)[None, :], n_codes).flatten()
-    indices = torch.empty(n_codes + 1, dtype=torch.int64, device=dev).index_copy_(0, positions, idx.flatten())
-    values = torch.empty(n_codes + 1, dtype=torch.float32, device=dev).index_copy_(0, positions, val.flatten())
-    indices, values = indices[:n_codes], values[:n_codes]
+    positions = indptr[:-1, None] + torch.arange(used, device=dev)[None, :]
+    indices, values = (scatter_kept(n_codes, keep, positions, v) for v in (idx, val))
     if len(overflow):
         counts = exact.indptr.diff()
         spread = {"output_size": len(exact.indices)}  # known here: no read-back of the counts' sum

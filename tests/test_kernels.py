@@ -422,6 +422,22 @@ def test_codes_cost_one_wait_for_the_gpu(activation, k):
     assert got.l0.mean() > (10 if k else 100)  # many codes per token
 
 
+def test_scatter_kept_places_the_kept_values_as_a_masked_assignment_does():
+    from kernels import scatter_kept
+
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(6, 5, generator=g) < 0.5
+    positions = torch.randperm(30, generator=g).reshape(6, 5)
+    values = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    want = torch.full((30,), -7.0, dtype=torch.float64)
+    want[positions[keep]] = values[keep]
+    assert torch.equal(scatter_kept(30, keep, positions, values, -7.0), want)
+    got = scatter_kept(30, keep, positions, values)  # no fill: only the kept positions are defined
+    assert torch.equal(got[positions[keep]], values[keep]) and got.shape == (30,)
+    empty = torch.zeros(0, dtype=torch.bool)
+    assert scatter_kept(0, empty, empty.long(), empty.double(), 0.0).shape == (0,)
+
+
 def test_first_compiled_call_of_a_kernel_variant_runs_alone(monkeypatch):
     """Triton's autotuner is not thread-safe: Dask's threads must not tune one kernel at once, but may run it at once
     after."""
