@@ -140,3 +140,17 @@ def parquet_with_a_corrupt_image(path) -> None:
     images[2] = {"bytes": b"\x89PNG not really an image", "path": None}
     table = pa.table({"id": [f"ex{i}" for i in range(6)], "image": images, "caption": [r["caption"] for r in rows]})
     pq.write_table(table, path)
+
+
+def device_waits(fn, *args, **kwargs) -> tuple[list[str], object]:
+    """The device synchronisations torch reports while ``fn`` runs (CUDA), and its result."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fn(*args, **kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message)], result

@@ -392,7 +392,7 @@ def test_triton_on_gpu_never_allocates_tokens_by_latents():
 def test_codes_cost_one_wait_for_the_gpu(activation, k):
     """Returning the codes adds one read-back from the device (their extent) to the statistics' own: a wait per
     layout step would stall each analysis thread behind the device."""
-    import warnings
+    from conftest import device_waits
 
     N, d, F = 4096, 128, 2048
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -406,14 +406,7 @@ def test_codes_cost_one_wait_for_the_gpu(activation, k):
                              activation=activation, k=k, threshold=threshold, return_codes=return_codes)
 
         run()  # tuning and first-call work, before counting
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                stats = run()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        return [str(w.message) for w in caught if "synchroniz" in str(w.message)], stats
+        return device_waits(run)
 
     plain, _ = waits(False)
     with_codes, got = waits(True)

@@ -10,6 +10,7 @@ import actstore
 from actstore.stats import SAEParams, compute_layer_stats
 from actstore.writer import StoreWriter, TextTokens
 from actstore.schema import StoreSchema
+from conftest import device_waits
 
 N_IMAGES, T, D, F, TEXT_PER_IMAGE = 22, 3, 8, 24, 2
 
@@ -402,20 +403,6 @@ def test_a_gpu_tasks_sums_cross_in_one_copy():
         np.testing.assert_array_equal(h, t.cpu().numpy())
 
 
-def _device_waits(fn, *args, **kwargs) -> tuple[list[str], object]:
-    """The device synchronisations torch reports while ``fn`` runs (CUDA), and its result."""
-    import warnings
-
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = fn(*args, **kwargs)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return [str(w.message) for w in caught if "synchroniz" in str(w.message)], result
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_top_k_and_image_top_wait_for_the_gpu_no_more_than_the_codes_do(stores):
     """The full analysis (top-k examples, image top latents) adds no wait of its own to the kernel's codes: beyond
@@ -431,10 +418,10 @@ def test_top_k_and_image_top_wait_for_the_gpu_no_more_than_the_codes_do(stores):
     chunk_partial(block, sae, 0, top_k=4, image_top=3)  # copies and tuning once, before counting
     on = sae.on(torch.device("cuda"))
     x = to_torch(np.ascontiguousarray(block.reshape(-1, block.shape[-1]))).cuda().float()
-    codes_waits, _ = _device_waits(sae_stats, x, on.W_enc, on.b_enc, on.W_dec, on.b_dec, activation=on.activation,
-                                   threshold=on.threshold, k=on.k, apply_b_dec_to_input=on.apply_b_dec_to_input,
-                                   return_codes=True)
-    waits, got = _device_waits(chunk_partial, block, sae, 0, top_k=4, image_top=3)
+    codes_waits, _ = device_waits(sae_stats, x, on.W_enc, on.b_enc, on.W_dec, on.b_dec, activation=on.activation,
+                                  threshold=on.threshold, k=on.k, apply_b_dec_to_input=on.apply_b_dec_to_input,
+                                  return_codes=True)
+    waits, got = device_waits(chunk_partial, block, sae, 0, top_k=4, image_top=3)
     assert len(waits) <= len(codes_waits) + 1, waits
     np.testing.assert_array_equal(got.top_token, want.top_token)
     np.testing.assert_array_equal(got.image_top, want.image_top)
@@ -451,7 +438,7 @@ def test_a_chunk_waits_for_the_gpu_at_most_twice(stores):
     sae = make_saes()[0]
     want = chunk_partial(block, sae, 0, backend="reference")
     chunk_partial(block, sae, 0)  # the SAE's copy to the GPU and the kernels' tuning happen once, before counting
-    waits, got = _device_waits(chunk_partial, block, sae, 0)
+    waits, got = device_waits(chunk_partial, block, sae, 0)
     assert len(waits) <= 2, waits
     np.testing.assert_array_equal(got.l0_hist, want.l0_hist)
     assert got.sq_err == pytest.approx(want.sq_err, rel=1e-5)
