@@ -38,13 +38,23 @@ def _count(directory: Path) -> int:
     return sum(1 for _ in directory.rglob("*")) if directory.exists() else -1
 
 
+def _written(store: Path, markers: int) -> Callable[[], bool]:
+    """Whether ``store`` holds at least ``markers`` block markers; for -1, whether its folder exists (it is being
+    created)."""
+    return (lambda: _count(store / "block_status" / "c") >= markers) if markers >= 0 else store.exists
+
+
 def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay: float, timeout: float = 120) -> None:
-    """SIGKILL ``proc`` ``delay`` seconds after ``ready()`` holds (or once it has exited)."""
+    """SIGKILL ``proc`` ``delay`` seconds after ``ready()`` holds (or once it has exited); its whole process group if
+    it leads one (torchrun and its ranks)."""
     deadline = time.time() + timeout
     while not ready() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.001)
     time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
+    if os.getpgid(proc.pid) == proc.pid:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.send_signal(signal.SIGKILL)
     proc.wait()
 
 
@@ -61,8 +71,7 @@ def test_a_harvest_killed_anywhere_then_rerun_equals_an_uninterrupted_one(adapte
             proc = subprocess.Popen([*command, "--out", str(store)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
             markers = rng.randint(-1, 9)  # -1: as soon as the store's folder exists, i.e. while it is created
-            _kill_when(proc, lambda: (_count(store / "block_status" / "c") >= markers if markers >= 0
-                                      else store.exists()), rng.uniform(0.0, 0.02))
+            _kill_when(proc, _written(store, markers), rng.uniform(0.0, 0.02))
             seen.append(markers)
         rerun = subprocess.run([*command, "--out", str(store)], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert rerun.returncode == 0, f"round {round_} (kills after {seen} markers): {rerun.stderr[-2000:]}"
@@ -88,13 +97,7 @@ def test_a_two_rank_harvest_killed_then_rerun_with_one_or_two_ranks_equals_an_un
         proc = subprocess.Popen([*job(2, 29600 + round_ % 100), "--out", str(store)], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         markers = rng.randint(-1, 8)
-        ready = (lambda: _count(store / "block_status" / "c") >= markers) if markers >= 0 else store.exists
-        deadline = time.time() + 120
-        while not ready() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.001)
-        time.sleep(rng.uniform(0.0, 0.02))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill_when(proc, _written(store, markers), rng.uniform(0.0, 0.02))
         ranks = rng.choice([1, 2])
         rerun = subprocess.run([*job(ranks, 29700 + round_ % 100), "--out", str(store)], cwd=ROOT, env=env,
                                capture_output=True, text=True, timeout=600)
