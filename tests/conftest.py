@@ -154,3 +154,15 @@ def device_waits(fn, *args, **kwargs) -> tuple[list[str], object]:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return [str(w.message) for w in caught if "synchroniz" in str(w.message)], result
+
+
+def run_quick_benchmark(name: str, tmp_path: Path, *args: str, timeout: int = 600) -> dict:
+    """Run ``benchmarks/<name>.py --quick`` (with ``args``) in a fresh process, as a user would; its JSON report."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / f"{name}.json"
+    script = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    subprocess.run([sys.executable, str(script), "--quick", *args, "--out", str(out)], check=True, timeout=timeout)
+    return json.loads(out.read_text())

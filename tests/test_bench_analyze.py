@@ -1,17 +1,10 @@
 """The analysis benchmark runs end to end at tiny size on the CPU and writes a well-formed report."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_analyze.py"
+from conftest import run_quick_benchmark
 
 
 def test_bench_analyze_quick(tmp_path):
-    out = tmp_path / "analyze.json"
-    subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(out)], check=True, timeout=600)
-    report = json.loads(out.read_text())
+    report = run_quick_benchmark("bench_analyze", tmp_path)
     rates = report["tokens_per_s"]
     assert set(rates["analysis"]) == {"float32-threads", "bfloat16-threads", "float32-sync",
                                        "float32-threads-full", "bfloat16-threads-full"}

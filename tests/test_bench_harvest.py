@@ -1,18 +1,10 @@
 """The harvest benchmark runs end to end at tiny size on the CPU and writes a well-formed report."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_harvest.py"
+from conftest import run_quick_benchmark
 
 
 def test_bench_harvest_quick(tmp_path):
-    out = tmp_path / "harvest.json"
-    subprocess.run([sys.executable, str(BENCH), "--quick", "--dir", str(tmp_path), "--out", str(out),
-                    "--writer", "threads,process"], check=True, timeout=600)
-    report = json.loads(out.read_text())
+    report = run_quick_benchmark("bench_harvest", tmp_path, "--dir", str(tmp_path), "--writer", "threads,process")
     rates = report["images_per_s"]
     assert rates["harvest"] > 0 and rates["forward_only"] > 0 and rates["disk_bound"] > 0
     assert report["config"]["states"] == 5 and report["config"]["image_tokens"] == 16

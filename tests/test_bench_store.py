@@ -1,20 +1,10 @@
 """The store benchmark runs end to end at tiny size and writes a well-formed report."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_store.py"
+from conftest import run_quick_benchmark
 
 
 def test_bench_store_quick(tmp_path):
-    out = tmp_path / "store.json"
-    subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--codecs", "none,zstd", "--dir", str(tmp_path), "--out", str(out)],
-        check=True, timeout=300,
-    )
-    report = json.loads(out.read_text())
+    report = run_quick_benchmark("bench_store", tmp_path, "--codecs", "none,zstd", "--dir", str(tmp_path), timeout=300)
     assert set(report["results"]) == {"none", "zstd"}
     for entry in report["results"].values():
         assert entry["raw_write_GBps"] > 0 and entry["write_GBps_logical"] > 0 and entry["read_GBps_logical"] > 0

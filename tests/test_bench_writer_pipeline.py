@@ -1,18 +1,11 @@
 """The writer-pipeline benchmark runs end to end at tiny size and writes a well-formed report."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_writer_pipeline.py"
+from conftest import run_quick_benchmark
 
 
 def test_bench_writer_pipeline_quick(tmp_path):
-    out = tmp_path / "pipeline.json"
-    subprocess.run([sys.executable, str(BENCH), "--quick", "--dir", str(tmp_path), "--out", str(out),
-                    "--durability", "syncfs,fsync"], check=True, timeout=300)
-    report = json.loads(out.read_text())
+    report = run_quick_benchmark("bench_writer_pipeline", tmp_path, "--dir", str(tmp_path), "--durability",
+                                 "syncfs,fsync", timeout=300)
     assert set(report["runs"]) == {"threads-syncfs", "threads-fsync", "process-syncfs", "process-fsync"}
     assert report["ops_per_s_alone"] > 0 and report["forward_ops_per_batch"] > 0
     for name, (run,) in report["runs"].items():
