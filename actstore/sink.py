@@ -39,26 +39,18 @@ PARTIAL_SUFFIX = ".partial"
 _HOST = socket.gethostname().replace(".", "-")
 
 
-def _load_syncfs():  # noqa: ANN202 - a ctypes function, or None
+def _libc_function(name: str, argtypes: list | None = None):  # noqa: ANN202 - a ctypes function, or None
     try:
-        return ctypes.CDLL(None, use_errno=True).syncfs
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-
-
-_SYNCFS = _load_syncfs()
-
-
-def _load_sync_file_range():  # noqa: ANN202 - a ctypes function, or None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    if argtypes is not None:
+        function.argtypes = argtypes
     return function
 
 
-_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNCFS = _libc_function("syncfs")
+_SYNC_FILE_RANGE = _libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 _SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages; wait for nothing
 
 
