@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_kernels import make_sae, timed  # noqa: E402
-from bench_store import GB, activation_like, drop_page_cache, save_result  # noqa: E402
+from bench_store import GB, activation_like, drop_page_cache, gil_switch_interval, save_result  # noqa: E402
 
 
 def build_store(path: Path, args: argparse.Namespace) -> dict:
@@ -224,17 +224,14 @@ def diagnose(ds: xr.Dataset, saes: dict[int, SAEParams], scheduler: Any, tokens:
 
     tasks, steps = TaskTimes(), {}
     drop_page_cache()
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(switch_interval or before)
+    used_interval = switch_interval or sys.getswitchinterval()
     start = time.perf_counter()
-    try:
-        with tasks.callback(), phase_clock(steps), dask.config.set(num_workers=threads):
-            compute_layer_stats(ds, saes, scheduler=scheduler, **options)
-    finally:
-        sys.setswitchinterval(before)
+    with gil_switch_interval(switch_interval), tasks.callback(), phase_clock(steps), \
+            dask.config.set(num_workers=threads):
+        compute_layer_stats(ds, saes, scheduler=scheduler, **options)
     seconds = time.perf_counter() - start
     summary = tasks.summary()
-    return {"options": options, "switch_interval": switch_interval or before, "threads": threads or os.cpu_count(),
+    return {"options": options, "switch_interval": used_interval, "threads": threads or os.cpu_count(),
             "tokens_per_s": tokens / seconds,
             "seconds": seconds,
             "outside_compute_s": seconds - summary["compute_wall_s"], "tasks": summary,

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_store import GB, activation_like, raw_sequential_write, save_result  # noqa: E402
+from bench_store import GB, activation_like, gil_switch_interval, raw_sequential_write, save_result  # noqa: E402
 
 from actstore.harvest import (  # noqa: E402
     BlockJob, HarvestStats, HostRing, block_groups, forward_states, harvest_blocks, n_states)
@@ -164,12 +164,8 @@ def launch_rate_beside_writer(device: torch.device, directory: Path, schema: Sto
         thread.start()
         time.sleep(1.0)  # the writer's threads are busy by now
         beside = launch_rate(device)
-        default_interval = sys.getswitchinterval()
-        sys.setswitchinterval(SHORT_SWITCH_INTERVAL)
-        try:
+        with gil_switch_interval(SHORT_SWITCH_INTERVAL):
             beside_short = launch_rate(device)
-        finally:
-            sys.setswitchinterval(default_interval)
         stop.set()
         thread.join()
         shutil.rmtree(directory / "probe.zarr", ignore_errors=True)

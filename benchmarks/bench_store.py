@@ -12,12 +12,14 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import zarr
@@ -49,6 +51,17 @@ def report_header(benchmark: str, args: argparse.Namespace) -> dict[str, Any]:
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "dir")},
     }
+
+
+@contextmanager
+def gil_switch_interval(seconds: float | None) -> Iterator[None]:
+    """Python's GIL switch interval set to ``seconds`` (None: left as it is) within the block, restored after."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(seconds or before)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 def drop_page_cache() -> bool:
