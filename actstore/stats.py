@@ -543,6 +543,19 @@ def load_layer_checkpoint(location: str, name: str, layer: int, fingerprint: str
     return stats if stats.attrs.get(ANALYSIS_SAVED_MARK) == fingerprint else None
 
 
+def checkpointed_layers(location: str, name: str) -> list[int]:
+    """The layers an analysis has kept (finished or not; :func:`load_layer_checkpoint` tells which are usable)."""
+    try:
+        root = zarr.open_group(str(location), mode="r", zarr_format=3)
+        kept = root[checkpoint_group(name)] if checkpoint_group(name) in root else None
+    except (FileNotFoundError, KeyError, ValueError, OSError):
+        return []
+    if kept is None:
+        return []
+    return sorted(int(key[len("layer_"):]) for key in kept.group_keys()
+                  if key.startswith("layer_") and key[len("layer_"):].isdigit())
+
+
 def remove_checkpoints(location: str, name: str) -> None:
     """Drop an analysis's kept layers (after its result is saved)."""
     root = zarr.open_group(str(location), mode="r+", zarr_format=3)

@@ -7,7 +7,8 @@ Without ``--scheduler`` Dask's threaded scheduler runs in this process; ``local`
 ``dask scheduler`` / ``dask worker`` or with dask-cuda's ``dask cuda worker`` (one worker per GPU: each task's kernel
 then runs on that worker's GPU). Results go into the store under ``analysis/<suite name>``; each finished layer is
 kept under ``analysis_partial/<suite name>`` until then, so a rerun after a crash computes only the missing layers;
-a rerun after a finished analysis with only descriptions added to the suite reuses every computed layer.
+a rerun after a finished analysis with only descriptions added to the suite reuses every computed layer, and one
+that would save the same result writes nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from actstore.saes import SAESuite, load_suite
 from actstore.stats import (
     TOKENS_PER_TASK,
     WEIGHT_DTYPES,
+    checkpointed_layers,
     compute_layer_stats,
     load_layer_checkpoint,
     open_stats,
@@ -59,11 +61,13 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
     fingerprint = statistics_fingerprint(suite, ds, backend=backend, weight_dtype=weight_dtype, top_k=top_k,
                                          image_top=top_latents)
     saved = saved_statistics(store, suite.name, fingerprint)
-    per_layer = []
+    computed = saved.drop_vars([v for v in DERIVED if v in saved]) if saved is not None else None
+    per_layer, reused = [], []
     for i, layer in enumerate(layers):
         where = f"state {layer} ({i + 1}/{len(layers)})"
-        if saved is not None and layer in saved.layer.values:
-            done = saved.sel(layer=[layer])
+        if computed is not None and layer in computed.layer.values:
+            done = computed.sel(layer=[layer])
+            reused.append(done)
             log(f"[analyze] {where}: kept from the saved analysis")
         elif (done := load_layer_checkpoint(store, suite.name, layer, fingerprint)) is not None:
             log(f"[analyze] {where}: kept from an interrupted run")
@@ -75,10 +79,12 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
             save_layer_checkpoint(store, suite.name, layer, done, fingerprint)
         done.attrs.clear()  # the fingerprint; the combined result gets its own attributes below
         per_layer.append(done)
-    if saved is not None:  # a run on some layers adds to the saved analysis of the others instead of replacing it
-        others = [x for x in saved.layer.values if int(x) not in layers]
-        per_layer += [saved.sel(layer=[x]) for x in others]
-        per_layer.sort(key=lambda part: int(part.layer.values[0]))
+    # A run on some layers adds to the saved analysis of the others instead of replacing it; where that save was
+    # stopped, to the layers it had kept.
+    others = other_layers(store, suite.name, fingerprint, computed, layers)
+    if computed is not None:
+        reused += others
+    per_layer = sorted(per_layer + others, key=lambda part: int(part.layer.values[0]))
     stats = xr.concat(per_layer, dim="layer", combine_attrs="drop")
     descriptions, described_by = suite_descriptions(suite, stats, ds)
     stats["description"] = (("layer", "latent"), descriptions)  # object strings: zarr v3's variable-length UTF-8
@@ -96,7 +102,15 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
     stats.attrs.update({"suite": suite.name, "store": str(store), "computed": datetime.now(timezone.utc).isoformat(),
                         "sources": json.dumps(sources), "fingerprint": fingerprint,
                         "actstore_version": actstore.__version__})
-    save_stats(store, suite.name, stats)
+    if saved is not None and same_result(saved, stats):
+        log("[analyze] the saved analysis is up to date: nothing to write")
+        stats = saved
+    else:
+        # The save below rewrites analysis/<suite> in place: the layers it reuses are kept first, so that a run
+        # stopped while saving loses no computed layer (the rerun finds every one kept).
+        for done in reused:
+            save_layer_checkpoint(store, suite.name, int(done.layer.values[0]), done, fingerprint)
+        save_stats(store, suite.name, stats)
     remove_checkpoints(store, suite.name)
     for layer in stats.layer.values:
         row = stats.sel(layer=layer)
@@ -125,15 +139,35 @@ def statistics_fingerprint(suite: SAESuite, ds: xr.Dataset, **settings: Any) -> 
 
 
 def saved_statistics(store: str, name: str, fingerprint: str) -> xr.Dataset | None:
-    """The per-layer statistics of a finished analysis with this fingerprint (without what is derived from them),
-    else None."""
+    """The finished analysis with this fingerprint, else None."""
     try:
         saved = open_stats(store, name, load=False)  # the attributes first: a stale analysis is not worth reading
     except (FileNotFoundError, KeyError, ValueError, OSError, IncompleteAnalysisError):
         return None
     if saved.attrs.get("fingerprint") != fingerprint:
         return None
-    return saved.drop_vars([v for v in DERIVED if v in saved]).load()
+    return saved.load()
+
+
+def other_layers(store: str, name: str, fingerprint: str, saved: xr.Dataset | None,
+                 layers: list[int]) -> list[xr.Dataset]:
+    """Statistics of layers outside ``layers`` that belong in the result: those of the saved analysis, or, with none
+    saved, those kept with this fingerprint."""
+    if saved is not None:
+        return [saved.sel(layer=[x]) for x in saved.layer.values if int(x) not in layers]
+    kept = [load_layer_checkpoint(store, name, x, fingerprint) for x in checkpointed_layers(store, name)
+            if x not in layers]
+    return [part for part in kept if part is not None]
+
+
+def same_result(saved: xr.Dataset, stats: xr.Dataset) -> bool:
+    """Whether ``stats`` holds what ``saved`` does (the time it was computed aside)."""
+    def without_time(ds: xr.Dataset) -> xr.Dataset:
+        ds = ds.copy()
+        ds.attrs = {k: v for k, v in ds.attrs.items() if k != "computed"}
+        return ds
+
+    return without_time(saved).identical(without_time(stats))
 
 
 def state_list(text: str) -> list[int]:

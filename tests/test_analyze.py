@@ -256,6 +256,51 @@ def test_a_finished_analysis_is_reused_when_only_descriptions_are_added(store_an
     assert calls == [[0], [5]]
 
 
+def test_a_rerun_rewrites_only_a_changed_result_and_a_stopped_rewrite_loses_no_layer(store_and_suite, monkeypatch):
+    """A rerun that would save what is saved writes nothing; one that changes the result (descriptions added) rewrites
+    analysis/<suite> in place, so it keeps the layers it reuses first: stopped while saving, even a rerun on fewer
+    layers finds every computed layer again."""
+    import jobs.analyze
+    import actstore.stats as stats_module
+
+    root, _ = store_and_suite
+    store, suite = str(root / "s.zarr"), str(root / "suite.yaml")
+    first = run_analysis(store, suite, backend="reference")
+    calls, saves = [], []
+    monkeypatch.setattr(jobs.analyze, "compute_layer_stats",
+                        lambda *args, **kwargs: calls.append(args[2]) or compute_layer_stats(*args, **kwargs))
+    save = jobs.analyze.save_stats
+    monkeypatch.setattr(jobs.analyze, "save_stats", lambda *args: saves.append(args[1]) or save(*args))
+    again = run_analysis(store, suite, backend="reference")
+    assert calls == [] and saves == []
+    assert again.attrs["computed"] == first.attrs["computed"] == open_stats(store, "test-suite").attrs["computed"]
+
+    (root / "np-5.json").write_text(json.dumps([{"layer": "5-res", "index": 3, "description": "red circles"}]))
+    described = yaml.safe_load((root / "suite.yaml").read_text())
+    described["saes"][1].update(descriptions="np-5.json", neuronpedia_sae_id="5-res")
+    (root / "described.yaml").write_text(yaml.safe_dump(described))
+    real_mark = stats_module._mark_saved
+
+    def stopped_saving_the_result(location, group, value):
+        if group.startswith("analysis/"):
+            raise KeyboardInterrupt("stopped")
+        real_mark(location, group, value)
+
+    monkeypatch.setattr(stats_module, "_mark_saved", stopped_saving_the_result)
+    with pytest.raises(KeyboardInterrupt):
+        run_analysis(store, str(root / "described.yaml"), backend="reference")
+    assert saves == ["test-suite"]
+    monkeypatch.setattr(stats_module, "_mark_saved", real_mark)
+    resumed = run_analysis(store, str(root / "described.yaml"), layers=[5], backend="reference")
+    assert calls == [] and list(resumed.layer.values) == [0, 5]
+    assert resumed.description.sel(layer=5, latent=3).item() == "red circles"
+    saved = open_stats(store, "test-suite")
+    for name in first.data_vars:
+        if name not in ("description", "alignment", "alignment_baseline"):
+            np.testing.assert_array_equal(saved[name].values, first[name].values, err_msg=name)
+    assert not (root / "s.zarr" / "analysis_partial").exists()
+
+
 def sae_lens_sae(kind: str, **config):
     """A sae-lens inference SAE of ``kind`` with random weights (d_in D, d_sae F), biases and thresholds nonzero."""
     import sae_lens
