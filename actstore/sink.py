@@ -106,6 +106,25 @@ def as_write_error(key: str, where: str, exc: OSError) -> StoreWriteError:
     )
 
 
+def fsync_path(path: Path) -> None:
+    """fsync one file or folder."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(directory: Path) -> None:
+    """Make what another library (xarray, zarr) wrote under ``directory`` durable: every file and folder, and the
+    folder's own entry in its parent."""
+    for folder, _, files in os.walk(directory):
+        for name in files:
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
+    fsync_path(directory.parent)
+
+
 DURABILITY_MODES = ("syncfs", "writeback", "fsync")
 
 
@@ -149,7 +168,7 @@ class LocalSink:
                 os.close(fd)
             os.replace(tmp, path)
             if now:
-                self._fsync_dir(path.parent)
+                fsync_path(path.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise as_write_error(key, str(self.root), exc) from exc
@@ -180,14 +199,10 @@ class LocalSink:
         try:
             if not path.exists():
                 if path.parent.exists():
-                    self._fsync_dir(path.parent)
+                    fsync_path(path.parent)
                 return
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self._fsync_dir(path.parent)
+            fsync_path(path)
+            fsync_path(path.parent)
         except OSError as exc:
             raise as_write_error(key, str(self.root), exc) from exc
 
@@ -197,17 +212,9 @@ class LocalSink:
         try:
             path.unlink(missing_ok=True)
             if path.parent.exists():
-                self._fsync_dir(path.parent)
+                fsync_path(path.parent)
         except OSError as exc:
             raise as_write_error(key, str(self.root), exc) from exc
-
-    @staticmethod
-    def _fsync_dir(directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def remove_partials(self) -> int:
         """Delete temporary files left by dead writers of this host; returns how many.

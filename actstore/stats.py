@@ -33,7 +33,9 @@ import zarr
 from actstore.bfloat16 import to_torch
 from actstore.devices import thread_stream, to_device, to_host
 from actstore.errors import IncompleteAnalysisError
+from actstore.location import local_path
 from actstore.schema import ANALYSIS, ANALYSIS_PARTIAL, ANALYSIS_SAVED_MARK
+from actstore.sink import fsync_path, sync_tree
 from kernels import sae_stats, scatter_kept, wait_for_stream
 
 KINDS = ("image", "text")
@@ -498,7 +500,14 @@ def _write_group(location: str, group: str, stats: xr.Dataset) -> None:
     mark = str(stats.attrs.get(ANALYSIS_SAVED_MARK, ""))
     stats.attrs = {k: v for k, v in stats.attrs.items() if k != ANALYSIS_SAVED_MARK}
     stats.to_zarr(str(location), group=group, mode="w", zarr_format=3, consolidated=False)
+    # As a harvest's block markers, the mark vouches for data that must then survive a power cut, not only a kill.
+    local = local_path(location)
+    if local is not None:
+        sync_tree(local / group)
     _mark_saved(location, group, mark)
+    if local is not None:
+        fsync_path(local / group / "zarr.json")
+        fsync_path(local / group)
 
 
 def _mark_saved(location: str, group: str, mark: str) -> None:

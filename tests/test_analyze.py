@@ -218,6 +218,32 @@ def test_an_analysis_stopped_while_saving_is_never_read_as_a_result(store_and_su
     assert [a["complete"] for a in store_info(store)["analyses"]] == [True]
 
 
+def test_a_saved_analysis_is_durable_before_it_is_marked_saved(store_and_suite, monkeypatch):
+    """As a harvest's block marker, the mark of a saved analysis must vouch for data that survives a power cut: every
+    file and folder of the group is fsync'd before the mark is written, and the mark itself after."""
+    import os
+    import actstore.stats as stats_module
+    from actstore.stats import save_stats
+
+    root, saes = store_and_suite
+    store = root / "s.zarr"
+    stats = compute_layer_stats(actstore.open(store), saes, backend="reference", top_k=8)
+    events = []
+    fsync, mark = os.fsync, stats_module._mark_saved
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(Path(os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(stats_module, "_mark_saved", lambda *args: events.append("mark") or mark(*args))
+    save_stats(str(store), "durable", stats)
+    group = (store / "analysis" / "durable").resolve()
+    written = {p for p in group.rglob("*")} | {group, group.parent}
+    assert events.count("mark") == 1
+    before, after = set(events[:events.index("mark")]), set(events[events.index("mark") + 1:])
+    assert written <= before, sorted(map(str, written - before))[:5]
+    assert {group / "zarr.json", group} <= after
+    saved = open_stats(str(store), "durable")
+    for name in stats.data_vars:
+        np.testing.assert_array_equal(saved[name].values, stats[name].values, err_msg=name)
+
+
 def test_a_finished_analysis_is_reused_when_only_descriptions_are_added(store_and_suite, monkeypatch):
     import jobs.analyze
 
