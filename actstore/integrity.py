@@ -10,7 +10,7 @@ from typing import Any
 
 from zarr.core.sync import sync
 
-from actstore.location import list_keys, local_path, open_zarr_store
+from actstore.location import list_keys, local_path, make_sink, open_zarr_store
 from actstore.reader import read_markers, read_skipped
 from actstore.schema import (
     ANALYSIS,
@@ -20,6 +20,7 @@ from actstore.schema import (
     TEXT_RESID,
     StoreSchema,
     image_chunk_key,
+    marker_key,
     text_chunk_key,
 )
 from actstore.sink import PARTIAL_SUFFIX
@@ -171,3 +172,21 @@ def verify(location: str | os.PathLike[str], threads: int = 4) -> VerifyReport:
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         results = list(pool.map(check, tasks))
     return VerifyReport(chunks_checked=len(tasks), problems=[p for p in results if p is not None])
+
+
+def damaged_blocks(report: VerifyReport) -> list[int]:
+    """Completed blocks with a damaged or missing chunk: what :func:`withdraw_markers` hands back to the harvest."""
+    return sorted({p.block for p in report.problems if p.block_complete})
+
+
+def withdraw_markers(location: str | os.PathLike[str], blocks: list[int]) -> list[int]:
+    """Remove the completion markers of ``blocks`` (durably), so that readers leave them out and the harvest's rerun
+    writes them again, as blocks a crash left unfinished; returns those that had one."""
+    where = os.fspath(location)
+    store = open_zarr_store(location, read_only=False)
+    marked = read_markers(open_group(store, where, mode="r"))
+    withdrawn = [b for b in sorted(set(blocks)) if b in marked]
+    sink = make_sink(location, store)
+    for block in withdrawn:
+        sink.delete(marker_key(block))
+    return withdrawn

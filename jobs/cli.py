@@ -68,13 +68,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Decode every chunk of a store and report damage by layer and image range."""
-    from actstore.integrity import verify
+    from actstore.integrity import damaged_blocks, verify, withdraw_markers
 
     report = verify(args.store, threads=args.threads)
     for problem in report.problems:
         print(problem)
     verdict = "OK" if report.ok else f"FAILED: {len(report.problems)} damaged chunk(s)"
     print(f"{verdict} ({report.chunks_checked} chunks checked)")
+    blocks = damaged_blocks(report)
+    if blocks and args.repair:
+        withdrawn = withdraw_markers(args.store, blocks)
+        print(f"repair: blocks {withdrawn} are marked missing now (readers leave them out); rerun the harvest command "
+              "that wrote this store to write them again")
+    elif blocks:
+        print(f"`actstore verify {args.store} --repair` marks blocks {blocks} missing, so that rerunning the harvest "
+              "writes them again")
     return 0 if report.ok else 1
 
 
@@ -106,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="decode every chunk and report checksum failures")
     p.add_argument("store")
     p.add_argument("--threads", type=int, default=4)
+    p.add_argument("--repair", action="store_true",
+                   help="mark completed blocks with a damaged chunk missing, for the harvest's rerun to write again")
     p.set_defaults(func=cmd_verify)
     for name, (_, help_text) in JOBS.items():  # options are parsed by the job itself
         sub.add_parser(name, help=help_text + "; see `actstore " + name + " --help`", add_help=False)

@@ -18,7 +18,7 @@ import zarr
 import actstore
 from actstore.errors import SchemaMismatchError, StoreWriteError
 from actstore.integrity import verify
-from actstore.schema import ATTRS_KEY, StoreSchema, image_chunk_key
+from actstore.schema import ATTRS_KEY, StoreSchema, image_chunk_key, text_chunk_key
 from jobs.harvest import HarvestConfig, run_harvest
 from jobs.train_adapter import build_model
 from writer_process import kill_at_hang_point
@@ -135,6 +135,34 @@ def test_sigkill_mid_harvest_then_rerun(adapter_dir, tmp_path):
     run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "whole.zarr"))
     assert verify(store).ok
     _assert_same_store(store, tmp_path / "whole.zarr")
+
+
+def test_blocks_that_verify_repair_marks_missing_are_rewritten_by_the_harvests_rerun(adapter_dir, tmp_path, capsys):
+    """A chunk damaged after its block completed (a bit flip; a lost file): `verify --repair` withdraws those blocks'
+    markers, readers leave them out, and rerunning the harvest rewrites them into the store of an uninterrupted run."""
+    from jobs.cli import main as cli
+
+    config = HarvestConfig.from_yaml(write_config(tmp_path / "h.yaml", adapter_dir, n_images=24))
+    store = tmp_path / "s.zarr"
+    run_harvest(config, str(store))
+    shutil.copytree(store, tmp_path / "whole.zarr")
+    chunk = store / image_chunk_key(1, 1)
+    damaged = bytearray(chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x10
+    chunk.write_bytes(bytes(damaged))
+    (store / text_chunk_key(0, 2)).unlink()
+    assert cli(["verify", str(store)]) == 1
+    assert "--repair` marks blocks [1, 2] missing" in capsys.readouterr().out
+    assert actstore.open(store).sizes["image"] == 24  # verify alone changes nothing
+    assert cli(["verify", str(store), "--repair"]) == 1
+    assert "blocks [1, 2] are marked missing now" in capsys.readouterr().out
+    left = actstore.open(store)
+    assert left.image_id.values.tolist() == actstore.open(tmp_path / "whole.zarr").image_id.values[:8].tolist()
+    run_harvest(config, str(store))
+    assert verify(store).ok
+    _assert_same_store(store, tmp_path / "whole.zarr")
+    capsys.readouterr()
+    assert cli(["verify", str(store), "--repair"]) == 0 and "repair" not in capsys.readouterr().out
 
 
 def test_a_harvest_whose_marker_readers_cannot_see_fails(adapter_dir, tmp_path, monkeypatch):
