@@ -91,7 +91,8 @@ def store_info(location: str | os.PathLike[str]) -> dict[str, Any]:
     ]
     partials = [k for k in keys if k.endswith(PARTIAL_SUFFIX)]
     if missing:
-        verdict = f"DAMAGED: {len(missing)} chunk(s) of completed blocks are missing, e.g. {missing[0]}"
+        verdict = (f"DAMAGED: {len(missing)} chunk(s) of completed blocks are missing, e.g. {missing[0]} "
+                   f"(`actstore verify {where} --repair`, then rerunning the harvest, rewrites them)")
     elif partials:
         # Ours name their host and process and go when a writer next opens the store; zarr's (small arrays, markers)
         # name neither, so they stay, unread.
