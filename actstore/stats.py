@@ -291,8 +291,18 @@ WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENS_PER_TASK = 16384
 
 
-def default_tokens_per_task(backend: str = "auto") -> int:
-    """Tokens per analysis task: ``TOKENS_PER_TASK`` where this process computes on a GPU, else 1 (one chunk)."""
+def sees_gpu() -> bool:
+    """Whether this process (a Dask worker, when a cluster runs it) has a GPU to compute on."""
+    return torch.cuda.is_available()
+
+
+def default_tokens_per_task(backend: str = "auto", scheduler: Any = None) -> int:
+    """Tokens per analysis task: ``TOKENS_PER_TASK`` where the tasks run on a GPU, else 1 (one chunk). Where they run:
+    for a ``distributed.Client``, on its workers (dask-cuda's, say, while this process has no GPU); else here."""
+    if backend == "reference":
+        return 1
+    if hasattr(scheduler, "run"):  # a distributed.Client: ask the workers, which are what run the tasks
+        return TOKENS_PER_TASK if any(scheduler.run(sees_gpu).values()) else 1
     return TOKENS_PER_TASK if compute_device(backend).type == "cuda" else 1
 
 
@@ -441,7 +451,7 @@ def compute_layer_stats(
     image * image_tokens + position, text tokens along ``text_token``); with ``image_top``, each image's most active
     latents (``image_top_latents``, by activation summed over the image's tokens). One pass over the store; each
     task runs about ``tokens_per_task`` tokens (whole stored chunks, at least one) on the device at once (default:
-    :func:`default_tokens_per_task`, decided where the graph is built; pass it for GPU workers of a CPU client)."""
+    :func:`default_tokens_per_task`: grouped where the workers, or this process without a cluster, have a GPU)."""
     layers = list(layers) if layers is not None else [int(x) for x in ds.layer.values if int(x) in saes]
     missing = [x for x in layers if x not in saes]
     if missing:
@@ -458,7 +468,7 @@ def compute_layer_stats(
     # One opaque object per layer (traverse=False), which every task of the layer receives as is: SAEParams.on then
     # copies it to a worker's GPU once, not once per chunk (tests/test_stats.py holds this). Named by its digest:
     # dask would otherwise tokenize it by pickling every weight (1.5-2.6 s per 2304 x 16k SAE on the dev VM).
-    tokens_per_task = tokens_per_task or default_tokens_per_task(backend)
+    tokens_per_task = tokens_per_task or default_tokens_per_task(backend, scheduler)
     graph = {layer: layer_partials(ds, layer, delayed_sae(saes[layer], layer), backend, weight_dtype, top_k, image_top,
                                    tokens_per_task) for layer in layers}
     flat = [(layer, kind, part) for layer, parts in graph.items() for kind, part in parts.items()]

@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> xr.Dataset:
                         help="SAE matrix products in bf16 on tensor cores (GPU) instead of exact float32")
     parser.add_argument("--top-k", type=int, default=8, help="top-activating examples kept per latent and kind")
     parser.add_argument("--tokens-per-task", type=int, default=None,
-                        help=f"tokens each task runs at once (default: {TOKENS_PER_TASK} where this process sees a GPU, "
-                             "else one stored chunk; set it for GPU workers of a scheduler without one)")
+                        help=f"tokens each task runs at once (default: {TOKENS_PER_TASK} where the tasks run on a GPU: "
+                             "the cluster's workers with --scheduler, else this process; otherwise one stored chunk)")
     args = parser.parse_args(argv)
     layers = args.layers
     with ExitStack() as stack:

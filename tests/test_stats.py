@@ -145,6 +145,27 @@ def test_several_worker_processes_give_the_same_result(stores, capsys):
         np.testing.assert_allclose(multi[name].values, single[name].values, rtol=1e-5, err_msg=name)
 
 
+def test_tasks_are_grouped_where_the_cluster_workers_have_a_gpu(stores, monkeypatch):
+    """With a distributed client the workers, not this process, decide the task size: dask-cuda workers behind a
+    client without a GPU get GPU-sized tasks."""
+    import actstore.stats as stats_module
+    from distributed import Client, LocalCluster
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this process: no GPU
+    sizes = []
+    real = stats_module.layer_partials
+    monkeypatch.setattr(stats_module, "layer_partials", lambda *args: sizes.append(args[-1]) or real(*args))
+    ds, saes = actstore.open(stores / "b4.zarr"), make_saes()
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        assert stats_module.default_tokens_per_task("auto", client) == 1
+        monkeypatch.setattr(stats_module, "sees_gpu", lambda: True)  # what a worker with a GPU answers
+        assert stats_module.default_tokens_per_task("auto", client) == stats_module.TOKENS_PER_TASK
+        assert stats_module.default_tokens_per_task("reference", client) == 1
+        compute_layer_stats(ds, saes, [0], backend="triton", scheduler=client)
+    compute_layer_stats(ds, saes, [0], backend="triton", scheduler="sync")
+    assert sizes == [stats_module.TOKENS_PER_TASK, 1]
+
+
 def test_the_triton_path_gives_the_same_statistics(stores):
     saes = make_saes()
     check(compute_layer_stats(actstore.open(stores / "b6.zarr"), saes, backend="triton", scheduler="sync", top_k=3,
