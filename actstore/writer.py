@@ -410,30 +410,43 @@ class StoreWriter:
             raise ValueError(f"text image indices must be within the block, 0..{n_images - 1}")
         return (resid, *coords)
 
+    def reserve(self, n_images: int) -> None:
+        """Grow the store now to hold ``n_images`` images: one process, before others write there (a harvest's rank 0),
+        so that they never grow it at once."""
+        with self._grow_lock:
+            self._grow(n_images, double=False)
+
     def _ensure_capacity(self, block: int) -> None:
         with self._grow_lock:
             if block < self.schema.n_blocks:
                 return
-            # Another process may have grown the store already: grow from what is stored, and never shrink.
-            self.group = zarr.open_group(self.store, mode="r+", zarr_format=3)
-            stored = read_attributes(self.group, self.location).schema
-            capacity = max(stored.capacity, (block + 1) * stored.block_images, 2 * stored.capacity)
-            new = stored.with_capacity(capacity)
-            image_arrays = [IMAGE_RESID, *IMAGE_COORDS]
-            text_arrays = [TEXT_RESID, *TEXT_COORDS] if new.text_tokens_per_image else []
-            for name in image_arrays + text_arrays:
+            self._grow((block + 1) * self.schema.block_images, double=True)
+
+    def _grow(self, n_images: int, double: bool) -> None:
+        """Make the store hold ``n_images`` (``double``: at least twice what it held, so that growth is rare)."""
+        # Another process may have grown the store already, or be growing it now: grow from what is stored, and never
+        # below what an array or the recorded capacity already holds (tests/test_writer.py pauses one writer mid-way).
+        self.group = zarr.open_group(self.store, mode="r+", zarr_format=3)
+        stored = read_attributes(self.group, self.location).schema
+        if n_images > stored.capacity:
+            new = stored.with_capacity(max(n_images, 2 * stored.capacity) if double else n_images)
+            lengths = {name: new.capacity for name in (IMAGE_RESID, *IMAGE_COORDS)}
+            if new.text_tokens_per_image:
+                lengths.update({name: new.text_capacity for name in (TEXT_RESID, *TEXT_COORDS)})
+            lengths.update({BLOCK_STATUS: new.n_blocks, BLOCK_SKIPPED: new.n_blocks})
+            for name, length in lengths.items():
                 array = self.group[name]
                 shape = list(array.shape)
                 axis = 1 if name in (IMAGE_RESID, TEXT_RESID) else 0
-                shape[axis] = new.capacity if name in image_arrays else new.text_capacity
-                sync(array._async_array.resize(tuple(shape), delete_outside_chunks=False))
-            status = self.group[BLOCK_STATUS]
-            sync(status._async_array.resize((new.n_blocks, 2), delete_outside_chunks=False))
-            skipped = self.group[BLOCK_SKIPPED]
-            sync(skipped._async_array.resize((new.n_blocks,), delete_outside_chunks=False))
-            self.attrs.schema = new
+                if shape[axis] < length:
+                    shape[axis] = length
+                    sync(array._async_array.resize(tuple(shape), delete_outside_chunks=False))
+            latest = read_attributes(zarr.open_group(self.store, mode="r", zarr_format=3), self.location).schema
+            stored = new if new.capacity >= latest.capacity else latest
+            self.attrs.schema = stored
             self.group.attrs[ATTRS_KEY] = self.attrs.to_json()
-            self._arrays = {}  # reopened at their new shapes
+        self.attrs.schema = stored
+        self._arrays = {}  # reopened at their new shapes
 
     def _write_block(
         self, block: int, images: np.ndarray, image_ids: list[str], prompts: list[str],

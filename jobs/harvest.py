@@ -73,20 +73,23 @@ class HarvestConfig:
         return cls(**parse_sections(raw, sections, str(path)), adapter=raw.get("adapter"))
 
 
-def wait_for_store(location: str, timeout: float = 600.0) -> None:
-    """Block until rank 0 has created the store at ``location``."""
+def wait_for_store(location: str, n_images: int, timeout: float = 600.0) -> None:
+    """Block until rank 0 has created the store at ``location`` and made it hold ``n_images`` images."""
     from actstore.location import open_zarr_store
     from actstore.writer import open_group, read_attributes
 
     deadline = time.time() + timeout
     while True:
         try:
-            read_attributes(open_group(open_zarr_store(location, read_only=True), location, "r"), location)
-            return
-        except NotAStoreError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.5)
+            stored = read_attributes(open_group(open_zarr_store(location, read_only=True), location, "r"), location)
+            if stored.schema.capacity >= n_images:
+                return
+            problem = f"{location} holds {stored.schema.capacity} images, not yet the {n_images} asked for"
+        except NotAStoreError as exc:
+            problem = str(exc)
+        if time.time() > deadline:
+            raise TimeoutError(f"rank 0 did not create or grow the store in {timeout:.0f} s: {problem}")
+        time.sleep(0.5)
 
 
 def space_warning(needed: int, free: int | None, out: str) -> str | None:
@@ -151,8 +154,11 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     if rank == 0:
         writer = StoreWriter.open_or_create(out, schema, provenance, threads=h.threads,
                                             max_pending_blocks=h.pending_blocks)
+        # A rerun with more images grows the store here, once, before the other ranks open it: ranks growing it at
+        # once, each to its own size, would race on the arrays' shapes and the recorded capacity.
+        writer.reserve(h.n_images)
     else:
-        wait_for_store(out)
+        wait_for_store(out, h.n_images)
         writer = StoreWriter.open(out, schema, provenance, threads=h.threads, max_pending_blocks=h.pending_blocks)
     writer = writer_of_kind(writer, h.writer, h.threads, h.pending_blocks)
     missing = set(writer.missing_blocks(h.n_images))

@@ -378,6 +378,34 @@ def test_a_rerun_with_more_images_extends_the_store(adapter_dir, tmp_path):
     _assert_same_store(store, tmp_path / "whole.zarr")
 
 
+def test_an_extending_rerun_on_several_ranks_grows_the_store_on_rank_0_alone(adapter_dir, tmp_path, monkeypatch):
+    """Ranks growing one store at once, each to its own size, race on the arrays' shapes and the recorded capacity:
+    rank 0 grows it before the others open it, and they wait for that (here rank 1 alone gives up, having grown
+    nothing; then the ranks run one after the other, as RANK / WORLD_SIZE set them)."""
+    import jobs.harvest
+
+    store = tmp_path / "s.zarr"
+    run_harvest(HarvestConfig.from_yaml(write_config(tmp_path / "a.yaml", adapter_dir, n_images=16)), str(store))
+    more = HarvestConfig.from_yaml(write_config(tmp_path / "b.yaml", adapter_dir, n_images=40))
+    wait = jobs.harvest.wait_for_store
+    monkeypatch.setattr(jobs.harvest, "wait_for_store", lambda out, n: wait(out, n, timeout=1.0))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(TimeoutError, match="holds 16 images, not yet the 40 asked for"):
+        run_harvest(more, str(store))
+    assert actstore.open(store).attrs["schema"]["capacity"] == 16
+    monkeypatch.setenv("RANK", "0")
+    run_harvest(more, str(store))
+    assert actstore.open(store).attrs["schema"]["capacity"] == 40
+    monkeypatch.setenv("RANK", "1")
+    run_harvest(more, str(store))
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    run_harvest(more, str(tmp_path / "whole.zarr"))
+    assert verify(store).ok
+    _assert_same_store(store, tmp_path / "whole.zarr")
+
+
 def hub_snapshot(cache: Path, repo: str, files: Path, commit: str) -> None:
     """Put ``files`` into a Hugging Face cache as ``repo`` at ``commit``, its main branch (what a download leaves)."""
     root = cache / f"models--{repo.replace('/', '--')}"

@@ -40,6 +40,43 @@ def test_store_grows_past_capacity_and_keeps_old_blocks(store_path):
     assert StoreWriter.open(store_path).missing_blocks(n_images=24) == [1, 2, 3, 4]
 
 
+def test_two_writers_growing_a_store_at_once_never_shrink_it(store_path, monkeypatch):
+    """Writers of one store (processes writing disjoint blocks) may grow it at once: here writer A reads the stored
+    capacity, pauses, and B grows the store further and writes a block there before A resizes and records. The store
+    ends at the larger capacity, and every block of either is read back."""
+    import threading
+
+    import actstore.writer as writer_module
+
+    schema = small_schema(capacity=8)
+    with StoreWriter.create(store_path, schema) as writer:
+        write_blocks(writer, [0])
+    a, b = StoreWriter.open(store_path), StoreWriter.open(store_path)
+    real, paused, resume = writer_module.read_attributes, threading.Event(), threading.Event()
+
+    def read_then_pause(*args, **kwargs):
+        attributes = real(*args, **kwargs)
+        if threading.current_thread().name == "writer-a" and not paused.is_set():
+            paused.set()
+            resume.wait(30)
+        return attributes
+
+    monkeypatch.setattr(writer_module, "read_attributes", read_then_pause)
+    grow_a = threading.Thread(target=write_blocks, args=(a, [2]), name="writer-a")
+    grow_a.start()
+    assert paused.wait(30)
+    write_blocks(b, [9])  # needs 40 images; A is growing to 16
+    resume.set()
+    grow_a.join(30)
+    a.close()
+    b.close()
+    ds = actstore.open(store_path)
+    assert ds.attrs["schema"]["capacity"] >= 40
+    assert ds.image_id.values.tolist() == [f"img-{block}-{i}" for block in (0, 2, 9) for i in range(4)]
+    np.testing.assert_array_equal(bits(ds.image_resid.values),
+                                  bits(np.concatenate([block_data(schema, x)[0] for x in (0, 2, 9)], axis=1)))
+
+
 def test_a_store_left_half_grown_still_opens_and_the_next_write_finishes_growing(store_path, monkeypatch):
     """Growing resizes the arrays one by one and records the new capacity last: a writer stopped in between leaves
     arrays of two lengths. Readers go by the recorded capacity, and the next write finishes the growth."""
