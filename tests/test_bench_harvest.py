@@ -18,6 +18,10 @@ def test_bench_harvest_quick(tmp_path):
     assert all(0 <= v["mean"] <= v["max"] for v in steps.values()) and steps["chunks"]["max"] > 0
     assert set(report["sweep"]) == {"4-syncfs-threads", "4-syncfs-process"}
     assert report["images_per_s"]["harvest"] == report["sweep"]["4-syncfs-threads"]["images_per_s"]
+    best = max(report["sweep"], key=lambda k: report["sweep"][k]["images_per_s"])
+    assert report["ratios"]["best_setting"] == best
+    assert report["ratios"]["best_vs_limit"] == report["sweep"][best]["images_per_s"] / min(
+        rates["forward_only"], rates["disk_bound"]) >= report["ratios"]["harvest_vs_limit"]
     assert launches["process_ratio"] == launches["beside_process_writer"] / launches["alone"]
     for name, ratio in (("beside_writer", "ratio"), ("beside_process_writer", "process_ratio")):
         assert launches[f"{ratio}_short_switch"] == launches[f"{name}_short_switch"] / launches["alone"] > 0
