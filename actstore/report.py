@@ -245,6 +245,7 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
 
     matplotlib.use("Agg")
     import actstore
+    from actstore.location import local_path
     from actstore.saes import load_suite
     from actstore.stats import open_stats
 
@@ -259,7 +260,10 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
         raise ValueError(f"{store} has no analysis {suite!r}; it has {names}")
     stats = open_stats(str(store), suite)
     ds = actstore.open(store)
-    out = Path(out) if out is not None else Path(store).parent / f"report-{suite}"
+    if out is None:  # beside a local store; in this folder for one behind a URL (s3://...)
+        local = local_path(store)
+        out = (local.parent if local is not None else Path.cwd()) / f"report-{suite}"
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = Figures()
     plot_layers(stats, out / figures.layers)

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=help_text + "; see `actstore " + name + " --help`", add_help=False)
     p = sub.add_parser("report", help="report.md / report.html / PNG figures of an analysed store")
     p.add_argument("store")
-    p.add_argument("--out", default=None, help="folder (default: report-<suite> beside the store)")
+    p.add_argument("--out", default=None, help="folder (default: report-<suite> beside the store, or here for a URL)")
     p.add_argument("--suite", default=None, help="which analysis, if the store has several")
     p.add_argument("--saes", default=None, help="the suite YAML, if it moved since the analysis (heat maps)")
     p.set_defaults(func=cmd_report)

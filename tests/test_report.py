@@ -74,6 +74,19 @@ def test_report_tables_carry_the_statistics(store_and_suite, tmp_path):  # noqa:
     assert (write_report(store, tmp_path / "two", suite="other") / "report.md").exists()
 
 
+def test_a_report_goes_beside_a_local_store_and_here_for_a_url(store_and_suite, tmp_path, monkeypatch):  # noqa: F811
+    import fsspec
+
+    root, _ = store_and_suite
+    run_analysis(str(root / "s.zarr"), str(root / "suite.yaml"), backend="reference")
+    assert write_report(str(root / "s.zarr")) == root / "report-test-suite"
+    url = f"memory://report-{tmp_path.name}/s.zarr"
+    fsspec.filesystem("memory").put(str(root / "s.zarr"), url, recursive=True)
+    monkeypatch.chdir(tmp_path)
+    out = write_report(url)
+    assert out.resolve() == (tmp_path / "report-test-suite").resolve() and (out / "report.md").exists()
+
+
 def test_patch_activations_equal_the_dense_latent(store_and_suite):  # noqa: F811
     import actstore
 
