@@ -269,11 +269,17 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
     plot_layers(stats, out / figures.layers)
     plot_frequencies(stats, out / figures.frequencies)
     suite_path = suite_path or stats.attrs.get("suite_path")
+    missing_heatmaps = "no heat maps: the suite's SAEs were not found (pass --saes)"
     if suite_path and Path(suite_path).exists():
         layer, latent = heatmap_choice(stats)
         sae = load_suite(suite_path).saes[layer]
-        figures.heatmaps = "heatmaps.png"
-        figures.heatmap_caption = plot_heatmaps(ds, stats, sae, layer, latent, n_images, out / figures.heatmaps)
+        analysed = json.loads(stats.attrs.get("fingerprint", "{}")).get("saes", {}).get(str(layer), {}).get("weights")
+        if analysed is None or analysed == sae.digest():
+            figures.heatmaps = "heatmaps.png"
+            figures.heatmap_caption = plot_heatmaps(ds, stats, sae, layer, latent, n_images, out / figures.heatmaps)
+        else:  # a latent's map from other weights would not show the latent the statistics describe
+            missing_heatmaps = (f"no heat maps: the SAE of state {layer} in {suite_path} is not the one analysed "
+                                "(retrained since?); rerun the analysis, or pass --saes with the analysed suite")
     table = layer_table(stats)
     tops = {int(layer): top_image_latents(stats, int(layer), n_top) for layer in stats.layer.values}
     sources = json.loads(stats.attrs.get("description_sources", "{}"))
@@ -284,7 +290,7 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
              "token; alignment = share of an image's 5 most active latents whose description names a caption word",
              "descriptions: " + (", ".join(sorted(set(sources.values()))) or "none")]
     if not figures.heatmaps:
-        facts.append("no heat maps: the suite's SAEs were not found (pass --saes)")
+        facts.append(missing_heatmaps)
     title = f"actstore report: {Path(store).name} / {suite}"
     (out / "report.md").write_text(render_markdown(title, facts, table, tops, figures))
     (out / "report.html").write_text(render_html(title, facts, table, tops, figures))

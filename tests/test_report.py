@@ -87,6 +87,22 @@ def test_a_report_goes_beside_a_local_store_and_here_for_a_url(store_and_suite, 
     assert out.resolve() == (tmp_path / "report-test-suite").resolve() and (out / "report.md").exists()
 
 
+def test_heat_maps_are_left_out_when_the_suites_sae_is_not_the_one_analysed(store_and_suite, tmp_path):  # noqa: F811
+    import dataclasses
+
+    from test_analyze import save_as_sae_lens
+
+    root, saes = store_and_suite
+    store = str(root / "s.zarr")
+    run_analysis(store, str(root / "suite.yaml"), backend="reference")
+    assert (write_report(store, tmp_path / "same") / "heatmaps.png").exists()
+    for state, hook in ((0, "blocks.0.hook_resid_pre"), (5, "blocks.4.hook_resid_post")):  # retrained in place
+        save_as_sae_lens(dataclasses.replace(saes[state], b_enc=saes[state].b_enc + 0.01), root / f"sae{state}", hook)
+    out = write_report(store, tmp_path / "retrained")
+    assert not (out / "heatmaps.png").exists()
+    assert "is not the one analysed" in (out / "report.md").read_text()
+
+
 def test_patch_activations_equal_the_dense_latent(store_and_suite):  # noqa: F811
     import actstore
 
