@@ -15,7 +15,7 @@ import argparse
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -131,6 +131,12 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
         vlm.to(torch.bfloat16)  # inference in bf16 on GPUs, the store's dtype
     data = DataSection(**{**asdict(cfg.data), "n_train": h.n_images})
     examples = load_examples(data, "train")
+    if len(examples) < h.n_images:  # a dataset smaller than asked for: all of it, not a crash at its end
+        if not len(examples):
+            raise ValueError(f"the dataset of {cfg.data.source!r} ({cfg.data.path}) has no examples")
+        say(f"[harvest] the dataset has {len(examples)} examples, fewer than harvest.n_images = {h.n_images}: "
+            f"harvesting all {len(examples)}")
+        h = replace(h, n_images=len(examples))
     states = h.layers if h.layers is not None else list(range(n_states(vlm.lm)))
     first = next(e for e in examples if e is not None)
     probe = vlm.prepare([first["image"]], [h.prompt.format(caption=first["caption"])])

@@ -538,6 +538,24 @@ def test_undecodable_images_are_skipped_and_recorded_in_the_store(adapter_dir, t
     assert cli(["info", str(tmp_path / "s.zarr")]) == 0
 
 
+def test_a_dataset_smaller_than_n_images_is_harvested_whole(adapter_dir, tmp_path):
+    """harvest.n_images beyond the dataset's end harvests every example (said in the log), rather than failing at the
+    first block past the end; the rerun finds nothing missing."""
+    from conftest import parquet_with_a_corrupt_image
+
+    parquet_with_a_corrupt_image(tmp_path / "data.parquet")  # 6 rows, ex2 undecodable
+    config = tmp_path / "h.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"vision": "miniature", "lm": "miniature"}, "adapter": str(adapter_dir),
+        "data": {"source": "parquet", "path": str(tmp_path / "data.parquet")},
+        "harvest": {"n_images": 16, "block_images": 4, "batch_size": 4, "dtype": "float32", "text_tokens_per_image": 4}}))
+    logged = []
+    run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "s.zarr"), log=logged.append)
+    assert any("the dataset has 6 examples, fewer than harvest.n_images = 16" in line for line in logged)
+    assert actstore.open(tmp_path / "s.zarr").image_id.values.tolist() == ["ex0", "ex1", "ex3", "ex4", "ex5"]
+    assert run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "s.zarr"))["blocks"] == []
+
+
 def test_host_ring_waits_for_the_writer_before_reusing_a_buffer():
     import threading
     from concurrent.futures import Future
