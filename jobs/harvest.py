@@ -54,6 +54,11 @@ class HarvestSection:
     def __post_init__(self) -> None:
         if self.writer not in WRITERS:
             raise ValueError(f"harvest.writer must be one of {WRITERS}, got {self.writer!r}")
+        try:  # at load time, not at the first image
+            self.prompt.format(caption="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"harvest.prompt {self.prompt!r} is not a valid template ({type(exc).__name__}: {exc}); "
+                             "its one placeholder is {caption} (write {{ and }} for literal braces)") from None
 
 
 @dataclass
@@ -138,6 +143,10 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
             f"harvesting all {len(examples)}")
         h = replace(h, n_images=len(examples))
     states = h.layers if h.layers is not None else list(range(n_states(vlm.lm)))
+    unknown = [x for x in states if not 0 <= x < n_states(vlm.lm)]
+    if unknown:  # before the store is created with them
+        raise ValueError(f"harvest.layers asks for state(s) {unknown}; this LM has states 0..{n_states(vlm.lm) - 1} "
+                         "(0 = embedding output, i = output of block i)")
     first = next(e for e in examples if e is not None)
     probe = vlm.prepare([first["image"]], [h.prompt.format(caption=first["caption"])])
     schema = StoreSchema(

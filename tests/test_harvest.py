@@ -450,6 +450,16 @@ def test_a_rerun_into_a_store_harvested_with_another_text_token_rule_is_refused(
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
 
 
+def test_bad_prompts_and_states_are_named_before_a_store_exists(adapter_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"harvest.prompt 'Describe \{object\}.' is not a valid template"):
+        HarvestConfig.from_yaml(write_config(tmp_path / "p.yaml", adapter_dir, prompt="Describe {object}."))
+    assert HarvestConfig.from_yaml(write_config(tmp_path / "b.yaml", adapter_dir, prompt="{{x}}: {caption}")).harvest
+    config = HarvestConfig.from_yaml(write_config(tmp_path / "s.yaml", adapter_dir, layers=[0, 3, 99]))
+    with pytest.raises(ValueError, match=r"harvest.layers asks for state\(s\) \[99\]; this LM has states 0..4"):
+        run_harvest(config, str(tmp_path / "s.zarr"))
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_real_config_loads():
     cfg = HarvestConfig.from_yaml(ROOT / "jobs" / "configs" / "gemma2-2b-siglip.yaml")
     assert cfg.model.lm == "google/gemma-2-2b" and cfg.harvest.block_images == 16 and cfg.adapter
