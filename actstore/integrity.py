@@ -11,6 +11,7 @@ from typing import Any
 from zarr.core.sync import sync
 
 from actstore.location import list_keys, local_path, make_sink, open_zarr_store
+from actstore.progress import progress as show_progress
 from actstore.reader import read_markers, read_skipped
 from actstore.schema import (
     ANALYSIS,
@@ -139,8 +140,9 @@ def _block_keys(schema: StoreSchema, block: int) -> list[str]:
     return keys
 
 
-def verify(location: str | os.PathLike[str], threads: int = 4) -> VerifyReport:
-    """Decode every stored activation chunk (checksums included) and check that completed blocks are whole."""
+def verify(location: str | os.PathLike[str], threads: int = 4, progress: bool = False) -> VerifyReport:
+    """Decode every stored activation chunk (checksums included) and check that completed blocks are whole; with
+    ``progress``, under a progress bar (a whole store is a long read)."""
     where = os.fspath(location)
     store = open_zarr_store(location, read_only=True)
     group = open_group(store, where, mode="r")
@@ -171,7 +173,12 @@ def verify(location: str | os.PathLike[str], threads: int = 4) -> VerifyReport:
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = list(pool.map(check, tasks))
+        bar = show_progress(len(tasks), "verify", "chunk", enabled=progress)
+        results = []
+        for result in pool.map(check, tasks):
+            results.append(result)
+            bar.update(1)
+        bar.close()
     return VerifyReport(chunks_checked=len(tasks), problems=[p for p in results if p is not None])
 
 

@@ -70,7 +70,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Decode every chunk of a store and report damage by layer and image range."""
     from actstore.integrity import damaged_blocks, verify, withdraw_markers
 
-    report = verify(args.store, threads=args.threads)
+    report = verify(args.store, threads=args.threads, progress=True)
     for problem in report.problems:
         print(problem)
     verdict = "OK" if report.ok else f"FAILED: {len(report.problems)} damaged chunk(s)"

@@ -27,6 +27,7 @@ from actstore.harvest import TEXT_TOKEN_RULE, BlockJob, HarvestStats, HostRing, 
 from actstore.location import free_bytes
 from actstore.models import adapter_sha256
 from actstore.schema import StoreSchema
+from actstore.progress import progress
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter
 from actstore.process_writer import WRITERS, writer_of_kind
 from jobs.config import parse_sections
@@ -124,8 +125,6 @@ def check_marked(out: str, blocks: list[int]) -> None:
 
 def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = print) -> dict[str, Any]:
     """Harvest this process's share of the missing blocks into ``out``."""
-    from tqdm import tqdm
-
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     say = log if rank == 0 else (lambda *_: None)
     h = cfg.harvest
@@ -190,7 +189,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     ring = HostRing(slots=max(map(len, groups), default=1) + h.pending_blocks, pin=device.type == "cuda")
     start = time.perf_counter()
     futures = []
-    bar = tqdm(total=len(todo), disable=None if rank == 0 else True, desc="harvest", unit="block")
+    bar = progress(len(todo), "harvest", "block", enabled=rank == 0)
 
     def load(group: range) -> list[tuple[int, list[int], list[Any]]]:
         loaded = []

@@ -1,0 +1,66 @@
+"""Progress of long jobs: a live tqdm bar on a terminal, and in a log file (a batch job's output, where a bar's
+carriage returns would pile up on one line, and tqdm's default shows nothing) a plain line every so often."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from datetime import timedelta
+from typing import Any, Callable
+
+from tqdm import tqdm
+
+LOG_INTERVAL_S = 60.0
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class LineProgress:
+    """The part of tqdm's interface that our jobs use (``update``, ``set_postfix``, ``close``), written as a line at
+    most every ``interval`` seconds and once at the end."""
+
+    def __init__(self, total: int, desc: str, unit: str, interval: float = LOG_INTERVAL_S,
+                 write: Callable[[str], None] = _to_stderr) -> None:
+        self.total, self.desc, self.unit, self.interval, self.write = total, desc, unit, interval, write
+        self.n = 0
+        self.postfix: dict[str, Any] = {}
+        self.start = self.last = time.monotonic()
+        self.closed = False
+
+    def update(self, n: int = 1) -> None:
+        """Count ``n`` more units done; write a line if the last one is ``interval`` old."""
+        self.n += n
+        if time.monotonic() - self.last >= self.interval:
+            self._line()
+
+    def set_postfix(self, **values: Any) -> None:
+        """Values shown after the count (rates, say), as tqdm's ``set_postfix``."""
+        self.postfix = values
+
+    def close(self) -> None:
+        """Write the last line."""
+        if not self.closed:
+            self.closed = True
+            self._line()
+
+    def _line(self) -> None:
+        self.last = time.monotonic()
+        elapsed = self.last - self.start
+        share = self.n / self.total if self.total else 1.0
+        parts = [f"[{self.desc}] {self.n}/{self.total} {self.unit}s ({100 * share:.0f}%)"]
+        parts += [f"{k}={v}" for k, v in self.postfix.items()]
+        parts.append(f"{timedelta(seconds=round(elapsed))} elapsed")
+        if 0 < self.n < self.total:
+            parts.append(f"~{timedelta(seconds=round(elapsed * (self.total - self.n) / self.n))} left")
+        self.write(", ".join(parts))
+
+
+def progress(total: int, desc: str, unit: str, enabled: bool = True) -> Any:
+    """A progress display of ``total`` units: a tqdm bar on a terminal, a :class:`LineProgress` otherwise
+    (``ACTSTORE_PROGRESS_INTERVAL`` seconds apart, default 60), nothing when not ``enabled``."""
+    if enabled and not sys.stderr.isatty():
+        return LineProgress(total, desc, unit, float(os.environ.get("ACTSTORE_PROGRESS_INTERVAL", LOG_INTERVAL_S)))
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)

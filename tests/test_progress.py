@@ -1,0 +1,48 @@
+"""Progress of long jobs: a bar on a terminal, plain lines in a log file."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from actstore.progress import LineProgress, progress
+
+
+def test_line_progress_writes_a_line_per_interval_and_one_at_the_end(monkeypatch):
+    lines, now = [], [100.0]
+    monkeypatch.setattr("actstore.progress.time.monotonic", lambda: now[0])
+    bar = LineProgress(8, "harvest", "block", interval=60, write=lines.append)
+    bar.update(2)
+    assert lines == []  # not a minute yet
+    now[0] += 61
+    bar.set_postfix(img_s="35.2", GB_s="1.10")
+    bar.update(2)
+    assert lines == ["[harvest] 4/8 blocks (50%), img_s=35.2, GB_s=1.10, 0:01:01 elapsed, ~0:01:01 left"]
+    now[0] += 30
+    bar.update(4)
+    bar.close()
+    bar.close()
+    assert lines[1:] == ["[harvest] 8/8 blocks (100%), img_s=35.2, GB_s=1.10, 0:01:31 elapsed"]
+
+
+def test_a_log_file_gets_lines_and_a_terminal_a_bar(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert isinstance(progress(3, "verify", "chunk"), LineProgress)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert not isinstance(progress(3, "verify", "chunk"), LineProgress)
+    assert progress(3, "verify", "chunk", enabled=False).disable
+
+
+def test_verify_in_a_log_shows_progress_lines(tmp_path, monkeypatch, capsys):
+    from jobs.cli import main as cli
+    from actstore.writer import StoreWriter
+    from conftest import small_schema, write_blocks
+
+    with StoreWriter.create(tmp_path / "s.zarr", small_schema()) as writer:
+        write_blocks(writer, range(2))
+    monkeypatch.setenv("ACTSTORE_PROGRESS_INTERVAL", "0")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert cli(["verify", str(tmp_path / "s.zarr")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("[verify] 1/24 chunks (4%)") and err[-1].startswith("[verify] 24/24 chunks (100%)")
