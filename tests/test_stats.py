@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -132,7 +134,8 @@ def test_several_worker_processes_give_the_same_result(stores, capsys):
     saes = make_saes()
     single = compute_layer_stats(actstore.open(stores / "b4.zarr"), saes, backend="reference", scheduler="sync",
                                  progress=True)
-    assert "100% Completed" in capsys.readouterr().out  # dask's bar for the local schedulers
+    done = re.search(r"\[statistics\] (\d+)/(\d+) tasks \(100%\)", capsys.readouterr().err)  # ours, local schedulers
+    assert done and done.group(1) == done.group(2) and int(done.group(1)) > 0
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         multi = compute_layer_stats(actstore.open(stores / "b4.zarr"), saes, backend="reference", scheduler=client,
