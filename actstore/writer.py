@@ -427,26 +427,26 @@ class StoreWriter:
         # Another process may have grown the store already, or be growing it now: grow from what is stored, and never
         # below what an array or the recorded capacity already holds (tests/test_writer.py pauses one writer mid-way).
         self.group = zarr.open_group(self.store, mode="r+", zarr_format=3)
-        stored = read_attributes(self.group, self.location).schema
-        if n_images > stored.capacity:
-            new = stored.with_capacity(max(n_images, 2 * stored.capacity) if double else n_images)
-            lengths = {name: new.capacity for name in (IMAGE_RESID, *IMAGE_COORDS)}
-            if new.text_tokens_per_image:
-                lengths.update({name: new.text_capacity for name in (TEXT_RESID, *TEXT_COORDS)})
-            lengths.update({BLOCK_STATUS: new.n_blocks, BLOCK_SKIPPED: new.n_blocks})
-            for name, length in lengths.items():
-                array = self.group[name]
-                shape = list(array.shape)
-                axis = 1 if name in (IMAGE_RESID, TEXT_RESID) else 0
-                if shape[axis] < length:
-                    shape[axis] = length
-                    sync(array._async_array.resize(tuple(shape), delete_outside_chunks=False))
-            latest = read_attributes(zarr.open_group(self.store, mode="r", zarr_format=3), self.location).schema
-            stored = new if new.capacity >= latest.capacity else latest
-            self.attrs.schema = stored
-            self.group.attrs[ATTRS_KEY] = self.attrs.to_json()
-        self.attrs.schema = stored
         self._arrays = {}  # reopened at their new shapes
+        stored = read_attributes(self.group, self.location).schema
+        if n_images <= stored.capacity:  # grown enough already
+            self.attrs.schema = stored
+            return
+        new = stored.with_capacity(max(n_images, 2 * stored.capacity) if double else n_images)
+        lengths = {name: new.capacity for name in (IMAGE_RESID, *IMAGE_COORDS)}
+        if new.text_tokens_per_image:
+            lengths.update({name: new.text_capacity for name in (TEXT_RESID, *TEXT_COORDS)})
+        lengths.update({BLOCK_STATUS: new.n_blocks, BLOCK_SKIPPED: new.n_blocks})
+        for name, length in lengths.items():
+            array = self.group[name]
+            shape = list(array.shape)
+            axis = 1 if name in (IMAGE_RESID, TEXT_RESID) else 0
+            if shape[axis] < length:
+                shape[axis] = length
+                sync(array._async_array.resize(tuple(shape), delete_outside_chunks=False))
+        latest = read_attributes(zarr.open_group(self.store, mode="r", zarr_format=3), self.location).schema
+        self.attrs.schema = new if new.capacity >= latest.capacity else latest
+        self.group.attrs[ATTRS_KEY] = self.attrs.to_json()
 
     def _write_block(
         self, block: int, images: np.ndarray, image_ids: list[str], prompts: list[str],

@@ -26,8 +26,8 @@ from actstore.errors import NotAStoreError, StoreWriteError
 from actstore.harvest import TEXT_TOKEN_RULE, BlockJob, HarvestStats, HostRing, block_groups, harvest_blocks, n_states
 from actstore.location import free_bytes
 from actstore.models import adapter_sha256
-from actstore.schema import StoreSchema
 from actstore.progress import progress
+from actstore.schema import StoreSchema
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter
 from actstore.process_writer import WRITERS, writer_of_kind
 from jobs.config import parse_sections
