@@ -58,9 +58,42 @@ class LineProgress:
         self.write(", ".join(parts))
 
 
+def log_interval() -> float:
+    """Seconds between progress lines in a log: ``ACTSTORE_PROGRESS_INTERVAL``, default 60."""
+    return float(os.environ.get("ACTSTORE_PROGRESS_INTERVAL", LOG_INTERVAL_S))
+
+
 def progress(total: int, desc: str, unit: str, enabled: bool = True) -> Any:
     """A progress display of ``total`` units: a tqdm bar on a terminal, a :class:`LineProgress` otherwise
-    (``ACTSTORE_PROGRESS_INTERVAL`` seconds apart, default 60), nothing when not ``enabled``."""
+    (:func:`log_interval` seconds apart), nothing when not ``enabled``."""
     if enabled and not sys.stderr.isatty():
-        return LineProgress(total, desc, unit, float(os.environ.get("ACTSTORE_PROGRESS_INTERVAL", LOG_INTERVAL_S)))
+        return LineProgress(total, desc, unit, log_interval())
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
+
+
+def wait_with_progress(futures: list[Any], desc: str) -> None:
+    """Wait for a ``distributed.Client``'s ``futures`` (and the tasks they depend on): distributed's text bar on a
+    terminal, :class:`LineProgress` lines in a log."""
+    from distributed import progress as text_bar
+    from distributed.diagnostics.progressbar import TextProgressBar
+
+    if sys.stdout.isatty():
+        text_bar(futures)
+        return
+
+    class ProgressLines(TextProgressBar):
+        """distributed's bar, which follows the scheduler's tasks, drawn as lines: its own redraws itself every
+        100 ms into the log (and a longer interval delays noticing the end by as much)."""
+
+        def __init__(self, keys: list[Any]) -> None:
+            self.lines = LineProgress(0, desc, "task", log_interval())
+            super().__init__(keys)
+
+        def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:  # noqa: A002 - distributed's name
+            self.lines.total = all
+            self.lines.update(all - remaining - self.lines.n)
+
+        def _draw_stop(self, **kwargs: Any) -> None:
+            self.lines.close()
+
+    ProgressLines(futures)

@@ -36,6 +36,7 @@ from actstore.devices import thread_stream, to_device, to_host
 from actstore.errors import IncompleteAnalysisError
 from actstore.location import local_path
 from actstore.progress import progress as show_progress
+from actstore.progress import wait_with_progress
 from actstore.schema import ANALYSIS, ANALYSIS_PARTIAL, ANALYSIS_SAVED_MARK
 from actstore.sink import fsync_path, sync_tree
 from kernels import sae_stats, scatter_kept, wait_for_stream
@@ -440,13 +441,12 @@ class TaskProgress(Callback):
 
 
 def compute_with_progress(tasks: list[Any], scheduler: Any, progress: bool) -> list[Any]:
-    """Compute delayed objects; with ``progress``, under a progress display: distributed's for a cluster client,
-    :class:`TaskProgress` for the local schedulers."""
+    """Compute delayed objects; with ``progress``, under a progress display (a bar on a terminal, lines in a log):
+    :func:`actstore.progress.wait_with_progress` for a cluster client, :class:`TaskProgress` for the local
+    schedulers."""
     if progress and hasattr(scheduler, "gather"):  # a distributed.Client
-        from distributed import progress as show
-
         futures = scheduler.compute(tasks)
-        show(futures)
+        wait_with_progress(futures, "statistics")
         return scheduler.gather(futures)
     if progress:
         with TaskProgress("statistics"):

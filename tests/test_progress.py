@@ -46,3 +46,22 @@ def test_verify_in_a_log_shows_progress_lines(tmp_path, monkeypatch, capsys):
     assert cli(["verify", str(tmp_path / "s.zarr")]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("[verify] 1/24 chunks (4%)") and err[-1].startswith("[verify] 24/24 chunks (100%)")
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_clusters_tasks_show_as_distributeds_bar_on_a_terminal_and_as_lines_in_a_log(terminal, monkeypatch, capsys):
+    import dask
+    from distributed import Client, LocalCluster
+
+    from actstore.progress import wait_with_progress
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal, raising=False)
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        futures = client.compute([dask.delayed(sum)([i, 1]) for i in range(5)])
+        wait_with_progress(futures, "stats")
+        assert client.gather(futures) == [1, 2, 3, 4, 5]
+    captured = capsys.readouterr()
+    if terminal:
+        assert "100% Completed" in captured.out and "[stats]" not in captured.err
+    else:
+        assert "[stats] 5/5 tasks (100%)" in captured.err and "Completed" not in captured.out
