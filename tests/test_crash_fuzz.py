@@ -1,5 +1,5 @@
-"""Opt-in crash fuzzing: SIGKILL a harvest (one process, or two torchrun ranks rerun on one or two) or an analysis at
-random moments, rerun it, and compare with an uninterrupted run. Slow (about 10 s per round), so skipped unless
+"""Opt-in crash fuzzing: SIGKILL a harvest (one process, or two torchrun ranks rerun on one or two) or an analysis (or
+its rewrite of a finished one) at random moments, rerun it, and compare with an uninterrupted run. Slow (about 10 s per round), so skipped unless
 ``ACTSTORE_FUZZ_ROUNDS`` is set, e.g.
 
     ACTSTORE_FUZZ_ROUNDS=60 python -m pytest -q tests/test_crash_fuzz.py
@@ -128,3 +128,40 @@ def test_an_analysis_killed_anywhere_then_rerun_equals_an_uninterrupted_one(stor
         for name in whole.data_vars:
             np.testing.assert_array_equal(again[name].values, whole[name].values, err_msg=f"round {round_}: {name}")
     assert actstore.open(store).sizes["image"] > 0  # the activations were never touched
+
+
+def test_an_analysis_rewrite_killed_anywhere_then_rerun_computes_no_layer_again(store_and_suite):
+    """A rerun that changes a finished analysis (descriptions added) rewrites analysis/<suite> in place: killed at any
+    moment, its rerun takes every layer from what was kept and saves what an uninterrupted rerun saves."""
+    import json
+
+    import yaml
+
+    root, _ = store_and_suite
+    store = root / "s.zarr"
+    (root / "np-5.json").write_text(json.dumps([{"layer": "5-res", "index": 3, "description": "red circles"}]))
+    described = yaml.safe_load((root / "suite.yaml").read_text())
+    described["saes"][1].update(descriptions="np-5.json", neuronpedia_sae_id="5-res")
+    (root / "described.yaml").write_text(yaml.safe_dump(described))
+    plain = [sys.executable, "-m", "jobs.analyze", str(store), "--saes", str(root / "suite.yaml")]
+    rewrite = [sys.executable, "-m", "jobs.analyze", str(store), "--saes", str(root / "described.yaml")]
+    subprocess.run(plain, cwd=root, check=True, capture_output=True)
+    shutil.copytree(store / "analysis", root / "plain-analysis")
+    begun = time.time()
+    subprocess.run(rewrite, cwd=root, check=True, capture_output=True)
+    span = time.time() - begun
+    whole = open_stats(str(store), "test-suite")
+    rng = random.Random(int(os.environ.get("ACTSTORE_FUZZ_SEED", "1")))
+    for round_ in range(ROUNDS):
+        shutil.rmtree(store / "analysis")
+        shutil.copytree(root / "plain-analysis", store / "analysis")
+        for _ in range(rng.choice([1, 2])):
+            proc = subprocess.Popen(rewrite, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _kill_when(proc, lambda: True, rng.uniform(0.3 * span, 1.05 * span))
+        rerun = subprocess.run(rewrite, cwd=root, capture_output=True, text=True)
+        assert rerun.returncode == 0, f"round {round_}: {rerun.stderr[-2000:]}"
+        computed = [line for line in rerun.stdout.splitlines() if "/2)" in line and "kept from" not in line]
+        assert computed == [], f"round {round_}: computed again: {computed}"
+        again = open_stats(str(store), "test-suite")
+        for name in whole.data_vars:
+            assert again[name].identical(whole[name]), f"round {round_}: {name}"
