@@ -1,6 +1,6 @@
 """Opt-in crash fuzzing: SIGKILL a harvest (one process, or two torchrun ranks rerun on one or two) or an analysis (or
-its rewrite of a finished one) at random moments, rerun it, and compare with an uninterrupted run. Slow (about 10 s per round), so skipped unless
-``ACTSTORE_FUZZ_ROUNDS`` is set, e.g.
+its rewrite of a finished one) at random moments, rerun it, and compare with an uninterrupted run. Slow (about 10 s
+per round), so skipped unless ``ACTSTORE_FUZZ_ROUNDS`` is set, e.g.
 
     ACTSTORE_FUZZ_ROUNDS=60 python -m pytest -q tests/test_crash_fuzz.py
 
