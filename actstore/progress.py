@@ -29,6 +29,7 @@ class LineProgress:
         self.postfix: dict[str, Any] = {}
         self.start = self.last = time.monotonic()
         self.closed = False
+        self.shown: int | None = None  # the count of the last line written
 
     def update(self, n: int = 1) -> None:
         """Count ``n`` more units done; write a line if the last one is ``interval`` old."""
@@ -44,10 +45,11 @@ class LineProgress:
         """Write the last line."""
         if not self.closed:
             self.closed = True
-            self._line()
+            if self.shown != self.n:  # not when the last line already said it
+                self._line()
 
     def _line(self) -> None:
-        self.last = time.monotonic()
+        self.last, self.shown = time.monotonic(), self.n
         elapsed = self.last - self.start
         share = self.n / self.total if self.total else 1.0
         parts = [f"[{self.desc}] {self.n}/{self.total} {self.unit}s ({100 * share:.0f}%)"]

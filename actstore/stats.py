@@ -503,9 +503,11 @@ def compute_layer_stats(
                  for name in per_latent})
     data["l0_hist"] = (("layer", "kind", "l0"), np.stack([[rows[x][k]["l0_hist"] for k in kinds] for x in layers]))
     for name in ("top_act", "top_token"):
-        data[name] = (("layer", "kind", "latent", "rank"), np.stack([[rows[x][k][name] for k in kinds] for x in layers]))
+        data[name] = (("layer", "kind", "latent", "rank"),
+                      np.stack([[rows[x][k][name] for k in kinds] for x in layers]))
     if image_top:
-        data["image_top_latents"] = (("layer", "image", "top"), np.stack([rows[x]["image"]["image_top"] for x in layers]))
+        data["image_top_latents"] = (("layer", "image", "top"),
+                                     np.stack([rows[x]["image"]["image_top"] for x in layers]))
     out = xr.Dataset(data, coords={"layer": layers, "kind": kinds})
     if {"image", "text"} <= set(kinds):
         fires_image = out.fire_count.sel(kind="image") > 0

@@ -478,7 +478,8 @@ class StoreWriter:
         self.sink.flush()  # everything of the block is durable before its marker exists
         marks.append(time.perf_counter())
         marker = {"block": block, "images": n, "text_tokens": m, "skipped": len(skipped)}
-        self._zarr_write([(BLOCK_STATUS, slice(block, block + 1), np.array([[n, m]], dtype="int64"), marker_key(block))])
+        status = np.array([[n, m]], dtype="int64")
+        self._zarr_write([(BLOCK_STATUS, slice(block, block + 1), status, marker_key(block))])
         marks.append(time.perf_counter())
         steps = ("ready", "chunks", "coordinates", "flush", "marker")
         with self._count_lock:

@@ -24,6 +24,10 @@ def test_line_progress_writes_a_line_per_interval_and_one_at_the_end(monkeypatch
     bar.close()
     bar.close()
     assert lines[1:] == ["[harvest] 8/8 blocks (100%), img_s=35.2, GB_s=1.10, 0:01:31 elapsed"]
+    done = LineProgress(2, "verify", "chunk", interval=0, write=lines.append)
+    done.update(2)
+    done.close()  # the update's line already said it all
+    assert lines[2:] == ["[verify] 2/2 chunks (100%), 0:00:00 elapsed"]
 
 
 def test_a_log_file_gets_lines_and_a_terminal_a_bar(monkeypatch):
