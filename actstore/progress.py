@@ -7,11 +7,12 @@ import os
 import sys
 import time
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from tqdm import tqdm
 
 LOG_INTERVAL_S = 60.0
+T = TypeVar("T")
 
 
 def _to_stderr(line: str) -> None:
@@ -23,9 +24,9 @@ class LineProgress:
     most every ``interval`` seconds and once at the end."""
 
     def __init__(self, total: int, desc: str, unit: str, interval: float = LOG_INTERVAL_S,
-                 write: Callable[[str], None] = _to_stderr) -> None:
+                 write: Callable[[str], None] = _to_stderr, initial: int = 0) -> None:
         self.total, self.desc, self.unit, self.interval, self.write = total, desc, unit, interval, write
-        self.n = 0
+        self.n = self.initial = initial  # done before this run (a resumed job): not counted in its rate
         self.postfix: dict[str, Any] = {}
         self.start = self.last = time.monotonic()
         self.closed = False
@@ -55,8 +56,9 @@ class LineProgress:
         parts = [f"[{self.desc}] {self.n}/{self.total} {self.unit}s ({100 * share:.0f}%)"]
         parts += [f"{k}={v}" for k, v in self.postfix.items()]
         parts.append(f"{timedelta(seconds=round(elapsed))} elapsed")
-        if 0 < self.n < self.total:
-            parts.append(f"~{timedelta(seconds=round(elapsed * (self.total - self.n) / self.n))} left")
+        if self.initial < self.n < self.total:
+            left = elapsed * (self.total - self.n) / (self.n - self.initial)
+            parts.append(f"~{timedelta(seconds=round(left))} left")
         self.write(", ".join(parts))
 
 
@@ -65,12 +67,20 @@ def log_interval() -> float:
     return float(os.environ.get("ACTSTORE_PROGRESS_INTERVAL", LOG_INTERVAL_S))
 
 
-def progress(total: int, desc: str, unit: str, enabled: bool = True) -> Any:
-    """A progress display of ``total`` units: a tqdm bar on a terminal, a :class:`LineProgress` otherwise
-    (:func:`log_interval` seconds apart), nothing when not ``enabled``."""
+def progress(total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0) -> Any:
+    """A progress display of ``total`` units (``initial`` of them done already): a tqdm bar on a terminal, a
+    :class:`LineProgress` otherwise (:func:`log_interval` seconds apart), nothing when not ``enabled``."""
     if enabled and not sys.stderr.isatty():
-        return LineProgress(total, desc, unit, log_interval())
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
+        return LineProgress(total, desc, unit, log_interval(), initial=initial)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, initial=initial)
+
+
+def counted(items: Iterable[T], bar: Any) -> Iterator[T]:
+    """``items``, each counted into ``bar`` once the loop's body for it is done (as iterating a tqdm bar counts)."""
+    for item in items:
+        yield item
+        bar.update(1)
+    bar.close()
 
 
 def wait_with_progress(futures: list[Any], desc: str) -> None:

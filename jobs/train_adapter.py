@@ -24,6 +24,7 @@ import yaml
 
 from actstore import world
 from actstore.models import AdapterVLM
+from actstore.progress import counted, progress
 from jobs.config import parse_sections
 
 
@@ -244,8 +245,6 @@ def save_checkpoint(vlm: AdapterVLM, opt: torch.optim.Optimizer, sched: Any, ste
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
           log: Callable[..., None] = print) -> dict[str, Any]:
     """Run the job (``stop_after`` steps at most, as if stopped there); returns the adapter, its hash, the losses."""
-    from tqdm import tqdm
-
     device = local_device()
     rank, world_size = dist_info()
     say = log if rank == 0 else (lambda *_: None)
@@ -271,11 +270,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         say(f"[train] resumed from {ckpt} at step {start}")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.bf16 and device.type == "cuda")
     history = []
-    # disable=None: a live bar on a terminal, none in logs
-    bar = tqdm(range(start, t.steps), disable=None if rank == 0 else True, desc="train-adapter", initial=start,
-               total=t.steps)
+    bar = progress(t.steps, "train-adapter", "step", enabled=rank == 0, initial=start)
     clock = time.perf_counter()
-    for step in bar:
+    for step in counted(range(start, t.steps), bar):
         global_batch = batch_indices(len(train_set), t.batch_size, step, t.seed)
         mine = global_batch[rank::world_size]
         micro = [mine[i : i + t.micro_batch] for i in range(0, len(mine), t.micro_batch)]

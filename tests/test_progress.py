@@ -69,3 +69,20 @@ def test_a_clusters_tasks_show_as_distributeds_bar_on_a_terminal_and_as_lines_in
         assert "100% Completed" in captured.out and "[stats]" not in captured.err
     else:
         assert "[stats] 5/5 tasks (100%)" in captured.err and "Completed" not in captured.out
+
+
+def test_a_resumed_job_counts_what_was_done_but_times_only_this_run(monkeypatch):
+    from actstore.progress import counted
+
+    lines, now = [], [0.0]
+    monkeypatch.setattr("actstore.progress.time.monotonic", lambda: now[0])
+    bar = LineProgress(10, "train-adapter", "step", interval=60, write=lines.append, initial=6)
+    seen = []
+    for step in counted(range(6, 10), bar):
+        if step == 7:
+            continue  # a skipped step still counts once its turn is over
+        now[0] += 30
+        seen.append(step)
+    assert seen == [6, 8, 9]
+    assert lines == ["[train-adapter] 9/10 steps (90%), 0:01:00 elapsed, ~0:00:20 left",  # 3 steps of this run in 60 s
+                     "[train-adapter] 10/10 steps (100%), 0:01:30 elapsed"]
