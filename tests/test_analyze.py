@@ -46,6 +46,15 @@ def store_and_suite(tmp_path):
     return tmp_path, saes
 
 
+def write_described_suite(root: Path) -> Path:
+    """The fixture's suite with a Neuronpedia export naming latent 3 of state 5 "red circles": described.yaml."""
+    (root / "np-5.json").write_text(json.dumps([{"layer": "5-res", "index": 3, "description": "red circles"}]))
+    described = yaml.safe_load((root / "suite.yaml").read_text())
+    described["saes"][1].update(descriptions="np-5.json", neuronpedia_sae_id="5-res")
+    (root / "described.yaml").write_text(yaml.safe_dump(described))
+    return root / "described.yaml"
+
+
 def test_hooks_map_to_store_states():
     assert state_of_hook("blocks.0.hook_resid_pre") == 0
     assert state_of_hook("blocks.11.hook_resid_post") == 12
@@ -250,10 +259,7 @@ def test_a_finished_analysis_is_reused_when_only_descriptions_are_added(store_an
     root, saes = store_and_suite
     store, suite = str(root / "s.zarr"), str(root / "suite.yaml")
     first = run_analysis(store, suite, backend="reference")
-    (root / "np-5.json").write_text(json.dumps([{"layer": "5-res", "index": 3, "description": "red circles"}]))
-    described = yaml.safe_load((root / "suite.yaml").read_text())
-    described["saes"][1].update(descriptions="np-5.json", neuronpedia_sae_id="5-res")
-    (root / "described.yaml").write_text(yaml.safe_dump(described))
+    write_described_suite(root)
     calls = []
     monkeypatch.setattr(jobs.analyze, "compute_layer_stats",
                         lambda *args, **kwargs: calls.append(args[2]) or compute_layer_stats(*args, **kwargs))
@@ -301,10 +307,7 @@ def test_a_rerun_rewrites_only_a_changed_result_and_a_stopped_rewrite_loses_no_l
     assert calls == [] and saves == []
     assert again.attrs["computed"] == first.attrs["computed"] == open_stats(store, "test-suite").attrs["computed"]
 
-    (root / "np-5.json").write_text(json.dumps([{"layer": "5-res", "index": 3, "description": "red circles"}]))
-    described = yaml.safe_load((root / "suite.yaml").read_text())
-    described["saes"][1].update(descriptions="np-5.json", neuronpedia_sae_id="5-res")
-    (root / "described.yaml").write_text(yaml.safe_dump(described))
+    write_described_suite(root)
     real_mark = stats_module._mark_saved
 
     def stopped_saving_the_result(location, group, value):

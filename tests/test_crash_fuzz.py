@@ -26,7 +26,7 @@ import actstore
 from actstore.integrity import verify
 from actstore.stats import open_stats
 from jobs.harvest import HarvestConfig, run_harvest
-from test_analyze import store_and_suite  # noqa: F401 - fixture
+from test_analyze import store_and_suite, write_described_suite  # noqa: F401 - fixture
 from test_harvest import _assert_same_store, adapter_dir, write_config  # noqa: F401 - fixture
 
 ROOT = Path(__file__).parents[1]
@@ -42,6 +42,18 @@ def _written(store: Path, markers: int) -> Callable[[], bool]:
     """Whether ``store`` holds at least ``markers`` block markers; for -1, whether its folder exists (it is being
     created)."""
     return (lambda: _count(store / "block_status" / "c") >= markers) if markers >= 0 else store.exists
+
+
+def _timed_run(command: list[str], cwd: Path) -> float:
+    """Seconds an uninterrupted run of ``command`` takes (it must succeed)."""
+    begun = time.time()
+    subprocess.run(command, cwd=cwd, check=True, capture_output=True)
+    return time.time() - begun
+
+
+def _rng() -> random.Random:
+    """The kill points' random source, seeded by ``ACTSTORE_FUZZ_SEED``."""
+    return random.Random(int(os.environ.get("ACTSTORE_FUZZ_SEED", "1")))
 
 
 def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay: float, timeout: float = 120) -> None:
@@ -63,7 +75,7 @@ def test_a_harvest_killed_anywhere_then_rerun_equals_an_uninterrupted_one(adapte
     config = write_config(tmp_path / "h.yaml", adapter_dir, writer=writer, n_images=80)
     run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "whole.zarr"))
     command = [sys.executable, "-m", "jobs.harvest", "--config", str(config)]
-    rng = random.Random(int(os.environ.get("ACTSTORE_FUZZ_SEED", "1")))
+    rng = _rng()
     for round_ in range(ROUNDS):
         store = tmp_path / f"r{round_}.zarr"
         seen = []
@@ -85,7 +97,7 @@ def test_a_two_rank_harvest_killed_then_rerun_with_one_or_two_ranks_equals_an_un
     config = write_config(tmp_path / "h.yaml", adapter_dir, n_images=80)
     run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "whole.zarr"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    rng = random.Random(int(os.environ.get("ACTSTORE_FUZZ_SEED", "1")))
+    rng = _rng()
 
     def job(ranks: int, port: int) -> list[str]:
         launcher = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
@@ -111,11 +123,9 @@ def test_an_analysis_killed_anywhere_then_rerun_equals_an_uninterrupted_one(stor
     root, _ = store_and_suite
     store = root / "s.zarr"
     command = [sys.executable, "-m", "jobs.analyze", str(store), "--saes", str(root / "suite.yaml")]
-    begun = time.time()
-    subprocess.run(command, cwd=root, check=True, capture_output=True)
-    span = time.time() - begun
+    span = _timed_run(command, root)
     whole = open_stats(str(store), "test-suite")
-    rng = random.Random(int(os.environ.get("ACTSTORE_FUZZ_SEED", "1")))
+    rng = _rng()
     for round_ in range(ROUNDS):
         for group in ("analysis", "analysis_partial"):
             shutil.rmtree(store / group, ignore_errors=True)
@@ -133,25 +143,15 @@ def test_an_analysis_killed_anywhere_then_rerun_equals_an_uninterrupted_one(stor
 def test_an_analysis_rewrite_killed_anywhere_then_rerun_computes_no_layer_again(store_and_suite):
     """A rerun that changes a finished analysis (descriptions added) rewrites analysis/<suite> in place: killed at any
     moment, its rerun takes every layer from what was kept and saves what an uninterrupted rerun saves."""
-    import json
-
-    import yaml
-
     root, _ = store_and_suite
     store = root / "s.zarr"
-    (root / "np-5.json").write_text(json.dumps([{"layer": "5-res", "index": 3, "description": "red circles"}]))
-    described = yaml.safe_load((root / "suite.yaml").read_text())
-    described["saes"][1].update(descriptions="np-5.json", neuronpedia_sae_id="5-res")
-    (root / "described.yaml").write_text(yaml.safe_dump(described))
     plain = [sys.executable, "-m", "jobs.analyze", str(store), "--saes", str(root / "suite.yaml")]
-    rewrite = [sys.executable, "-m", "jobs.analyze", str(store), "--saes", str(root / "described.yaml")]
+    rewrite = [sys.executable, "-m", "jobs.analyze", str(store), "--saes", str(write_described_suite(root))]
     subprocess.run(plain, cwd=root, check=True, capture_output=True)
     shutil.copytree(store / "analysis", root / "plain-analysis")
-    begun = time.time()
-    subprocess.run(rewrite, cwd=root, check=True, capture_output=True)
-    span = time.time() - begun
+    span = _timed_run(rewrite, root)
     whole = open_stats(str(store), "test-suite")
-    rng = random.Random(int(os.environ.get("ACTSTORE_FUZZ_SEED", "1")))
+    rng = _rng()
     for round_ in range(ROUNDS):
         shutil.rmtree(store / "analysis")
         shutil.copytree(root / "plain-analysis", store / "analysis")
