@@ -11,7 +11,7 @@ from typing import Any
 from zarr.core.sync import sync
 
 from actstore.location import list_keys, local_path, make_sink, open_zarr_store
-from actstore.progress import progress as show_progress
+from actstore.progress import counted, progress as show_progress
 from actstore.reader import read_markers, read_skipped
 from actstore.schema import (
     ANALYSIS,
@@ -173,12 +173,7 @@ def verify(location: str | os.PathLike[str], threads: int = 4, progress: bool = 
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        bar = show_progress(len(tasks), "verify", "chunk", enabled=progress)
-        results = []
-        for result in pool.map(check, tasks):
-            results.append(result)
-            bar.update(1)
-        bar.close()
+        results = list(counted(pool.map(check, tasks), show_progress(len(tasks), "verify", "chunk", enabled=progress)))
     return VerifyReport(chunks_checked=len(tasks), problems=[p for p in results if p is not None])
 
 

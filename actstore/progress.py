@@ -9,6 +9,7 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+from dask.callbacks import Callback
 from tqdm import tqdm
 
 LOG_INTERVAL_S = 60.0
@@ -81,6 +82,25 @@ def counted(items: Iterable[T], bar: Any) -> Iterator[T]:
         yield item
         bar.update(1)
     bar.close()
+
+
+class TaskProgress(Callback):
+    """A local scheduler's finished tasks counted into :func:`progress`: a bar on a terminal, a line
+    a minute in a log (dask's own bar redraws itself ten times a second, into a log file too)."""
+
+    def __init__(self, desc: str) -> None:
+        super().__init__()
+        self.desc, self.bar = desc, None
+
+    def _start_state(self, dsk: Any, state: dict[str, Any]) -> None:
+        self.bar = progress(sum(len(state[k]) for k in ("ready", "waiting", "running", "finished")), self.desc, "task")
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        self.bar.update(1)
+
+    def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def wait_with_progress(futures: list[Any], desc: str) -> None:

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import dask
-from dask.callbacks import Callback
 import numpy as np
 import torch
 import xarray as xr
@@ -35,8 +34,7 @@ from actstore.bfloat16 import to_torch
 from actstore.devices import thread_stream, to_device, to_host
 from actstore.errors import IncompleteAnalysisError
 from actstore.location import local_path
-from actstore.progress import progress as show_progress
-from actstore.progress import wait_with_progress
+from actstore.progress import TaskProgress, wait_with_progress
 from actstore.schema import ANALYSIS, ANALYSIS_PARTIAL, ANALYSIS_SAVED_MARK
 from actstore.sink import fsync_path, sync_tree
 from kernels import sae_stats, scatter_kept, wait_for_stream
@@ -420,30 +418,10 @@ def finalize(p: Partial) -> dict[str, Any]:
     }
 
 
-class TaskProgress(Callback):
-    """A local scheduler's finished tasks counted into :func:`actstore.progress.progress`: a bar on a terminal, a line
-    a minute in a log (dask's own bar redraws itself ten times a second, into a log file too)."""
-
-    def __init__(self, desc: str) -> None:
-        super().__init__()
-        self.desc, self.bar = desc, None
-
-    def _start_state(self, dsk: Any, state: dict[str, Any]) -> None:
-        self.bar = show_progress(sum(len(state[k]) for k in ("ready", "waiting", "running", "finished")), self.desc,
-                                 "task")
-
-    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-        self.bar.update(1)
-
-    def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def compute_with_progress(tasks: list[Any], scheduler: Any, progress: bool) -> list[Any]:
     """Compute delayed objects; with ``progress``, under a progress display (a bar on a terminal, lines in a log):
-    :func:`actstore.progress.wait_with_progress` for a cluster client, :class:`TaskProgress` for the local
-    schedulers."""
+    :func:`actstore.progress.wait_with_progress` for a cluster client, :class:`actstore.progress.TaskProgress` for
+    the local schedulers."""
     if progress and hasattr(scheduler, "gather"):  # a distributed.Client
         futures = scheduler.compute(tasks)
         wait_with_progress(futures, "statistics")
