@@ -141,10 +141,11 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
         say(f"[harvest] the dataset has {len(examples)} examples, fewer than harvest.n_images = {h.n_images}: "
             f"harvesting all {len(examples)}")
         h = replace(h, n_images=len(examples))
-    states = h.layers if h.layers is not None else list(range(n_states(vlm.lm)))
-    unknown = [x for x in states if not 0 <= x < n_states(vlm.lm)]
+    available = n_states(vlm.lm)
+    states = h.layers if h.layers is not None else list(range(available))
+    unknown = [x for x in states if not 0 <= x < available]
     if unknown:  # before the store is created with them
-        raise ValueError(f"harvest.layers asks for state(s) {unknown}; this LM has states 0..{n_states(vlm.lm) - 1} "
+        raise ValueError(f"harvest.layers asks for state(s) {unknown}; this LM has states 0..{available - 1} "
                          "(0 = embedding output, i = output of block i)")
     first = next(e for e in examples if e is not None)
     probe = vlm.prepare([first["image"]], [h.prompt.format(caption=first["caption"])])
