@@ -20,6 +20,7 @@ sequential write there), so it is not the default until a GPU host's harvest sho
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -170,7 +171,8 @@ class LocalSink:
             if now:
                 fsync_path(path.parent)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a cleanup that fails too (no folder there) must not hide the cause
+                tmp.unlink()
             raise as_write_error(key, str(self.root), exc) from exc
 
     def flush(self) -> None:

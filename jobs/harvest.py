@@ -12,6 +12,7 @@ harvest setting into the same store is refused with the list of differences.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +124,20 @@ def check_marked(out: str, blocks: list[int]) -> None:
                               "them; rerun the same command to write them again")
 
 
+def unfinished(futures: list[Any]) -> list[Any]:
+    """The writer's futures of blocks still being written; raises the error of a block that failed."""
+    # A block the disk refused (full, read-only, gone) stops the harvest at once: the blocks after it would fail alike,
+    # after their forward passes (the process writer's host buffers are free before their block is written, so
+    # nothing else would wait for the failed one until the harvest's end).
+    running = []
+    for future in futures:
+        if future.done():
+            future.result()
+        else:  # kept whatever it does next, so that a failure after this look is raised at the next or the end
+            running.append(future)
+    return running
+
+
 def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = print) -> dict[str, Any]:
     """Harvest this process's share of the missing blocks into ``out``."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -201,26 +216,34 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
 
     # One loader thread decodes the next group's images while this group runs on the device (the only thread that
     # touches the dataset, so sources need not be thread-safe).
-    with ThreadPoolExecutor(1, thread_name_prefix="harvest-loader") as loader:
-        pending = loader.submit(load, groups[0]) if groups else None
-        for position in range(len(groups)):
-            loaded_group = pending.result()
-            if position + 1 < len(groups):
-                pending = loader.submit(load, groups[position + 1])
-            jobs = []
-            for block, indices, loaded in loaded_group:
-                # Undecodable images are skipped (listed below); the block holds the others, named by their image_id.
-                chosen = [e for e in loaded if e is not None]
-                skipped = [examples.skipped_rows[i] for i, e in zip(indices, loaded) if e is None]
-                if not chosen:
-                    raise ValueError(f"every image of block {block} (dataset rows {indices[0]}..{indices[-1]}) is "
-                                     "undecodable")
-                prompts = [h.prompt.format(caption=e["caption"]) for e in chosen]
-                jobs.append(BlockJob(block, chosen, prompts, skipped, write=block in missing))
-            futures += harvest_blocks(vlm, writer, jobs, states, h.batch_size, stats, ring)
-            bar.update(sum(job.write for job in jobs))
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(img_s=f"{stats.images / elapsed:.1f}", GB_s=f"{stats.bytes_logical / elapsed / 1e9:.3f}")
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="harvest-loader") as loader:
+            pending = loader.submit(load, groups[0]) if groups else None
+            for position in range(len(groups)):
+                loaded_group = pending.result()
+                if position + 1 < len(groups):
+                    pending = loader.submit(load, groups[position + 1])
+                jobs = []
+                for block, indices, loaded in loaded_group:
+                    # Undecodable images are skipped (listed below); the block holds the others, named by image_id.
+                    chosen = [e for e in loaded if e is not None]
+                    skipped = [examples.skipped_rows[i] for i, e in zip(indices, loaded) if e is None]
+                    if not chosen:
+                        raise ValueError(f"every image of block {block} (dataset rows {indices[0]}..{indices[-1]}) "
+                                         "is undecodable")
+                    prompts = [h.prompt.format(caption=e["caption"]) for e in chosen]
+                    jobs.append(BlockJob(block, chosen, prompts, skipped, write=block in missing))
+                futures = unfinished(futures) + harvest_blocks(vlm, writer, jobs, states, h.batch_size, stats, ring)
+                bar.update(sum(job.write for job in jobs))
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(img_s=f"{stats.images / elapsed:.1f}",
+                                GB_s=f"{stats.bytes_logical / elapsed / 1e9:.3f}")
+    except BaseException:
+        # The blocks in flight still complete (durable, then marked), so the rerun has less to do; an error of the
+        # writer's own closing must not hide the one that stopped the harvest.
+        with contextlib.suppress(Exception):
+            writer.close()
+        raise
     bar.close()
     t0 = time.perf_counter()
     for f in futures:

@@ -165,6 +165,38 @@ def test_blocks_that_verify_repair_marks_missing_are_rewritten_by_the_harvests_r
     assert cli(["verify", str(store), "--repair"]) == 0 and "repair" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("writer", ["threads", "process"])
+def test_a_harvest_stops_at_its_first_failed_block(adapter_dir, tmp_path, monkeypatch, writer):
+    """A block the disk refuses (full, read-only, ...) stops the harvest after the group in flight, with the writer's
+    error, instead of running the forward pass over the rest of the dataset for blocks that fail alike (the child
+    writer's failures reached the harvest only at its end); the blocks in flight complete, and the rerun finishes."""
+    import time
+
+    import actstore.harvest as engine
+    from actstore.writer import StoreWriter
+
+    store = tmp_path / "s.zarr"
+    run_harvest(HarvestConfig.from_yaml(write_config(tmp_path / "a.yaml", adapter_dir, n_images=16)), str(store))
+    (store / image_chunk_key(0, 2)).parent.parent.write_text("")  # a file where block 2's chunk folder goes
+    calls, real_forward = [], engine.forward_states
+
+    def counted_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the first batch after block 2 (groups of 2 blocks, 2 micro-batches each): let it fail
+            time.sleep(3)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "forward_states", counted_forward)
+    more = HarvestConfig.from_yaml(write_config(tmp_path / "b.yaml", adapter_dir, n_images=80, writer=writer))
+    with pytest.raises(StoreWriteError, match=r"image_resid/c/0/2/0/0"):
+        run_harvest(more, str(store))
+    assert len(calls) <= 4  # 8 without stopping: groups 1-4 of 5
+    assert verify(store).ok and {0, 1, 3} <= set(StoreWriter.open(store).completed_blocks())  # block 3 in flight
+    (store / image_chunk_key(0, 2)).parent.parent.unlink()
+    run_harvest(more, str(store))
+    assert verify(store).ok and actstore.open(store).sizes["image"] == 80
+
+
 def test_a_harvest_whose_marker_readers_cannot_see_fails(adapter_dir, tmp_path, monkeypatch):
     """The harvest's last check reads the markers as readers do: a block left without one is an error naming it,
     never a success with a store that readers show shorter."""
