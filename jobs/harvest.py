@@ -124,6 +124,18 @@ def check_marked(out: str, blocks: list[int]) -> None:
                               "them; rerun the same command to write them again")
 
 
+def block_job(examples: Any, block: int, images: range, prompt: str, write: bool) -> BlockJob:
+    """Block ``block``'s images of the dataset (those of ``images`` it has) with their prompts; the undecodable ones
+    are left out and listed as skipped (the block holds the others, named by their image_id)."""
+    indices = [i for i in images if i < len(examples)]
+    loaded = [examples[i] for i in indices]
+    chosen = [e for e in loaded if e is not None]
+    if not chosen:
+        raise ValueError(f"every image of block {block} (dataset rows {indices[0]}..{indices[-1]}) is undecodable")
+    skipped = [examples.skipped_rows[i] for i, e in zip(indices, loaded) if e is None]
+    return BlockJob(block, chosen, [prompt.format(caption=e["caption"]) for e in chosen], skipped, write=write)
+
+
 def unfinished(futures: list[Any]) -> list[Any]:
     """The writer's futures of blocks still being written; raises the error of a block that failed."""
     # A block the disk refused (full, read-only, gone) stops the harvest at once: the blocks after it would fail alike,
@@ -207,12 +219,8 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     futures = []
     bar = progress(len(todo), "harvest", "block", enabled=rank == 0)
 
-    def load(group: range) -> list[tuple[int, list[int], list[Any]]]:
-        loaded = []
-        for block in group:
-            indices = [i for i in writer.block_images(block) if i < len(examples)]
-            loaded.append((block, indices, [examples[i] for i in indices]))
-        return loaded
+    def load(group: range) -> list[BlockJob]:
+        return [block_job(examples, block, writer.block_images(block), h.prompt, block in missing) for block in group]
 
     # One loader thread decodes the next group's images while this group runs on the device (the only thread that
     # touches the dataset, so sources need not be thread-safe).
@@ -220,19 +228,9 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
         with ThreadPoolExecutor(1, thread_name_prefix="harvest-loader") as loader:
             pending = loader.submit(load, groups[0]) if groups else None
             for position in range(len(groups)):
-                loaded_group = pending.result()
+                jobs = pending.result()
                 if position + 1 < len(groups):
                     pending = loader.submit(load, groups[position + 1])
-                jobs = []
-                for block, indices, loaded in loaded_group:
-                    # Undecodable images are skipped (listed below); the block holds the others, named by image_id.
-                    chosen = [e for e in loaded if e is not None]
-                    skipped = [examples.skipped_rows[i] for i, e in zip(indices, loaded) if e is None]
-                    if not chosen:
-                        raise ValueError(f"every image of block {block} (dataset rows {indices[0]}..{indices[-1]}) "
-                                         "is undecodable")
-                    prompts = [h.prompt.format(caption=e["caption"]) for e in chosen]
-                    jobs.append(BlockJob(block, chosen, prompts, skipped, write=block in missing))
                 futures = unfinished(futures) + harvest_blocks(vlm, writer, jobs, states, h.batch_size, stats, ring)
                 bar.update(sum(job.write for job in jobs))
                 elapsed = time.perf_counter() - start
