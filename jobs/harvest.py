@@ -3,8 +3,10 @@
     actstore harvest --config jobs/configs/demo.yaml --out STORE
     torchrun --nproc-per-node N -m jobs.harvest --config ... --out STORE
 
-Blocks that share micro-batches form a group (``batch_size / block_images`` consecutive blocks); each process takes the
-groups ``g`` with ``g % world_size == rank`` that miss a block; rank 0 creates the store and the others wait for it.
+Blocks that share micro-batches form a group (``batch_size / block_images`` consecutive blocks); rank 0 creates the
+store and tells the other ranks which blocks are missing, and the groups that miss one are dealt to the ranks in turn
+(ranks started without torchrun, by RANK and WORLD_SIZE alone, wait for the store and take the groups ``g`` with
+``g % world_size == rank``).
 Rerunning the same command after a crash writes only the missing blocks; a run with another model, adapter, data or
 harvest setting into the same store is refused with the list of differences.
 """
@@ -124,6 +126,32 @@ def check_marked(out: str, blocks: list[int]) -> None:
                               "them; rerun the same command to write them again")
 
 
+def missing_from_rank_0(missing: set[int] | None) -> set[int]:
+    """Rank 0's ``missing`` blocks, on every rank of a torchrun launch (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    ours = not dist.is_initialized()
+    if ours:  # the backend train-adapter's ranks use: where its training runs, this runs
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        shared = [sorted(missing) if missing is not None else None]
+        dist.broadcast_object_list(shared, src=0)
+    finally:
+        if ours:
+            dist.destroy_process_group()
+    return set(shared[0])
+
+
+def groups_of_rank(groups: list[range], missing: set[int], rank: int, world_size: int, dealt: bool) -> list[range]:
+    """The groups that miss a block which rank ``rank`` harvests: with ``dealt`` (every rank holds the same
+    ``missing``) they are dealt round-robin, so that a rerun after one rank failed shares its work among all;
+    otherwise (ranks that cannot agree on what is missing, since others may be writing while they look) each rank
+    takes every ``world_size``-th group of the whole store, a split that needs no agreement."""
+    if dealt:
+        return [group for group in groups if missing.intersection(group)][rank::world_size]
+    return [group for g, group in enumerate(groups) if g % world_size == rank and missing.intersection(group)]
+
+
 def block_job(examples: Any, block: int, images: range, prompt: str, write: bool) -> BlockJob:
     """Block ``block``'s images of the dataset (those of ``images`` it has) with their prompts; the undecodable ones
     are left out and listed as skipped (the block holds the others, named by their image_id)."""
@@ -193,19 +221,25 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     }
     if vlm.commits:  # what an unpinned hub name resolved to: a rerun after the hub moved on is refused, not mixed
         provenance["weights"] = dict(vlm.commits)
+    launched = world_size > 1 and "MASTER_ADDR" in os.environ  # by torchrun, whose ranks can talk to each other
     if rank == 0:
         writer = StoreWriter.open_or_create(out, schema, provenance, threads=h.threads,
                                             max_pending_blocks=h.pending_blocks)
         # A rerun with more images grows the store here, once, before the other ranks open it: ranks growing it at
         # once, each to its own size, would race on the arrays' shapes and the recorded capacity.
         writer.reserve(h.n_images)
-    else:
-        wait_for_store(out, h.n_images)
+        missing = set(writer.missing_blocks(h.n_images))
+    if launched:  # rank 0's reading of the store, given to all once it is created and grown: then they open it
+        missing = missing_from_rank_0(missing if rank == 0 else None)
+    if rank != 0:
+        if not launched:
+            wait_for_store(out, h.n_images)
         writer = StoreWriter.open(out, schema, provenance, threads=h.threads, max_pending_blocks=h.pending_blocks)
+        if not launched:
+            missing = set(writer.missing_blocks(h.n_images))
     writer = writer_of_kind(writer, h.writer, h.threads, h.pending_blocks)
-    missing = set(writer.missing_blocks(h.n_images))
-    groups = [group for g, group in enumerate(block_groups(schema.blocks_for(h.n_images), h.block_images, h.batch_size))
-              if g % world_size == rank and missing.intersection(group)]
+    all_groups = block_groups(schema.blocks_for(h.n_images), h.block_images, h.batch_size)
+    groups = groups_of_rank(all_groups, missing, rank, world_size, dealt=launched)
     todo = [b for group in groups for b in group if b in missing]
     say(f"[harvest] {len(states)} states x {schema.image_tokens} image tokens x d_model {schema.d_model} -> {out}; "
         f"{len(todo)} block(s) to write on rank 0 of {world_size}")

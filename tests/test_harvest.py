@@ -97,13 +97,22 @@ def _assert_same_store(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(va[name], vb[name], err_msg=name)
 
 
-def test_two_torchrun_processes_equal_one(adapter_dir, tmp_path):
-    config = write_config(tmp_path / "h.yaml", adapter_dir)
+def test_two_torchrun_processes_equal_one_and_share_a_resume(adapter_dir, tmp_path):
+    """Two ranks write the store of one process; a rerun after one rank's groups were lost deals what is missing to
+    both ranks (each took every other group of the whole store before, so rank 0 idled while rank 1 redid its share)."""
+    from actstore.integrity import withdraw_markers
+
+    config = write_config(tmp_path / "h.yaml", adapter_dir, n_images=64)  # 4 groups of 2 blocks
     run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "one.zarr"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29527",
-                    "-m", "jobs.harvest", "--config", str(config), "--out", str(tmp_path / "two.zarr")],
-                   check=True, timeout=600, env=env, cwd=ROOT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29527",
+                "-m", "jobs.harvest", "--config", str(config), "--out", str(tmp_path / "two.zarr")]
+    subprocess.run(torchrun, check=True, timeout=600, env=env, cwd=ROOT)
+    assert verify(tmp_path / "two.zarr").ok
+    _assert_same_store(tmp_path / "one.zarr", tmp_path / "two.zarr")
+    withdraw_markers(tmp_path / "two.zarr", [2, 3, 6, 7])  # groups 1 and 3: rank 1's of a fresh harvest
+    rerun = subprocess.run(torchrun, check=True, timeout=600, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert "2 block(s) to write on rank 0 of 2" in rerun.stdout
     assert verify(tmp_path / "two.zarr").ok
     _assert_same_store(tmp_path / "one.zarr", tmp_path / "two.zarr")
 
