@@ -178,6 +178,29 @@ def unfinished(futures: list[Any]) -> list[Any]:
     return running
 
 
+def open_store_of_rank(out: str, schema: StoreSchema, provenance: dict[str, Any], h: HarvestSection, rank: int,
+                       launched: bool) -> tuple[StoreWriter, set[int]]:
+    """This rank's writer of the store and the blocks missing from it: rank 0 creates or reopens the store and makes
+    it hold ``h.n_images``; the other ranks open it after that, and (``launched``) take rank 0's missing blocks."""
+    writer, missing = None, None
+    if rank == 0:
+        writer = StoreWriter.open_or_create(out, schema, provenance, threads=h.threads,
+                                            max_pending_blocks=h.pending_blocks)
+        # A rerun with more images grows the store here, once, before the other ranks open it: ranks growing it at
+        # once, each to its own size, would race on the arrays' shapes and the recorded capacity.
+        writer.reserve(h.n_images)
+        missing = set(writer.missing_blocks(h.n_images))
+    if launched:  # given once the store is created and grown, so it also tells the other ranks to open it
+        missing = missing_from_rank_0(missing)
+    if rank != 0:
+        if not launched:
+            wait_for_store(out, h.n_images)
+        writer = StoreWriter.open(out, schema, provenance, threads=h.threads, max_pending_blocks=h.pending_blocks)
+        if not launched:
+            missing = set(writer.missing_blocks(h.n_images))
+    return writer, missing
+
+
 def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = print) -> dict[str, Any]:
     """Harvest this process's share of the missing blocks into ``out``."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -222,21 +245,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     if vlm.commits:  # what an unpinned hub name resolved to: a rerun after the hub moved on is refused, not mixed
         provenance["weights"] = dict(vlm.commits)
     launched = world_size > 1 and "MASTER_ADDR" in os.environ  # by torchrun, whose ranks can talk to each other
-    if rank == 0:
-        writer = StoreWriter.open_or_create(out, schema, provenance, threads=h.threads,
-                                            max_pending_blocks=h.pending_blocks)
-        # A rerun with more images grows the store here, once, before the other ranks open it: ranks growing it at
-        # once, each to its own size, would race on the arrays' shapes and the recorded capacity.
-        writer.reserve(h.n_images)
-        missing = set(writer.missing_blocks(h.n_images))
-    if launched:  # rank 0's reading of the store, given to all once it is created and grown: then they open it
-        missing = missing_from_rank_0(missing if rank == 0 else None)
-    if rank != 0:
-        if not launched:
-            wait_for_store(out, h.n_images)
-        writer = StoreWriter.open(out, schema, provenance, threads=h.threads, max_pending_blocks=h.pending_blocks)
-        if not launched:
-            missing = set(writer.missing_blocks(h.n_images))
+    writer, missing = open_store_of_rank(out, schema, provenance, h, rank, launched)
     writer = writer_of_kind(writer, h.writer, h.threads, h.pending_blocks)
     all_groups = block_groups(schema.blocks_for(h.n_images), h.block_images, h.batch_size)
     groups = groups_of_rank(all_groups, missing, rank, world_size, dealt=launched)
