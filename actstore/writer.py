@@ -68,9 +68,22 @@ class TextTokens:
 DEFAULT_PENDING_BLOCKS = 4
 
 
+def cores_of_this_rank() -> int:
+    """The cores this process may run on (its CPU affinity, which batch schedulers such as Slurm restrict), shared
+    evenly with the other ranks of a torchrun on this node (``LOCAL_WORLD_SIZE``)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        cores = os.cpu_count() or 2
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def default_threads() -> int:
-    """Encoder threads: twice the cores, because each thread alternates compressing and waiting on fsync'd I/O."""
-    return max(4, 2 * (os.cpu_count() or 2))
+    """Encoder threads: twice this rank's cores, because each thread alternates compressing and waiting on fsync'd
+    I/O."""
+    # Not os.cpu_count(): eight ranks of a 128-core node, each given 16 cores by the scheduler, would start 256 threads
+    # each, all competing with the threads that feed the GPUs.
+    return max(4, 2 * cores_of_this_rank())
 
 
 # Writer threads run this much nicer than the process (Linux: niceness is per thread). A harvest's Python thread must

@@ -51,7 +51,7 @@ class HarvestSection:
     clevel: int = 1
     chunk_images: int | None = None
     text_tokens_per_image: int = 16
-    threads: int | None = None  # encoder threads (default: twice the cores)
+    threads: int | None = None  # encoder threads (default: twice the cores of this rank, see default_threads)
     pending_blocks: int = DEFAULT_PENDING_BLOCKS  # blocks the writer commits at once, each holding a host buffer
     writer: str = "threads"  # "process": encode and write in a child process (see actstore.process_writer)
 
