@@ -244,7 +244,8 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     }
     if vlm.commits:  # what an unpinned hub name resolved to: a rerun after the hub moved on is refused, not mixed
         provenance["weights"] = dict(vlm.commits)
-    launched = world_size > 1 and "MASTER_ADDR" in os.environ  # by torchrun, whose ranks can talk to each other
+    # Launched with torch.distributed's env:// rendezvous (torchrun and other launchers set MASTER_ADDR): ranks can talk
+    launched = world_size > 1 and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
     writer, missing = open_store_of_rank(out, schema, provenance, h, rank, launched)
     writer = writer_of_kind(writer, h.writer, h.threads, h.pending_blocks)
     all_groups = block_groups(schema.blocks_for(h.n_images), h.block_images, h.batch_size)
