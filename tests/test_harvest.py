@@ -98,8 +98,9 @@ def _assert_same_store(a: Path, b: Path) -> None:
 
 
 def test_two_torchrun_processes_equal_one_and_share_a_resume(adapter_dir, tmp_path):
-    """Two ranks write the store of one process; a rerun after one rank's groups were lost deals what is missing to
-    both ranks (each took every other group of the whole store before, so rank 0 idled while rank 1 redid its share)."""
+    """Two ranks write the store of one process, created by rank 0 and then extended by a rerun with more images; a
+    rerun after one rank's groups were lost deals what is missing to both ranks (each took every other group of the
+    whole store before, so rank 0 idled while rank 1 redid its share)."""
     from actstore.integrity import withdraw_markers
 
     config = write_config(tmp_path / "h.yaml", adapter_dir, n_images=64)  # 4 groups of 2 blocks
@@ -107,6 +108,8 @@ def test_two_torchrun_processes_equal_one_and_share_a_resume(adapter_dir, tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29527",
                 "-m", "jobs.harvest", "--config", str(config), "--out", str(tmp_path / "two.zarr")]
+    subprocess.run([*torchrun, "--n-images", "32"], check=True, timeout=600, env=env, cwd=ROOT)
+    assert actstore.open(tmp_path / "two.zarr").sizes["image"] == 32
     subprocess.run(torchrun, check=True, timeout=600, env=env, cwd=ROOT)
     assert verify(tmp_path / "two.zarr").ok
     _assert_same_store(tmp_path / "one.zarr", tmp_path / "two.zarr")
