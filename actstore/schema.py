@@ -211,6 +211,17 @@ def marker_key(block: int) -> str:
     return f"{BLOCK_STATUS}/c/{block}/0"
 
 
+def skip_record_key(block: int) -> str:
+    """Key of a block's record of skipped inputs (absent when it skipped none: zarr stores no all-fill chunk)."""
+    return f"{BLOCK_SKIPPED}/c/{block}"
+
+
+def skip_record_block(key: str) -> int | None:
+    """The block whose skip record ``key`` is, or None for any other key (a temporary file beside it included)."""
+    parts = key.split("/")
+    return int(parts[2]) if len(parts) == 3 and parts[2].isdigit() and key == skip_record_key(int(parts[2])) else None
+
+
 def marker_block(key: str) -> int | None:
     """The block whose completion marker ``key`` is, or None for any other key (a temporary file beside it included)."""
     parts = key.split("/")

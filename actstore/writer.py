@@ -39,6 +39,7 @@ from actstore.schema import (
     image_chunk_key,
     marker_block,
     marker_key,
+    skip_record_key,
     text_chunk_key,
 )
 
@@ -484,7 +485,7 @@ class StoreWriter:
         record = np.array([json.dumps(skipped) if skipped else ""], dtype=object)
         self._zarr_write(
             [*self._coordinate_writes(block, image_ids, prompts, text),
-             (BLOCK_SKIPPED, slice(block, block + 1), record, f"{BLOCK_SKIPPED}/c/{block}")],
+             (BLOCK_SKIPPED, slice(block, block + 1), record, skip_record_key(block))],
             deferred=True,
         )
         marks.append(time.perf_counter())

@@ -345,3 +345,28 @@ def test_a_put_of_several_buffers_writes_them_back_to_back_through_short_writes(
     parts = [b"abcdefgh", memoryview(np.arange(10, dtype=np.uint16)), b"", bytearray(b"xyz")]
     sink.LocalSink(tmp_path).put("a/b", parts)
     assert (tmp_path / "a" / "b").read_bytes() == b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+
+
+def test_skipped_inputs_are_read_back_from_their_blocks_records_alone(store_path, monkeypatch):
+    """Only blocks that skipped something have a record, and readers ask for those alone (one request per block of a
+    store on an object store otherwise); a block rewritten without skips has none again."""
+    from actstore.schema import BLOCK_SKIPPED
+
+    schema = small_schema(capacity=16)
+    with StoreWriter.create(store_path, schema) as writer:
+        write_blocks(writer, [0, 1, 3])
+        writer.write_block(2, *block_data(schema, 2), skipped=[{"id": "x7", "reason": "truncated JPEG"}])
+    asked = []
+    real_get = LocalStore.get
+
+    async def get(self, key, *args, **kwargs):
+        asked.append(key)
+        return await real_get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "get", get)
+    assert actstore.open(store_path).attrs["skipped_images"] == [{"id": "x7", "reason": "truncated JPEG", "block": 2}]
+    assert [key for key in asked if key.startswith(f"{BLOCK_SKIPPED}/c/")] == [f"{BLOCK_SKIPPED}/c/2"]
+    monkeypatch.undo()
+    with StoreWriter.open(store_path) as writer:
+        writer.write_block(2, *block_data(schema, 2))
+    assert actstore.open(store_path).attrs["skipped_images"] == []
