@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -216,15 +216,17 @@ def skip_record_key(block: int) -> str:
     return f"{BLOCK_SKIPPED}/c/{block}"
 
 
+def _block_in_key(key: str, key_of: Callable[[int], str]) -> int | None:
+    """The block ``b`` with ``key_of(b) == key`` (its index is the key's third part, ``<array>/c/<b>``), else None."""
+    parts = key.split("/")
+    return int(parts[2]) if len(parts) > 2 and parts[2].isdigit() and key == key_of(int(parts[2])) else None
+
+
 def skip_record_block(key: str) -> int | None:
     """The block whose skip record ``key`` is, or None for any other key (a temporary file beside it included)."""
-    parts = key.split("/")
-    return int(parts[2]) if len(parts) == 3 and parts[2].isdigit() and key == skip_record_key(int(parts[2])) else None
+    return _block_in_key(key, skip_record_key)
 
 
 def marker_block(key: str) -> int | None:
     """The block whose completion marker ``key`` is, or None for any other key (a temporary file beside it included)."""
-    parts = key.split("/")
-    if len(parts) == 4 and parts[2].isdigit() and key == marker_key(int(parts[2])):
-        return int(parts[2])
-    return None
+    return _block_in_key(key, marker_key)

@@ -243,7 +243,6 @@ def test_writer_threads_yield_the_cpu_to_the_caller(store_path, monkeypatch):
                                   bits(block_data(schema, 0)[0]))
 
 
-
 def test_encoder_threads_follow_the_cores_of_this_rank(monkeypatch):
     """Twice the cores this process may use (its affinity, not the machine's count), shared among the node's ranks."""
     import actstore.writer as writer_module
@@ -256,6 +255,7 @@ def test_encoder_threads_follow_the_cores_of_this_rank(monkeypatch):
     assert writer_module.default_threads() == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert writer_module.default_threads() == 4  # never fewer than 4: a thread also waits on the disk
+
 
 @pytest.mark.parametrize(
     "change, message",
