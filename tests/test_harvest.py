@@ -185,6 +185,7 @@ def test_a_harvest_stops_at_its_first_failed_block(adapter_dir, tmp_path, monkey
     import time
 
     import actstore.harvest as engine
+    from actstore.schema import marker_key
     from actstore.writer import StoreWriter
 
     store = tmp_path / "s.zarr"
@@ -194,8 +195,11 @@ def test_a_harvest_stops_at_its_first_failed_block(adapter_dir, tmp_path, monkey
 
     def counted_forward(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:  # the first batch after block 2 (groups of 2 blocks, 2 micro-batches each): let it fail
-            time.sleep(3)
+        if len(calls) == 3:  # the first batch after blocks 2 and 3 (groups of 2 blocks, 2 micro-batches each)
+            deadline = time.time() + 60
+            while not (store / marker_key(3)).exists() and time.time() < deadline:  # block 2 has failed by then
+                time.sleep(0.05)
+            time.sleep(0.5)  # and the writer has said so
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(engine, "forward_states", counted_forward)
