@@ -40,7 +40,8 @@ def decode_image(value: Any, base_dir: Path | None = None) -> "Image.Image":
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, dict):
-        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(_path(value["path"], base_dir))
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") else _path(value["path"], base_dir)
+        image = Image.open(source)
     elif isinstance(value, (bytes, bytearray)):
         image = Image.open(io.BytesIO(value))
     else:
@@ -83,8 +84,8 @@ def check_columns(columns: list[str], image_column: str, text_column: str, where
     """Raise a clear error when the image or text column is missing."""
     missing = [c for c in (image_column, text_column) if c not in columns]
     if missing:
-        raise ValueError(f"{where}: no column {' or '.join(repr(m) for m in missing)}; the columns found are {columns}. "
-                         "Set data.image_column / data.text_column")
+        raise ValueError(f"{where}: no column {' or '.join(repr(m) for m in missing)}; the columns found are "
+                         f"{columns}. Set data.image_column / data.text_column")
 
 
 class ImageTextSource:

@@ -274,7 +274,8 @@ class AdapterVLM(nn.Module):
         embed = self.lm.get_input_embeddings()
         img = self.image_embeds(pixel_values) if image_embeds is None else image_embeds
         B, T = img.shape[:2]
-        prefix = tok(self.config.prompt_prefix, add_special_tokens=False)["input_ids"] if self.config.prompt_prefix else []
+        prompt_prefix = self.config.prompt_prefix
+        prefix = tok(prompt_prefix, add_special_tokens=False)["input_ids"] if prompt_prefix else []
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         texts_ids = [tok(t, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if add_eos else [])
                      for t in texts]

@@ -33,7 +33,8 @@ class BlockMarker:
 def read_markers(group: zarr.Group) -> dict[int, BlockMarker]:
     """Completion markers of a store, by block."""
     status = group[BLOCK_STATUS][:]
-    return {int(b): BlockMarker(int(b), int(status[b, 0]), int(status[b, 1])) for b in np.flatnonzero(status[:, 0] >= 0)}
+    complete = np.flatnonzero(status[:, 0] >= 0)
+    return {int(b): BlockMarker(int(b), int(status[b, 0]), int(status[b, 1])) for b in complete}
 
 
 def read_skipped(group: zarr.Group, blocks: Iterable[int]) -> list[dict[str, str]]:

@@ -58,7 +58,8 @@ def train_layer_sae(ds: xr.Dataset, layer: int, spec: SAETrainingSpec, out: Path
     # our state s = residual after s blocks: TransformerLens' blocks.{s-1}.hook_resid_post, or blocks.0 pre for s=0
     trained.cfg.metadata.hook_name = "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
     path = out / f"state_{layer}"
-    trained.save_inference_model(str(path)) if hasattr(trained, "save_inference_model") else trained.save_model(str(path))
+    save = trained.save_inference_model if hasattr(trained, "save_inference_model") else trained.save_model
+    save(str(path))
     return path
 
 

@@ -225,7 +225,8 @@ class StoreWriter:
         nicer = (thread_niceness() + WRITER_NICENESS_INCREMENT,)
         self._pool = ThreadPoolExecutor(max_workers=threads or default_threads(), thread_name_prefix="actstore-encode",
                                         initializer=set_thread_niceness, initargs=nicer)
-        self._committer = ThreadPoolExecutor(max_workers=max(1, max_pending_blocks), thread_name_prefix="actstore-commit",
+        self._committer = ThreadPoolExecutor(max_workers=max(1, max_pending_blocks),
+                                             thread_name_prefix="actstore-commit",
                                              initializer=set_thread_niceness, initargs=nicer)
         self._pending = threading.BoundedSemaphore(max(1, max_pending_blocks))
         self._grow_lock = threading.Lock()

@@ -41,7 +41,8 @@ from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter, default_threads
 
 def build_vlm(quick: bool, device: torch.device, dtype: torch.dtype) -> AdapterVLM:
     """A randomly initialised AdapterVLM of the real study's size (or tiny with ``quick``); no download."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig,
+                              SiglipVisionModel)
 
     tokenizer = build_tokenizer()
     if quick:
@@ -115,7 +116,8 @@ def breakdown(vlm: AdapterVLM, images_: list[np.ndarray], prompt: str, device: t
                     row[key] += dt
             n = micro * len(parts)
             out[str(micro)] = {k: v / n for k, v in row.items()}
-            print(f"  micro-batch {micro:3d}: " + ", ".join(f"{k} {v * 1e3:.2f} ms/img" for k, v in out[str(micro)].items()))
+            stages = ", ".join(f"{k} {v * 1e3:.2f} ms/img" for k, v in out[str(micro)].items())
+            print(f"  micro-batch {micro:3d}: {stages}")
     return out
 
 
@@ -257,7 +259,8 @@ def main() -> None:
     settings = ([(p, modes[0], writers[0]) for p in pending] + [(pending[0], m, writers[0]) for m in modes[1:]]
                 + [(pending[0], modes[0], w) for w in writers[1:]])
     sweep = {}
-    for p, mode, kind in settings[::-1]:  # the reported setting last: the others' one-time costs do not count against it
+    # The reported setting last: the others' one-time costs do not count against it.
+    for p, mode, kind in settings[::-1]:
         os.environ["ACTSTORE_DURABILITY"] = mode
         run = harvest(vlm, batches, prompt, directory, args.block_images, device, p, kind)
         sweep[f"{p}-{mode}-{kind}"] = {"images_per_s": run[0], "writer_seconds_per_block": run[3],

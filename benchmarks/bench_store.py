@@ -138,13 +138,16 @@ def bench_ours(directory: Path, schema: StoreSchema, blocks: list[np.ndarray], t
 
 def read_seconds(array: Any, plain: Any, threads: int) -> float:
     """Seconds to read every chunk of the dask ``array`` in one Dask computation on ``threads`` threads (as the
-    analysis does); with ``plain``, a zarr array of the same chunks, through zarr-python instead of actstore's reader."""
+    analysis does); with ``plain``, a zarr array of the same chunks, through zarr-python instead of actstore's
+    reader."""
     import dask
 
     if plain is None:
         tasks = [dask.delayed(np.shape)(block) for block in array.to_delayed().reshape(-1)]
     else:
-        read = lambda key: plain[tuple(slice(i * c, (i + 1) * c) for i, c in zip(key, plain.chunks))].shape  # noqa: E731
+        def read(key: tuple[int, ...]) -> tuple[int, ...]:
+            return plain[tuple(slice(i * c, (i + 1) * c) for i, c in zip(key, plain.chunks))].shape
+
         tasks = [dask.delayed(read)(key) for key in np.ndindex(*array.numblocks)]
     start = time.perf_counter()
     dask.compute(tasks, scheduler="threads", num_workers=threads)

@@ -154,7 +154,8 @@ def main() -> None:
                 runs[f"{writer_kind}-{mode}"].append(run)
                 print(f"{writer_kind:7s} {mode:9s} raw {raw:5.2f} GB/s, bound {limit:6.1f} images/s | pipeline "
                       f"{run['images_per_s']:6.1f} images/s = {run['ratio_to_limit']:.2f}x, forward "
-                      f"{run['forward_s']:.1f} s, waited {run['write_wait_s']:.1f} of {run['seconds']:.1f} s; per block "
+                      f"{run['forward_s']:.1f} s, waited {run['write_wait_s']:.1f} of {run['seconds']:.1f} s; "
+                      "per block "
                       + ", ".join(f"{k} {v:.2f}" for k, v in run["writer_seconds_per_block"].items()), flush=True)
     finally:
         os.environ.pop("ACTSTORE_DURABILITY", None)

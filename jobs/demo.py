@@ -54,7 +54,8 @@ def run_demo(out: str = "runs/demo", config: str | Path = DEMO_CONFIG) -> Path:
     print("[demo]   state | FVU image   text | L0 image  text | cosine image  text | alignment random")
     for layer in stats.layer.values:
         row = stats.sel(layer=layer)
-        print(f"[demo]   {int(layer):5d} | {float(row.fvu.sel(kind='image')):9.3f} {float(row.fvu.sel(kind='text')):6.3f}"
+        print(f"[demo]   {int(layer):5d}"
+              f" | {float(row.fvu.sel(kind='image')):9.3f} {float(row.fvu.sel(kind='text')):6.3f}"
               f" | {float(row.l0_mean.sel(kind='image')):8.1f} {float(row.l0_mean.sel(kind='text')):5.1f}"
               f" | {float(row.mean_cos.sel(kind='image')):12.3f} {float(row.mean_cos.sel(kind='text')):5.3f}"
               f" | {float(row.alignment):9.3f} {float(row.alignment_baseline):6.3f}")

@@ -83,7 +83,8 @@ def test_gemma_scope_npz_entry(store_and_suite):
     np.savez(root / "params.npz", W_enc=p.W_enc.numpy(), b_enc=p.b_enc.numpy(), W_dec=p.W_dec.numpy(),
              b_dec=p.b_dec.numpy(), threshold=np.zeros(F, np.float32))
     (root / "npz.yaml").write_text(yaml.safe_dump(
-        {"name": "npz", "saes": [{"source": "gemma_scope_npz", "path": "params.npz", "hook": "blocks.4.hook_resid_post"}]}))
+        {"name": "npz",
+         "saes": [{"source": "gemma_scope_npz", "path": "params.npz", "hook": "blocks.4.hook_resid_post"}]}))
     suite = load_suite(root / "npz.yaml")
     assert list(suite.saes) == [5] and suite.saes[5].activation == "jumprelu"
     # JumpReLU with zero thresholds is ReLU: the same statistics as the ReLU SAE

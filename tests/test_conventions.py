@@ -72,3 +72,14 @@ def test_the_check_sees_what_it_should():
                  "no return type"],
         "Thing.method": ["no return type"],
     }
+
+
+MAX_LINE = 120
+
+
+def test_no_line_of_code_is_longer_than_the_limit():
+    """Every Python line of the project fits in MAX_LINE characters (the width the code is written to)."""
+    long = [f"{path.relative_to(ROOT)}:{number} ({len(line)} characters)"
+            for package in (*CHECKED, "tests") for path in sorted((ROOT / package).rglob("*.py"))
+            for number, line in enumerate(path.read_text().splitlines(), 1) if len(line) > MAX_LINE]
+    assert not long, f"lines longer than {MAX_LINE} characters:\n" + "\n".join(long)

@@ -418,7 +418,8 @@ def test_a_different_job_into_the_same_store_is_refused(adapter_dir, tmp_path):
 def test_a_rerun_with_more_images_extends_the_store(adapter_dir, tmp_path):
     """Only the new blocks are harvested, and the store equals one harvested at the larger size at once."""
     store = tmp_path / "s.zarr"
-    first = run_harvest(HarvestConfig.from_yaml(write_config(tmp_path / "a.yaml", adapter_dir, n_images=16)), str(store))
+    fewer = HarvestConfig.from_yaml(write_config(tmp_path / "a.yaml", adapter_dir, n_images=16))
+    first = run_harvest(fewer, str(store))
     more = HarvestConfig.from_yaml(write_config(tmp_path / "b.yaml", adapter_dir, n_images=40))
     assert run_harvest(more, str(store))["blocks"] == [b for b in range(5) if b not in first["blocks"]]
     run_harvest(more, str(tmp_path / "whole.zarr"))
@@ -585,7 +586,8 @@ def test_undecodable_images_are_skipped_and_recorded_in_the_store(adapter_dir, t
     config.write_text(yaml.safe_dump({
         "model": {"vision": "miniature", "lm": "miniature"}, "adapter": str(adapter_dir),
         "data": {"source": "parquet", "path": str(data)},
-        "harvest": {"n_images": 6, "block_images": 8, "batch_size": 8, "dtype": "float32", "text_tokens_per_image": 8}}))
+        "harvest": {"n_images": 6, "block_images": 8, "batch_size": 8, "dtype": "float32",
+                    "text_tokens_per_image": 8}}))
     run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "s.zarr"))
     ds = actstore.open(tmp_path / "s.zarr")
     assert list(ds.image_id.values) == ["ex0", "ex1", "ex3", "ex4", "ex5"]
@@ -606,7 +608,8 @@ def test_a_dataset_smaller_than_n_images_is_harvested_whole(adapter_dir, tmp_pat
     config.write_text(yaml.safe_dump({
         "model": {"vision": "miniature", "lm": "miniature"}, "adapter": str(adapter_dir),
         "data": {"source": "parquet", "path": str(tmp_path / "data.parquet")},
-        "harvest": {"n_images": 16, "block_images": 4, "batch_size": 4, "dtype": "float32", "text_tokens_per_image": 4}}))
+        "harvest": {"n_images": 16, "block_images": 4, "batch_size": 4, "dtype": "float32",
+                    "text_tokens_per_image": 4}}))
     logged = []
     run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "s.zarr"), log=logged.append)
     assert any("the dataset has 6 examples, fewer than harvest.n_images = 16" in line for line in logged)

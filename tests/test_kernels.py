@@ -170,7 +170,8 @@ def test_matches_sae_lens(backend, x_dtype, apply_b_dec, activation, k):
     assert_stats_match(run(case, backend), want)
 
 
-@pytest.mark.parametrize("x_dtype, w_dtype", [("bfloat16", "float32"), ("float32", "bfloat16"), ("float16", "bfloat16")])
+@pytest.mark.parametrize("x_dtype, w_dtype",
+                         [("bfloat16", "float32"), ("float32", "bfloat16"), ("float16", "bfloat16")])
 def test_mixed_dtypes(x_dtype, w_dtype):
     case = make_case("jumprelu", x_dtype=DTYPES[x_dtype], w_dtype=DTYPES[w_dtype], apply_b_dec=True, seed=2)
     assert_stats_match(run(case, "triton"), oracle_stats(case)[0])

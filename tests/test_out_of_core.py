@@ -44,7 +44,8 @@ def test_analysis_of_a_store_three_times_the_worker_memory(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     saes = {layer: SAEParams(torch.randn(D, F, generator=g) / D**0.5, torch.full((F,), -0.5),
-                             torch.randn(F, D, generator=g) / F**0.5, torch.zeros(D), "relu") for layer in range(LAYERS)}
+                             torch.randn(F, D, generator=g) / F**0.5, torch.zeros(D), "relu")
+            for layer in range(LAYERS)}
     ds = actstore.open(tmp_path / "big.zarr")
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, memory_limit=MEMORY_LIMIT,
                       dashboard_address=None) as cluster, Client(cluster) as client:

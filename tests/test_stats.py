@@ -399,7 +399,8 @@ def test_packed_bytes_unpack_to_every_tensor_exactly():
     from actstore.devices import pack_bytes, unpack_bytes
 
     g = torch.Generator().manual_seed(0)
-    tensors = [torch.randint(-5, 5, (7,), generator=g, dtype=torch.int32), torch.randn((), generator=g, dtype=torch.float64),
+    tensors = [torch.randint(-5, 5, (7,), generator=g, dtype=torch.int32),
+               torch.randn((), generator=g, dtype=torch.float64),
                torch.rand(3, 4, generator=g) > 0.5, torch.randn(5, 2, generator=g, dtype=torch.float64),
                torch.zeros(6, 0, dtype=torch.int64), torch.randint(0, 9, (3,), generator=g, dtype=torch.uint8),
                torch.randn(2, 3, generator=g).t(), torch.randint(-9, 9, (4, 2), generator=g)]

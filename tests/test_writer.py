@@ -236,7 +236,8 @@ def test_writer_threads_yield_the_cpu_to_the_caller(store_path, monkeypatch):
     monkeypatch.setattr(ChunkEncoder, "encode", watched)
     schema = small_schema(capacity=8)
     with StoreWriter.create(store_path, schema) as writer:
-        writer.submit_block(0, *block_data(schema, 0), ready=lambda: seen.setdefault("commit", thread_niceness())).result()
+        commit_niceness = lambda: seen.setdefault("commit", thread_niceness())  # noqa: E731
+        writer.submit_block(0, *block_data(schema, 0), ready=commit_niceness).result()
     want = min(19, thread_niceness() + WRITER_NICENESS_INCREMENT)
     assert seen == {"encode": want, "commit": want}
     np.testing.assert_array_equal(bits(actstore.open(store_path).image_resid.values[:, :4]),
@@ -260,7 +261,8 @@ def test_encoder_threads_follow_the_cores_of_this_rank(monkeypatch):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda x: x[:, :, :4], r"image_resid has shape \(3, 4, 4, 12\); this store expects \(layers=3, n, image_tokens=5"),
+        (lambda x: x[:, :, :4],
+         r"image_resid has shape \(3, 4, 4, 12\); this store expects \(layers=3, n, image_tokens=5"),
         (lambda x: x[:2], r"expects \(layers=3"),
         (lambda x: x.astype(np.float32), "dtype float32; this store holds bfloat16"),
         (lambda x: np.concatenate([x, x], axis=1), "a block holds 1..4 images, got 8"),
