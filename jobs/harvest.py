@@ -192,12 +192,12 @@ def open_store_of_rank(out: str, schema: StoreSchema, provenance: dict[str, Any]
         missing = set(writer.missing_blocks(h.n_images))
     if launched:  # given once the store is created and grown, so it also tells the other ranks to open it
         missing = missing_from_rank_0(missing)
+    elif rank != 0:  # nobody tells this rank: it looks
+        wait_for_store(out, h.n_images)
     if rank != 0:
-        if not launched:
-            wait_for_store(out, h.n_images)
         writer = StoreWriter.open(out, schema, provenance, threads=h.threads, max_pending_blocks=h.pending_blocks)
-        if not launched:
-            missing = set(writer.missing_blocks(h.n_images))
+    if missing is None:  # a rank without rank 0's list reads the store itself
+        missing = set(writer.missing_blocks(h.n_images))
     return writer, missing
 
 
