@@ -372,3 +372,67 @@ def test_skipped_inputs_are_read_back_from_their_blocks_records_alone(store_path
     with StoreWriter.open(store_path) as writer:
         writer.write_block(2, *block_data(schema, 2))
     assert actstore.open(store_path).attrs["skipped_images"] == []
+
+
+def test_opening_asks_for_complete_blocks_metadata_alone_and_many_at_once(store_path, monkeypatch):
+    """``actstore.open`` reads each complete block's marker, image ids and prompts (three small chunks a block, each a
+    round trip on an object store) with many requests in flight, not zarr's 10 per array, and asks nothing of blocks
+    reserved but not written (most of a store while it is harvested)."""
+    import asyncio
+
+    import zarr
+
+    from actstore.schema import BLOCK_STATUS
+
+    schema = small_schema(capacity=4 * 64, text_tokens_per_image=0)
+    with StoreWriter.create(store_path, schema) as writer:
+        write_blocks(writer, range(48))
+    in_flight, most, asked = [0], [0], []
+    real_get = LocalStore.get
+
+    async def get(self, key, *args, **kwargs):
+        asked.append(key)
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        try:
+            await asyncio.sleep(0.02)  # an object store's round trip
+            return await real_get(self, key, *args, **kwargs)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(LocalStore, "get", get)
+    with zarr.config.set({"async.concurrency": 10}):
+        ds = actstore.open(store_path)
+    monkeypatch.undo()
+    assert most[0] >= 40, most[0]
+    for name in (BLOCK_STATUS, "image_id", "prompt"):
+        blocks = sorted(int(key.split("/")[2]) for key in asked if key.startswith(f"{name}/c/"))
+        assert blocks == list(range(48)), (name, blocks)
+    assert ds.sizes["image"] == 48 * 4
+    assert ds.image_id.values[-1] == "img-47-3" and ds.prompt.values[5] == "prompt 1/1"
+    whole = actstore.open(store_path, complete_only=False)  # the reserved blocks read as zarr's fill value
+    assert whole.sizes["image"] == 64 * 4 and set(whole.image_id.values[48 * 4:]) == {""}
+    assert list(whole.image_id.values[:48 * 4]) == list(ds.image_id.values)
+
+
+def test_s3_urls_get_a_connection_pool_for_many_requests_at_once(monkeypatch, tmp_path):
+    """botocore holds 10 connections unless told otherwise, which would queue the readers' 64 requests in flight; a
+    pool the caller or fsspec's configuration sets is kept, with their other settings, and other URLs are untouched."""
+    import fsspec.config
+
+    import actstore.location as location
+
+    given = []
+    monkeypatch.setattr(location.FsspecStore, "from_url",
+                        lambda url, storage_options=None, read_only=False: given.append(storage_options))
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    location.open_zarr_store("s3://bucket/acts.zarr", read_only=True)
+    assert given[-1] == {"config_kwargs": {"max_pool_connections": location.S3_CONNECTIONS}}
+    location.open_zarr_store("s3://b/a.zarr", read_only=True, storage_options={"anon": True,
+                             "config_kwargs": {"max_pool_connections": 8, "connect_timeout": 5}})
+    assert given[-1] == {"anon": True, "config_kwargs": {"max_pool_connections": 8, "connect_timeout": 5}}
+    monkeypatch.setattr(fsspec.config, "conf", {"s3": {"config_kwargs": {"connect_timeout": 3}}})
+    location.open_zarr_store("s3://b/a.zarr", read_only=False)
+    assert given[-1] == {"config_kwargs": {"connect_timeout": 3, "max_pool_connections": location.S3_CONNECTIONS}}
+    location.open_zarr_store("gcs://b/a.zarr", read_only=True, storage_options={"token": "anon"})
+    assert given[-1] == {"token": "anon"}
