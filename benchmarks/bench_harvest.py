@@ -223,6 +223,53 @@ def harvest(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, direc
     return n / seconds, info, stats, step_summary(writer.block_timings)
 
 
+def harvest_report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, fwd: float, raw: float,
+                   stages: dict, sweep: dict, setting: str, run: tuple, launches: dict | None = None) -> dict:
+    """The benchmark's JSON: ``run`` (the harvest of ``setting``) against the forward-only rate ``fwd`` and the disk
+    bound from ``raw`` GB/s, beside the ``sweep`` so far; partial until ``launches`` is measured."""
+    ours, info, stats, writer_steps = run
+    stored_per_image = info["bytes_stored"] / info["images"]
+    disk_bound = raw * GB / stored_per_image
+    limit = min(fwd, disk_bound)
+    best = max(sweep, key=lambda k: sweep[k]["images_per_s"])
+    return {
+        "benchmark": "harvest",
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "host": platform.node(),
+        "config": {**vars(args), "dtype": str(dtype), "image_tokens": info["schema"]["image_tokens"],
+                   "states": len(info["schema"]["layers"]), "d_model": info["schema"]["d_model"]},
+        "images_per_s": {"harvest": ours, "forward_only": fwd, "disk_bound": disk_bound,
+                         "by_setting": {k: r["images_per_s"] for k, r in sweep.items()}},
+        "harvest_GBps_logical": ours * info["bytes_logical"] / info["images"] / GB,
+        "harvest_GBps_stored": ours * stored_per_image / GB,
+        "raw_write_GBps": raw,
+        "bytes_per_image_logical": info["bytes_logical"] / info["images"],
+        "bytes_per_image_stored": stored_per_image,
+        "compression_ratio": info["compression_ratio"],
+        "time_split_s": {"forward": stats.seconds_forward, "copy": stats.seconds_copy,
+                         "write_wait": stats.seconds_write_wait, "total": stats.seconds_total,
+                         "note": "forward and copy: device time (CUDA events) on a GPU, host time on a CPU; "
+                                 "write_wait: host time waiting for a free host buffer or a writer slot"},
+        "seconds_per_image_by_stage": stages,
+        # Where the writer's commit threads spent each block (the reported setting): waiting for the device-to-host
+        # copy, encoding + writing chunks, coordinates, syncfs, marker. A disk-bound harvest spends it in chunks and
+        # flush.
+        "writer_seconds_per_block": writer_steps,
+        "writer_threads": default_threads(),
+        "sweep": sweep,  # "<pending blocks>-<durability>-<writer>"; the first setting is the one reported above
+        # one thread's tiny-op launch rate, alone and beside a busy in-process writer (measured after the sweep)
+        "launches_per_s": launches,
+        "partial": launches is None,
+        "reported_setting": setting,
+        "ratios": {"harvest_vs_forward_only": ours / fwd, "harvest_vs_disk_bound": ours / disk_bound,
+                   "harvest_vs_limit": ours / limit, "goal": 0.85,
+                   # against the same forward-only run and disk bound: what making the fastest setting the default
+                   # would give
+                   "best_setting": best, "best_vs_limit": sweep[best]["images_per_s"] / limit},
+    }
+
+
 def main() -> None:
     """Run the benchmark and write its JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -258,7 +305,7 @@ def main() -> None:
     modes, writers = args.durability.split(","), args.writer.split(",")
     settings = ([(p, modes[0], writers[0]) for p in pending] + [(pending[0], m, writers[0]) for m in modes[1:]]
                 + [(pending[0], modes[0], w) for w in writers[1:]])
-    sweep = {}
+    sweep, raw, tag = {}, None, "gpu" if device.type == "cuda" else "cpu-quick"
     # The reported setting last: the others' one-time costs do not count against it.
     for p, mode, kind in settings[::-1]:
         os.environ["ACTSTORE_DURABILITY"] = mode
@@ -267,54 +314,22 @@ def main() -> None:
                                        "write_wait_s": run[2].seconds_write_wait,
                                        "forward_s": run[2].seconds_forward}
         print(f"  pending blocks {p}, {mode}, writer {kind}: {run[0]:.1f} images/s", flush=True)
+        if raw is None:  # the disk's bound as soon as the stored size is known, so that a run cut short reports it
+            raw = raw_sequential_write(directory, max(run[1]["bytes_stored"], 64 << 20))
+        # Saved after every setting: a run stopped by its time limit keeps the settings it finished.
+        save_result(harvest_report(args, device, dtype, fwd, raw, stages, sweep, f"{p}-{mode}-{kind}", run),
+                    f"harvest-{tag}", args.out)
     os.environ["ACTSTORE_DURABILITY"] = modes[0]
-    ours, info, stats, writer_steps = run
+    info = run[1]
     probe_schema = StoreSchema(layers=tuple(range(len(info["schema"]["layers"]))),
                                image_tokens=info["schema"]["image_tokens"], d_model=info["schema"]["d_model"],
                                capacity=4 * args.block_images, block_images=args.block_images, text_tokens_per_image=0)
     launches = launch_rate_beside_writer(device, directory, probe_schema, tuple(dict.fromkeys(("threads", *writers))))
-    raw = raw_sequential_write(directory, max(info["bytes_stored"], 64 << 20))
     shutil.rmtree(directory, ignore_errors=True)
-    stored_per_image = info["bytes_stored"] / info["images"]
-    disk_bound = raw * GB / stored_per_image
-    limit = min(fwd, disk_bound)
-    best = max(sweep, key=lambda k: sweep[k]["images_per_s"])
-    report = {
-        "benchmark": "harvest",
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "host": platform.node(),
-        "config": {**vars(args), "dtype": str(dtype), "image_tokens": info["schema"]["image_tokens"],
-                   "states": len(info["schema"]["layers"]), "d_model": info["schema"]["d_model"]},
-        "images_per_s": {"harvest": ours, "forward_only": fwd, "disk_bound": disk_bound,
-                         "by_setting": {k: r["images_per_s"] for k, r in sweep.items()}},
-        "harvest_GBps_logical": ours * info["bytes_logical"] / info["images"] / GB,
-        "harvest_GBps_stored": ours * stored_per_image / GB,
-        "raw_write_GBps": raw,
-        "bytes_per_image_logical": info["bytes_logical"] / info["images"],
-        "bytes_per_image_stored": stored_per_image,
-        "compression_ratio": info["compression_ratio"],
-        "time_split_s": {"forward": stats.seconds_forward, "copy": stats.seconds_copy,
-                         "write_wait": stats.seconds_write_wait, "total": stats.seconds_total,
-                         "note": "forward and copy: device time (CUDA events) on a GPU, host time on a CPU; "
-                                 "write_wait: host time waiting for a free host buffer or a writer slot"},
-        "seconds_per_image_by_stage": stages,
-        # Where the writer's commit threads spent each block (the reported setting): waiting for the device-to-host
-        # copy, encoding + writing chunks, coordinates, syncfs, marker. A disk-bound harvest spends it in chunks and
-        # flush.
-        "writer_seconds_per_block": writer_steps,
-        "writer_threads": default_threads(),
-        "sweep": sweep,  # "<pending blocks>-<durability>-<writer>"; the first setting is the one reported above
-        "launches_per_s": launches,  # one thread's tiny-op launch rate, alone and beside a busy in-process writer
-        "ratios": {"harvest_vs_forward_only": ours / fwd, "harvest_vs_disk_bound": ours / disk_bound,
-                   "harvest_vs_limit": ours / limit, "goal": 0.85,
-                   # against the same forward-only run and disk bound: what making the fastest setting the default
-                   # would give
-                   "best_setting": best, "best_vs_limit": sweep[best]["images_per_s"] / limit},
-    }
+    report = harvest_report(args, device, dtype, fwd, raw, stages, sweep, f"{pending[0]}-{modes[0]}-{writers[0]}", run,
+                            launches)
     print(json.dumps({k: report[k] for k in ("images_per_s", "ratios", "raw_write_GBps", "time_split_s",
                                              "writer_seconds_per_block", "launches_per_s")}, indent=1))
-    tag = "gpu" if device.type == "cuda" else "cpu-quick"
     save_result(report, f"harvest-{tag}", args.out)
 
 

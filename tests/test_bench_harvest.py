@@ -18,6 +18,7 @@ def test_bench_harvest_quick(tmp_path):
     assert all(0 <= v["mean"] <= v["max"] for v in steps.values()) and steps["chunks"]["max"] > 0
     assert set(report["sweep"]) == {"4-syncfs-threads", "4-syncfs-process"}
     assert report["images_per_s"]["harvest"] == report["sweep"]["4-syncfs-threads"]["images_per_s"]
+    assert report["reported_setting"] == "4-syncfs-threads" and report["partial"] is False
     best = max(report["sweep"], key=lambda k: report["sweep"][k]["images_per_s"])
     assert report["ratios"]["best_setting"] == best
     assert report["ratios"]["best_vs_limit"] == report["sweep"][best]["images_per_s"] / min(
