@@ -484,3 +484,23 @@ def test_a_gemma_scope_sae_loads_offline_from_a_prefilled_hub_cache(tmp_path, mo
     suite.check_store(d_model, list(range(27)))
     with pytest.raises(ValueError, match="2304"):
         suite.check_store(2048, list(range(27)))
+
+
+def test_a_store_behind_a_url_is_analysed_as_its_local_copy(store_and_suite, tmp_path):
+    """The README's `actstore analyze s3://...`: fsspec's memory file system stands in for the object store. The result
+    is saved there, reloads equal to the local copy's, and a rerun reuses it."""
+    import fsspec
+
+    root, _ = store_and_suite
+    url = f"memory://analyze-{tmp_path.name}/s.zarr"
+    fsspec.filesystem("memory").put(str(root / "s.zarr"), url, recursive=True)
+    suite = str(root / "suite.yaml")
+    run_analysis(url, suite, backend="reference")
+    local = run_analysis(str(root / "s.zarr"), suite, backend="reference")
+    remote = open_stats(url, "test-suite")
+    for name in local.data_vars:
+        xr.testing.assert_equal(remote[name], local[name])
+    logged = []
+    run_analysis(url, suite, backend="reference", log=logged.append)
+    assert any("up to date: nothing to write" in line for line in logged)
+    assert not fsspec.filesystem("memory").exists(url + "/analysis_partial")
