@@ -3,10 +3,12 @@
     actstore harvest --config jobs/configs/demo.yaml --out STORE
     torchrun --nproc-per-node N -m jobs.harvest --config ... --out STORE
 
+    srun --ntasks-per-node N python -m jobs.harvest --config ... --out STORE      # Slurm, one task per GPU
+
 Blocks that share micro-batches form a group (``batch_size / block_images`` consecutive blocks); rank 0 creates the
 store and tells the other ranks which blocks are missing, and the groups that miss one are dealt to the ranks in turn
-(ranks started without torchrun, by RANK and WORLD_SIZE alone, wait for the store and take the groups ``g`` with
-``g % world_size == rank``).
+(ranks that cannot rendezvous, started by RANK and WORLD_SIZE alone or as the tasks of an srun step without
+MASTER_ADDR / MASTER_PORT, wait for the store and take the groups ``g`` with ``g % world_size == rank``).
 Rerunning the same command after a crash writes only the missing blocks; a run with another model, adapter, data or
 harvest setting into the same store is refused with the list of differences.
 """
@@ -20,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import yaml
@@ -82,6 +84,32 @@ class HarvestConfig:
         return cls(**parse_sections(raw, sections, str(path)), adapter=raw.get("adapter"))
 
 
+@dataclass(frozen=True)
+class Launch:
+    """Where this process stands among the harvest's processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    # The ranks can rendezvous (torch.distributed's env://: MASTER_ADDR and MASTER_PORT), so rank 0 can deal the work
+    rendezvous: bool = False
+
+
+def this_launch(env: Mapping[str, str] = os.environ) -> Launch:
+    """This process's place: torchrun's RANK / WORLD_SIZE / LOCAL_RANK; else, as one task of a multi-task srun step,
+    SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID; else a single process."""
+    if "RANK" in env:
+        rank, world_size, local_rank = int(env["RANK"]), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    elif int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1 and "SLURM_PROCID" in env:
+        # The step's tasks, not the allocation's SLURM_NTASKS: a batch script sees SLURM_NTASKS and SLURM_PROCID=0 too,
+        # but is one process, which must harvest everything rather than the first rank's share.
+        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
+        local_rank = int(env.get("SLURM_LOCALID", 0))
+    else:
+        return Launch()
+    return Launch(rank, world_size, local_rank, world_size > 1 and "MASTER_ADDR" in env and "MASTER_PORT" in env)
+
+
 def wait_for_store(location: str, n_images: int, timeout: float = 600.0) -> None:
     """Block until rank 0 has created the store at ``location`` and made it hold ``n_images`` images."""
     from actstore.location import open_zarr_store
@@ -126,13 +154,16 @@ def check_marked(out: str, blocks: list[int]) -> None:
                               "them; rerun the same command to write them again")
 
 
-def missing_from_rank_0(missing: set[int] | None) -> set[int]:
-    """Rank 0's ``missing`` blocks, on every rank of a torchrun launch (a collective: every rank calls it)."""
+def missing_from_rank_0(missing: set[int] | None, launch: Launch) -> set[int]:
+    """Rank 0's ``missing`` blocks, on every rank of a launch that can rendezvous (a collective: every rank calls
+    it)."""
     import torch.distributed as dist
 
     ours = not dist.is_initialized()
     if ours:  # the backend train-adapter's ranks use: where its training runs, this runs
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # rank and world size given, since an srun step's tasks have no RANK / WORLD_SIZE for env:// to read
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=launch.rank,
+                                world_size=launch.world_size)
     try:
         shared = [sorted(missing) if missing is not None else None]
         dist.broadcast_object_list(shared, src=0)
@@ -178,11 +209,12 @@ def unfinished(futures: list[Any]) -> list[Any]:
     return running
 
 
-def open_store_of_rank(out: str, schema: StoreSchema, provenance: dict[str, Any], h: HarvestSection, rank: int,
-                       launched: bool) -> tuple[StoreWriter, set[int]]:
+def open_store_of_rank(out: str, schema: StoreSchema, provenance: dict[str, Any], h: HarvestSection,
+                       launch: Launch) -> tuple[StoreWriter, set[int]]:
     """This rank's writer of the store and the blocks missing from it: rank 0 creates or reopens the store and makes
-    it hold ``h.n_images``; the other ranks open it after that, and (``launched``) take rank 0's missing blocks."""
-    writer, missing = None, None
+    it hold ``h.n_images``; the other ranks open it after that, and (with a rendezvous) take rank 0's missing
+    blocks."""
+    rank, writer, missing = launch.rank, None, None
     if rank == 0:
         writer = StoreWriter.open_or_create(out, schema, provenance, threads=h.threads,
                                             max_pending_blocks=h.pending_blocks)
@@ -190,8 +222,8 @@ def open_store_of_rank(out: str, schema: StoreSchema, provenance: dict[str, Any]
         # once, each to its own size, would race on the arrays' shapes and the recorded capacity.
         writer.reserve(h.n_images)
         missing = set(writer.missing_blocks(h.n_images))
-    if launched:  # given once the store is created and grown, so it also tells the other ranks to open it
-        missing = missing_from_rank_0(missing)
+    if launch.rendezvous:  # given once the store is created and grown, so it also tells the other ranks to open it
+        missing = missing_from_rank_0(missing, launch)
     elif rank != 0:  # nobody tells this rank: it looks
         wait_for_store(out, h.n_images)
     if rank != 0:
@@ -203,10 +235,11 @@ def open_store_of_rank(out: str, schema: StoreSchema, provenance: dict[str, Any]
 
 def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = print) -> dict[str, Any]:
     """Harvest this process's share of the missing blocks into ``out``."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    launch = this_launch()
+    rank, world_size = launch.rank, launch.world_size
     say = log if rank == 0 else (lambda *_: None)
     h = cfg.harvest
-    device = local_device()
+    device = local_device(launch.local_rank)
     vlm = build_model(cfg.model, adapter=cfg.adapter, log=say)
     vlm.to(device).eval()
     if device.type == "cuda" and cfg.model.dtype == "float32":
@@ -244,12 +277,10 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     }
     if vlm.commits:  # what an unpinned hub name resolved to: a rerun after the hub moved on is refused, not mixed
         provenance["weights"] = dict(vlm.commits)
-    # Launched with torch.distributed's env:// rendezvous (torchrun and other launchers set MASTER_ADDR): ranks can talk
-    launched = world_size > 1 and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
-    writer, missing = open_store_of_rank(out, schema, provenance, h, rank, launched)
+    writer, missing = open_store_of_rank(out, schema, provenance, h, launch)
     writer = writer_of_kind(writer, h.writer, h.threads, h.pending_blocks)
     all_groups = block_groups(schema.blocks_for(h.n_images), h.block_images, h.batch_size)
-    groups = groups_of_rank(all_groups, missing, rank, world_size, dealt=launched)
+    groups = groups_of_rank(all_groups, missing, rank, world_size, dealt=launch.rendezvous)
     todo = [b for group in groups for b in group if b in missing]
     say(f"[harvest] {len(states)} states x {schema.image_tokens} image tokens x d_model {schema.d_model} -> {out}; "
         f"{len(todo)} block(s) to write on rank 0 of {world_size}")

@@ -167,12 +167,14 @@ def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> lis
 
 
 # ---- distributed ---------------------------------------------------------------------------------------------
-def local_device() -> torch.device:
-    """This process's device: GPU ``LOCAL_RANK`` under torchrun, made current so that the streams, CUDA events and
-    NCCL calls that name no device use it rather than GPU 0; the CPU without a GPU."""
+def local_device(local_rank: int | None = None) -> torch.device:
+    """This process's device: GPU ``local_rank`` (default ``LOCAL_RANK``, as torchrun sets it), or the one GPU it sees
+    where the launcher gave each process its own (Slurm's ``--gpus-per-task``), made current so that the streams, CUDA
+    events and NCCL calls that name no device use it rather than GPU 0; the CPU without a GPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    device = torch.device("cuda", 0 if torch.cuda.device_count() == 1 else local_rank)
     torch.cuda.set_device(device)
     return device
 

@@ -455,6 +455,44 @@ def test_an_extending_rerun_on_several_ranks_grows_the_store_on_rank_0_alone(ada
     _assert_same_store(store, tmp_path / "whole.zarr")
 
 
+def test_each_launcher_gives_the_process_its_place():
+    """torchrun's variables win; the tasks of a multi-task srun step take Slurm's; a batch script, which Slurm also
+    gives SLURM_NTASKS and SLURM_PROCID=0, is one process and harvests everything."""
+    from jobs.harvest import Launch, this_launch
+
+    slurm = {"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "7"}
+    assert this_launch(slurm) == Launch(0, 1, 0, False)
+    step = {**slurm, "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1"}
+    assert this_launch(step) == Launch(5, 8, 1, False)
+    assert this_launch({**step, "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}) == Launch(5, 8, 1, True)
+    torchrun = {"RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "MASTER_ADDR": "n", "MASTER_PORT": "1"}
+    assert this_launch({**step, **torchrun}) == Launch(3, 16, 3, True)  # srun starting one torchrun per node
+    assert this_launch({"RANK": "1", "WORLD_SIZE": "2"}) == Launch(1, 2, 0, False)
+    assert this_launch({}) == Launch()
+
+
+def test_the_tasks_of_an_srun_step_share_the_harvest(adapter_dir, tmp_path, monkeypatch):
+    """`srun --ntasks 2 python -m jobs.harvest ...` without torchrun: each task harvests its share, not the whole
+    store (here the tasks run one after the other, rank 0 first, as the static split lets them)."""
+    cfg = HarvestConfig.from_yaml(write_config(tmp_path / "c.yaml", adapter_dir, n_images=40))
+    run_harvest(cfg, str(tmp_path / "whole.zarr"))
+    store = tmp_path / "s.zarr"
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    logged = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("SLURM_PROCID", str(rank))
+        monkeypatch.setenv("SLURM_LOCALID", str(rank))
+        logged[rank] = []
+        run_harvest(cfg, str(store), log=logged[rank].append)
+        if rank == 0:
+            assert any("block(s) to write on rank 0 of 2" in line for line in logged[0]), logged[0]
+            assert 0 < actstore.open(store).attrs["blocks_complete"] < actstore.open(store).attrs["blocks_total"]
+    assert logged[1] == []  # only rank 0 speaks
+    assert verify(store).ok
+    _assert_same_store(store, tmp_path / "whole.zarr")
+
+
 def hub_snapshot(cache: Path, repo: str, files: Path, commit: str) -> None:
     """Put ``files`` into a Hugging Face cache as ``repo`` at ``commit``, its main branch (what a download leaves)."""
     root = cache / f"models--{repo.replace('/', '--')}"

@@ -158,3 +158,22 @@ def test_llava_json_and_imagefolder_sources(tmp_path):
     cfg.data.source, cfg.data.path = "imagefolder", str(folder)
     source = image_text_source(cfg.data, "train")
     assert sorted(source[i]["caption"] for i in range(len(source))) == sorted(r["caption"] for r in rows)
+
+
+def test_each_process_takes_its_local_gpu_or_the_one_it_sees(monkeypatch):
+    """GPU ``local_rank`` of the node's GPUs; where the launcher gave each process one GPU of its own (Slurm's
+    --gpus-per-task sets CUDA_VISIBLE_DEVICES per task), that one, whatever the local rank."""
+    import torch
+
+    from jobs.train_adapter import local_device
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert local_device(3) == torch.device("cuda", 3)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert local_device() == torch.device("cuda", 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert local_device(3) == torch.device("cuda", 0)
+    assert made_current == [torch.device("cuda", 3), torch.device("cuda", 2), torch.device("cuda", 0)]
