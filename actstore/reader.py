@@ -42,7 +42,8 @@ class BlockMarker:
 
 # zarr requests one array's chunks at most ``async.concurrency`` (10) at a time. A store's per-block metadata (marker,
 # image ids, prompts) is three small chunks per block, each a round trip on an object store: for 6250 blocks at 20 ms,
-# ~38 s per ``actstore.open`` at 10 in flight. So these are read as several selections at once.
+# ~45 s per ``actstore.open`` at 10 in flight (benchmarks/bench_open.py). So these are read as several selections at
+# once.
 METADATA_IN_FLIGHT = 64
 
 
@@ -71,9 +72,10 @@ def read_rows(reads: Sequence[tuple[zarr.Array, np.ndarray]], in_flight: int = M
 
         return list(await asyncio.gather(*(read_part(i, rows) for i, rows in parts)))
 
-    got = sync(read_all()) if parts else []
-    return [np.concatenate([np.asarray(v) for (j, _), v in zip(parts, got) if j == i]) if any(j == i for j, _ in parts)
-            else np.asarray(array[:0]) for i, (array, _) in enumerate(reads)]
+    values: list[list[np.ndarray]] = [[] for _ in reads]
+    for (i, _), value in zip(parts, sync(read_all()) if parts else []):
+        values[i].append(np.asarray(value))
+    return [np.concatenate(v) if v else np.asarray(array[:0]) for v, (array, _) in zip(values, reads)]
 
 
 def read_markers(group: zarr.Group) -> dict[int, BlockMarker]:
