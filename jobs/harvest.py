@@ -140,15 +140,20 @@ def space_warning(needed: int, free: int | None, out: str) -> str | None:
             "size); select fewer states (harvest.layers) or images, or free space")
 
 
-def check_marked(out: str, blocks: list[int]) -> None:
-    """Raise StoreWriteError unless readers of ``out`` see every one of ``blocks`` as complete."""
+def marked_blocks(out: str) -> set[int]:
+    """The blocks of ``out`` that readers see as complete."""
     from actstore.location import open_zarr_store
     from actstore.reader import read_markers
     from actstore.writer import open_group
 
+    return set(read_markers(open_group(open_zarr_store(out, read_only=True), out, "r")))
+
+
+def check_marked(out: str, blocks: list[int]) -> None:
+    """Raise StoreWriteError unless readers of ``out`` see every one of ``blocks`` as complete."""
     # Read as readers do (the markers' values), not as the writer decides what is missing (by listing keys): a
     # harvest never reports success for a block that a reader would leave out.
-    unmarked = sorted(set(blocks) - set(read_markers(open_group(open_zarr_store(out, read_only=True), out, "r"))))
+    unmarked = sorted(set(blocks) - marked_blocks(out))
     if unmarked:
         raise StoreWriteError(f"blocks {unmarked} of {out} were written but readers see no completion marker for "
                               "them; rerun the same command to write them again")
@@ -332,6 +337,10 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
         log(f"[harvest] rank {rank} skipped {len(stats.skipped)} undecodable image(s): "
             + ", ".join(f"{s['id']} ({s['reason']})" for s in stats.skipped[:10]))
     say(f"[harvest] rank {rank}: {stats.summary()}")
+    if world_size > 1:  # rank 0's share is done, not necessarily the store: say which
+        total, done = schema.blocks_for(h.n_images), len(marked_blocks(out))
+        say(f"[harvest] {out}: {min(done, total)} of {total} blocks complete" + (
+            "" if done >= total else "; the other ranks write the rest (rerun the same command if any of them failed)"))
     return {"store": out, "stats": asdict(stats), "blocks": todo}
 
 

@@ -487,7 +487,9 @@ def test_the_tasks_of_an_srun_step_share_the_harvest(adapter_dir, tmp_path, monk
         run_harvest(cfg, str(store), log=logged[rank].append)
         if rank == 0:
             assert any("block(s) to write on rank 0 of 2" in line for line in logged[0]), logged[0]
-            assert 0 < actstore.open(store).attrs["blocks_complete"] < actstore.open(store).attrs["blocks_total"]
+            done, total = actstore.open(store).attrs["blocks_complete"], actstore.open(store).attrs["blocks_total"]
+            assert 0 < done < total
+            assert f"{done} of {total} blocks complete; the other ranks write the rest" in logged[0][-1]
     assert logged[1] == []  # only rank 0 speaks
     assert verify(store).ok
     _assert_same_store(store, tmp_path / "whole.zarr")
