@@ -338,8 +338,9 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
             + ", ".join(f"{s['id']} ({s['reason']})" for s in stats.skipped[:10]))
     say(f"[harvest] rank {rank}: {stats.summary()}")
     if world_size > 1:  # rank 0's share is done, not necessarily the store: say which
-        total, done = schema.blocks_for(h.n_images), len(marked_blocks(out))
-        say(f"[harvest] {out}: {min(done, total)} of {total} blocks complete" + (
+        total = schema.blocks_for(h.n_images)
+        done = sum(block < total for block in marked_blocks(out))  # not those of a larger earlier run
+        say(f"[harvest] {out}: {done} of {total} blocks complete" + (
             "" if done >= total else "; the other ranks write the rest (rerun the same command if any of them failed)"))
     return {"store": out, "stats": asdict(stats), "blocks": todo}
 
