@@ -15,6 +15,7 @@ Definitions over the N tokens of a (layer, kind):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -29,11 +30,12 @@ import numpy as np
 import torch
 import xarray as xr
 import zarr
+from zarr.core.sync import sync
 
 from actstore.bfloat16 import to_torch
 from actstore.devices import thread_stream, to_device, to_host
 from actstore.errors import IncompleteAnalysisError
-from actstore.location import local_path
+from actstore.location import list_keys, local_path
 from actstore.progress import TaskProgress, wait_with_progress
 from actstore.schema import ANALYSIS, ANALYSIS_PARTIAL, ANALYSIS_SAVED_MARK
 from actstore.sink import fsync_path, sync_tree
@@ -578,5 +580,13 @@ def remove_checkpoints(location: str, name: str) -> None:
     root = zarr.open_group(str(location), mode="r+", zarr_format=3)
     if checkpoint_group(name) in root:
         del root[checkpoint_group(name)]
-    if ANALYSIS_PARTIAL in root and not list(root[ANALYSIS_PARTIAL].keys()):  # no other analysis under way
-        del root[ANALYSIS_PARTIAL]
+    # The shared group goes once no other analysis keeps layers in it, and then only its own metadata (and its folder,
+    # if still empty), never recursively: another analysis of this store may have begun keeping its first layer there
+    # since the listing. Its layers read without the parent's metadata, and its next save writes that again.
+    metadata = f"{ANALYSIS_PARTIAL}/zarr.json"
+    if set(list_keys(root.store, f"{ANALYSIS_PARTIAL}/")) <= {metadata}:
+        sync(root.store.delete(metadata))
+        local = local_path(location)
+        if local is not None:
+            with contextlib.suppress(OSError):  # gone already, or another analysis's layers are in it
+                os.rmdir(local / ANALYSIS_PARTIAL)

@@ -182,6 +182,33 @@ def test_an_interrupted_analysis_resumes_with_the_missing_layers(store_and_suite
     assert calls == [[0], [5]]
 
 
+def test_an_analysis_finishing_keeps_the_layers_another_has_just_begun_to_keep(store_and_suite, monkeypatch):
+    """Two suites analysed at once on one store (say, 16k and 65k SAEs): the one finishing removes the shared
+    checkpoint group once it looks empty, and the other may keep its first layer there right after that look."""
+    import actstore.stats as stats_module
+    from actstore.stats import load_layer_checkpoint, save_layer_checkpoint
+
+    root, saes = store_and_suite
+    store = str(root / "s.zarr")
+    other = compute_layer_stats(actstore.open(store), saes, [5], backend="reference")
+    real_list_keys = stats_module.list_keys
+
+    def list_then_other_keeps_a_layer(zarr_store, prefix):
+        seen = real_list_keys(zarr_store, prefix)
+        if prefix.startswith("analysis_partial"):
+            save_layer_checkpoint(store, "other-suite", 5, other, "fingerprint")
+        return seen
+
+    monkeypatch.setattr(stats_module, "list_keys", list_then_other_keeps_a_layer)
+    run_analysis(store, str(root / "suite.yaml"), backend="reference")
+    monkeypatch.undo()
+    kept = load_layer_checkpoint(store, "other-suite", 5, "fingerprint")
+    assert kept is not None
+    xr.testing.assert_equal(kept.drop_attrs(), other.drop_attrs())
+    stats_module.remove_checkpoints(store, "other-suite")  # the last one out leaves nothing behind
+    assert not (root / "s.zarr" / "analysis_partial").exists()
+
+
 def test_an_analysis_stopped_while_saving_is_never_read_as_a_result(store_and_suite, monkeypatch):
     """xarray writes a group's attributes before its arrays: a run stopped while saving a layer or the result leaves
     a group that must not pass for one (its unwritten chunks would read as fill values). Such a group is refused by
