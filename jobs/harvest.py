@@ -149,14 +149,16 @@ def marked_blocks(out: str) -> set[int]:
     return set(read_markers(open_group(open_zarr_store(out, read_only=True), out, "r")))
 
 
-def check_marked(out: str, blocks: list[int]) -> None:
-    """Raise StoreWriteError unless readers of ``out`` see every one of ``blocks`` as complete."""
+def check_marked(out: str, blocks: list[int]) -> set[int]:
+    """The blocks of ``out`` that readers see as complete; raises StoreWriteError unless every one of ``blocks`` is."""
     # Read as readers do (the markers' values), not as the writer decides what is missing (by listing keys): a
     # harvest never reports success for a block that a reader would leave out.
-    unmarked = sorted(set(blocks) - marked_blocks(out))
+    marked = marked_blocks(out)
+    unmarked = sorted(set(blocks) - marked)
     if unmarked:
         raise StoreWriteError(f"blocks {unmarked} of {out} were written but readers see no completion marker for "
                               "them; rerun the same command to write them again")
+    return marked
 
 
 def missing_from_rank_0(missing: set[int] | None, launch: Launch) -> set[int]:
@@ -327,7 +329,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     for f in futures:
         f.result()
     writer.close()
-    check_marked(out, todo)
+    marked = check_marked(out, todo)
     stats.bytes_stored = writer.bytes_written
     stats.settle(wait=True)
     stats.seconds_write_wait += time.perf_counter() - t0
@@ -339,7 +341,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     say(f"[harvest] rank {rank}: {stats.summary()}")
     if world_size > 1:  # rank 0's share is done, not necessarily the store: say which
         total = schema.blocks_for(h.n_images)
-        done = sum(block < total for block in marked_blocks(out))  # not those of a larger earlier run
+        done = sum(block < total for block in marked)  # not those of a larger earlier run
         say(f"[harvest] {out}: {done} of {total} blocks complete" + (
             "" if done >= total else "; the other ranks write the rest (rerun the same command if any of them failed)"))
     return {"store": out, "stats": asdict(stats), "blocks": todo}
