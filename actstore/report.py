@@ -152,31 +152,50 @@ def patch_activations(ds: xr.Dataset, sae: Any, layer: int, image: int, latent: 
 
 def plot_heatmaps(ds: xr.Dataset, stats: xr.Dataset, sae: Any, layer: int, latent: int, n_images: int,
                   path: Path) -> str:
-    """Per-patch heat maps of ``latent`` on the images where it is most active; returns the figure's caption."""
+    """Per-patch heat maps of ``latent`` on the images where it is most active, under the pictures themselves where
+    the store's data source still has them; returns the figure's caption."""
     import matplotlib.pyplot as plt
+
+    from actstore.pictures import store_pictures
 
     n_tokens = ds.sizes["image_token"]
     top = stats.top_token.sel(layer=layer, kind="image", latent=latent).values if "top_token" in stats else []
     images = list(dict.fromkeys(int(t) // n_tokens for t in top if t >= 0))[:n_images]
     images = images or list(range(min(n_images, ds.sizes["image"])))
+    ids = [str(ds.image_id.values[i]) for i in images]
+    pictures, not_found = store_pictures(ds.attrs.get("provenance", {}), ids)
     side = int(round(math.sqrt(n_tokens)))
     shape = (side, side) if side * side == n_tokens else (1, n_tokens)
-    fig, axes = plt.subplots(1, len(images), figsize=(3 * len(images), 3.3), squeeze=False)
-    for ax, image in zip(axes[0], images):
-        acts = patch_activations(ds, sae, layer, image, latent)
-        shown = ax.imshow(acts.reshape(shape), cmap="magma", vmin=0)
+    rows = 2 if pictures else 1
+    fig, axes = plt.subplots(rows, len(images), figsize=(3 * len(images), 3.3 * rows), squeeze=False)
+    for column, (image, image_id) in enumerate(zip(images, ids)):
+        acts = patch_activations(ds, sae, layer, image, latent).reshape(shape)
+        picture = pictures.get(image_id)
         caption = str(ds.prompt.values[image]) if "prompt" in ds.coords else ""
-        ax.set_title("\n".join([f"image {image}", caption[:40]]), fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        fig.colorbar(shown, ax=ax, fraction=0.046)
+        axes[0][column].set_title("\n".join([f"image {image} ({image_id})", caption[:40]]), fontsize=8)
+        if picture is not None:
+            axes[0][column].imshow(picture)
+        heat = axes[-1][column]
+        # Over the picture only where its grid is the image's patch grid: a square picture, squashed or not by the
+        # processor alike; other pictures stand above their map, since a processor may crop them.
+        overlay = picture is not None and picture.shape[0] == picture.shape[1] and shape[0] == shape[1]
+        if overlay:
+            heat.imshow(picture.mean(axis=2), cmap="gray", extent=(0, side, side, 0))
+        shown = heat.imshow(np.ma.masked_equal(acts, 0) if overlay else acts, cmap="magma", vmin=0,
+                            alpha=0.75 if overlay else None, extent=(0, shape[1], shape[0], 0))
+        fig.colorbar(shown, ax=heat, fraction=0.046)
+        for ax in axes[:, column]:
+            ax.set_xticks([])
+            ax.set_yticks([])
     description = str(stats.description.sel(layer=layer, latent=latent).values) if "description" in stats else ""
     fig.suptitle(f"latent {latent} at state {layer}: {description or '(no description)'}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    where = "the pictures (above) and, below, " if pictures else ""
     return (f"Per-patch activation of latent {latent} at state {layer} ({description or 'no description'}) on the "
-            f"images where it is most active.")
+            f"images where it is most active: {where}the latent's activation at each image token (patch grid)."
+            + (f" Pictures: {not_found}." if not_found else ""))
 
 
 def heatmap_choice(stats: xr.Dataset) -> tuple[int, int]:

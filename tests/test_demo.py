@@ -35,6 +35,9 @@ def test_demo_runs_end_to_end(miniature, tmp_path, capsys, monkeypatch):
     report = tmp_path / "demo" / "report"
     check_numbers(markdown_layer_table((report / "report.md").read_text()), stats)
     assert all((report / name).stat().st_size > 10_000 for name in ("layers.png", "frequencies.png", "heatmaps.png"))
+    # the heat maps stand under the world's pictures of their images, every one found again
+    heat_maps = (report / "report.md").read_text().split("## Heat maps")[1].split("##")[0]
+    assert "the pictures (above)" in heat_maps and "Pictures:" not in heat_maps
     assert np.isfinite(stats.alignment.values).all() and (stats.description != "").sum() > 100
     # the README's queries run as written on the demo's store (the paths and indices of its examples swapped in)
     run_readme_python("## Query a store with xarray", {"runs/demo/activations.zarr": str(path)})

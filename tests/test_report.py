@@ -57,6 +57,8 @@ def test_report_tables_carry_the_statistics(store_and_suite, tmp_path):  # noqa:
     out = write_report(store, tmp_path / "report")
     stats = open_stats(store, "test-suite")
     check_numbers(markdown_layer_table((out / "report.md").read_text()), stats)
+    # written without a harvest, the store names no images' source: the heat maps say they go without pictures
+    assert "Pictures: the store does not name the data its images came from" in (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     table = re.search(r"<table id='layers'>(.*?)</table>", page).group(1)
     cells = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table)[1:]]

@@ -1,0 +1,57 @@
+"""The pictures behind a store's images are found again by id in the source its provenance names, or named missing."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from actstore import world
+from actstore.pictures import store_pictures
+
+
+def test_world_pictures_are_the_generated_images_of_their_ids():
+    expected = world.generate(40, seed=3)
+    ids = ["world-3-000039", "world-3-000005", "world-4-000001"]  # the last one is of another world
+    found, note = store_pictures({"dataset": {"source": "world", "path": None, "seed": 3}}, ids)
+    assert sorted(found) == ["world-3-000005", "world-3-000039"]
+    np.testing.assert_array_equal(found["world-3-000039"], expected[39]["image"])
+    np.testing.assert_array_equal(found["world-3-000005"], expected[5]["image"])
+    assert "world-4-000001" in note and "world-3" not in note
+
+
+def test_dataset_pictures_are_found_by_id_column_and_undecodable_ones_named(tmp_path):
+    from conftest import parquet_with_a_corrupt_image
+
+    parquet_with_a_corrupt_image(tmp_path / "data.parquet")  # ids ex0..ex5 of world seed 9; ex2 is not an image
+    dataset = {"source": "parquet", "path": str(tmp_path / "data.parquet"), "image_column": "image"}
+    found, note = store_pictures({"dataset": dataset}, ["ex4", "ex2", "ex1"])
+    expected = world.generate(6, seed=9)
+    assert sorted(found) == ["ex1", "ex4"] and "ex2" in note and "ex1" not in note
+    np.testing.assert_array_equal(found["ex4"], expected[4]["image"])
+    np.testing.assert_array_equal(found["ex1"], expected[1]["image"])
+
+
+def test_dataset_pictures_without_an_id_column_are_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = world.generate(3, seed=1)
+    images = []
+    for r in rows:
+        buf = io.BytesIO()
+        Image.fromarray(r["image"]).save(buf, format="PNG")
+        images.append({"bytes": buf.getvalue(), "path": None})
+    pq.write_table(pa.table({"picture": images, "caption": [r["caption"] for r in rows]}), tmp_path / "d.parquet")
+    dataset = {"source": "parquet", "path": str(tmp_path / "d.parquet"), "image_column": "picture"}
+    found, note = store_pictures({"dataset": dataset}, ["2", "7"])
+    np.testing.assert_array_equal(found["2"], rows[2]["image"])
+    assert list(found) == ["2"] and "7" in note
+
+
+def test_a_source_that_is_gone_gives_no_pictures_and_says_why(tmp_path):
+    dataset = {"source": "parquet", "path": str(tmp_path / "moved.parquet"), "image_column": "image"}
+    found, note = store_pictures({"dataset": dataset}, ["ex0"])
+    assert found == {} and "cannot be read here" in note and "moved.parquet" in note
+    assert store_pictures({}, ["a"]) == ({}, "the store does not name the data its images came from")
