@@ -15,12 +15,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from actstore.devices import to_device
 from actstore.models import VLMBatch
+from actstore.process_writer import ProcessWriter
 from actstore.writer import StoreWriter, TextTokens
 
 # Which text tokens a harvest stores, recorded in the store's provenance: a resume must not mix two rules in one store
@@ -161,11 +162,14 @@ _HELD = object()  # a ring entry's "future" while its block is still being fille
 
 class HostRing:
     """A few block-sized host buffers (pinned when the model is on a GPU) that device-to-host copies land in without
-    blocking the next forward; a buffer is reused only once the writer has finished the block it held."""
+    blocking the next forward; a buffer is reused only once the writer has finished the block it held. ``allocate``
+    (image shape, text shape, dtype) gives a buffer pair, or None to fall back to this ring's own."""
 
-    def __init__(self, slots: int, pin: bool) -> None:
+    def __init__(self, slots: int, pin: bool,
+                 allocate: Callable[[tuple[int, ...], tuple[int, ...], torch.dtype], Any] | None = None) -> None:
         self.entries: list[dict[str, Any] | None] = [None] * max(1, slots)
         self.pin = pin
+        self.allocate = allocate
         self.turn = 0
 
     def reserve(self, slots: int) -> None:
@@ -184,11 +188,20 @@ class HostRing:
             entry["future"].result()
         if entry is None or entry["image"].shape != image_shape or entry["text"].shape != text_shape \
                 or entry["image"].dtype != dtype:
-            entry = {"image": torch.empty(image_shape, dtype=dtype, pin_memory=self.pin),
-                     "text": torch.empty(text_shape, dtype=dtype, pin_memory=self.pin), "future": None}
+            buffers = self.allocate(image_shape, text_shape, dtype) if self.allocate is not None else None
+            image, text = buffers or (torch.empty(image_shape, dtype=dtype, pin_memory=self.pin),
+                                      torch.empty(text_shape, dtype=dtype, pin_memory=self.pin))
+            entry = {"image": image, "text": text, "future": None}
             self.entries[slot] = entry
         entry["future"] = _HELD
         return entry
+
+
+def host_ring(writer: Any, slots: int, pin: bool) -> HostRing:
+    """A HostRing for ``writer``: for a ProcessWriter, its buffers in the writer's shared memory, which its child
+    reads in place (a block is then not copied once more on its way to the disk); else in this process's memory."""
+    allocate = partial(writer.host_buffers, pin=pin) if isinstance(writer, ProcessWriter) else None
+    return HostRing(slots, pin, allocate)
 
 
 def copy_to_host(destination: torch.Tensor, source: torch.Tensor) -> None:

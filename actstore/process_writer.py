@@ -5,20 +5,26 @@ encode threads in the same process take it whenever they come back from compress
 thread then waits for them. On the H100 host one thread's launch rate beside a busy in-process writer was 0.18-0.33x
 its rate alone, and the harvest's forward pass took 3-4x longer than alone (benchmarks/results/harvest-gpu-h100-*).
 
-Here the parent only copies each block from its (pinned) host buffer into a shared-memory slot, on one feeder thread,
-and sends the block's coordinates down a pipe; the child writes it with an ordinary StoreWriter and answers with its
-marker. Blocks complete exactly as they do in-process (a marker only once the block is durable), so resuming after a
-crash of either process works as before. When the parent dies, the child finishes the blocks it holds and exits.
+A harvest's host buffers can live in shared memory themselves (:meth:`ProcessWriter.host_buffers`, pinned for the
+GPU's copies with cudaHostRegister): a block submitted from them goes to the child as a name and two counts, and the
+child reads it in place. Other arrays are copied into a shared-memory slot first, on one feeder thread. Either way the
+parent sends the block's coordinates down a pipe; the child writes it with an ordinary StoreWriter and answers with
+its marker. Blocks complete exactly as they do in-process (a marker only once the block is durable), so resuming
+after a crash of either process works as before. When the parent dies, the child finishes the blocks it holds and
+exits.
 
-Not the default: on the 2-core dev VM (benchmarks/results/writer-pipeline-cpu-2core-vm-writers.json) the forward pass
-beside the child ran 3.3-3.9 s against 3.9-4.3 s beside in-process threads (2.8 s alone), but the extra copy of every
-block cost more than that on two cores (23.4-23.7 against 26.4-29.4 images/s). ``bench_harvest.py --writer
-threads,process`` measures both on a GPU host.
+Not the default: on the 2-core dev VM the forward pass beside the child runs faster than beside in-process threads
+(3.5-4.2 against 4.7-5.2 s), but the pipeline is slower (29.4-33.6 against 37.0-38.5 images/s, without the copy:
+benchmarks/results/writer-pipeline-cpu-2core-vm-in-place.json; 31.2-31.4 against 34.8-42.4 with it): on two cores
+the child's encode threads get less of the CPU than threads that the forward pass waits for. ``bench_harvest.py
+--writer threads,process`` measures both on a GPU host, whose cores the writer does not have to share.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
+import os
 import queue
 import shutil
 import threading
@@ -28,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from actstore.bfloat16 import to_numpy
 from actstore.errors import StoreWriteError
 from actstore.schema import StoreSchema
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter, TextTokens
@@ -64,22 +71,21 @@ class ProcessWriter:
                  max_pending_blocks: int = DEFAULT_PENDING_BLOCKS,
                  storage_options: dict[str, Any] | None = None) -> None:
         self._writer = writer
-        size = writer.schema.block_bytes()
-        slots = max(1, max_pending_blocks) + 1  # the blocks the child writes, and one being copied in
-        free = shared_memory_free()
-        if free is not None and free < slots * size:
-            raise StoreWriteError(
-                f"the writer process needs {slots * size / 1e9:.2f} GB of shared memory ({slots} blocks of "
-                f"{size / 1e9:.2f} GB); /dev/shm has {free / 1e9:.2f} GB free. Enlarge it (docker: --shm-size) or "
-                "write from this process (harvest.writer: threads)")
-        self._slots = [SharedMemory(create=True, size=max(1, size)) for _ in range(slots)]
-        self._views = [slot_views(shm.buf, writer.schema) for shm in self._slots]
-        self._free: queue.Queue[int] = queue.Queue()
-        for slot in range(slots):
-            self._free.put(slot)
-        self._futures: dict[int, Future] = {}
+        self._max_pending_blocks = max(1, max_pending_blocks)
+        # Shared memory the child reads blocks from, by name: slots that blocks given as other arrays are copied into
+        # (made at the first such block), and the host buffers handed out by host_buffers (read in place).
+        self._slots: list[SharedMemory] = []
+        self._slot_views: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._free: queue.Queue[str] = queue.Queue()
+        self._shared: list[SharedMemory] = []
+        self._shared_views: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._shared_bases: list[Any] = []  # their tensors, kept mapped until close unpins them
+        self._pinned: list[int] = []  # addresses registered with CUDA
+        self._futures: dict[int, tuple[Future, str | None]] = {}  # per block in flight: its future, its copy slot
+        self._tokens = itertools.count()
         self._lock = threading.Lock()
         self._bytes_written = 0
+        self._copied = 0
         self._timings: list[dict[str, float]] = []
         self._closed = False
         self._dead: StoreWriteError | None = None  # set once the child is gone
@@ -87,8 +93,7 @@ class ProcessWriter:
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(
             target=serve, name="actstore-writer", daemon=True,
-            args=(writer.location, storage_options, threads, max_pending_blocks, [s.name for s in self._slots],
-                  child_conn))
+            args=(writer.location, storage_options, threads, max_pending_blocks, child_conn))
         self._process.start()
         child_conn.close()
         self._await_ready()
@@ -121,6 +126,12 @@ class ProcessWriter:
         with self._lock:
             return list(self._timings)
 
+    @property
+    def copied_blocks(self) -> int:
+        """How many blocks were copied into a slot (not submitted from :meth:`host_buffers`) so far."""
+        with self._lock:
+            return self._copied
+
     def missing_blocks(self, n_images: int | None = None) -> list[int]:
         """Blocks still to write to hold ``n_images`` images (default: the whole capacity)."""
         return self._writer.missing_blocks(n_images)
@@ -132,6 +143,78 @@ class ProcessWriter:
     def block_images(self, block: int) -> range:
         """Global image indices that block ``block`` covers."""
         return self._writer.block_images(block)
+
+    # ---- shared memory --------------------------------------------------------------------------------------
+    def _new_segment(self, what: str) -> SharedMemory:
+        size = self.schema.block_bytes()
+        free = shared_memory_free()
+        if free is not None and free < size:
+            raise StoreWriteError(
+                f"the writer process needs {size / 1e9:.2f} GB more shared memory for {what}; /dev/shm has "
+                f"{free / 1e9:.2f} GB free (a block is {size / 1e9:.2f} GB, and up to max_pending_blocks + 1 blocks "
+                "are in flight, or as many as the harvest's host buffers). Enlarge it (docker: --shm-size) or write "
+                "from this process (harvest.writer: threads)")
+        return SharedMemory(create=True, size=max(1, size))
+
+    def host_buffers(self, image_shape: tuple[int, ...], text_shape: tuple[int, ...], dtype: Any,
+                     pin: bool = False) -> tuple[Any, Any] | None:
+        """A block's host buffers (image and text activations, as torch tensors of a block's full shape) in shared
+        memory that the child writes from in place: a block submitted from them is not copied again. Pinned for
+        asynchronous device-to-host copies when ``pin``. None where this cannot be had (shapes other than a block's,
+        no /dev/shm file system, a pinning that fails): the caller then allocates its own."""
+        import torch
+
+        s = self.schema
+        if (tuple(image_shape) != (len(s.layers), s.block_images, s.image_tokens, s.d_model)
+                or tuple(text_shape) != (len(s.layers), s.text_slots_per_block, s.d_model)
+                or to_numpy(torch.empty(0, dtype=dtype)).dtype != s.numpy_dtype):
+            return None
+        shm = self._new_segment("a harvest's host buffer")
+        path = f"/dev/shm/{shm.name}"
+        if not os.path.exists(path):  # POSIX shared memory elsewhere than Linux's /dev/shm
+            shm.close()
+            shm.unlink()
+            return None
+        # Mapped by torch itself (not a view of shm.buf), so that the segment's own mapping closes at once and the
+        # tensors may outlive this writer without holding it open.
+        base = torch.from_file(path, shared=True, size=shm.size, dtype=torch.uint8)
+        shm.close()
+        if pin:
+            try:
+                error = int(torch.cuda.cudart().cudaHostRegister(base.data_ptr(), base.numel(), 0))
+            except Exception:  # noqa: BLE001 - no CUDA runtime to ask: the caller's own pinned buffers instead
+                error = -1
+            if error:
+                shm.unlink()
+                return None
+            self._pinned.append(base.data_ptr())
+        item = torch.empty(0, dtype=dtype).element_size()
+        image_bytes, text_bytes = int(np.prod(image_shape)) * item, int(np.prod(text_shape)) * item
+        image = base[:image_bytes].view(dtype).view(image_shape)  # the layout of slot_views, which the child reads
+        text = base[image_bytes : image_bytes + text_bytes].view(dtype).view(text_shape)
+        self._shared.append(shm)
+        self._shared_bases.append(base)
+        self._shared_views[shm.name] = (to_numpy(image), to_numpy(text))
+        return image, text
+
+    def _shared_segment(self, images: np.ndarray, text: tuple[np.ndarray, ...] | None) -> str | None:
+        """The host_buffers segment that ``images`` (and the text activations) are the leading images of, if any."""
+        for name, (image_view, text_view) in self._shared_views.items():
+            if _same_view(images, image_view[:, : images.shape[1]]) and (
+                    text is None or _same_view(text[0], text_view[:, : text[0].shape[1]])):
+                return name
+        return None
+
+    def _copy_slot(self) -> str:
+        """A free slot to copy a block into (waiting while every one holds a block in flight)."""
+        with self._lock:
+            if not self._slots:
+                for _ in range(self._max_pending_blocks + 1):  # the blocks the child writes, and one being copied in
+                    shm = self._new_segment(f"{self._max_pending_blocks + 1} blocks in flight")
+                    self._slots.append(shm)
+                    self._slot_views[shm.name] = slot_views(shm.buf, self.schema)
+                    self._free.put(shm.name)
+        return self._free.get()
 
     # ---- writing --------------------------------------------------------------------------------------------
     def write_block(self, block: int, image_resid: Any, image_ids: Sequence[str], prompts: Sequence[str] | None = None,
@@ -145,21 +228,24 @@ class ProcessWriter:
         ready: Callable[[], object] | None = None,
     ) -> Future:
         """As ``StoreWriter.submit_block``: validate now, write in the background, wait when every slot is taken. The
-        future's ``released`` future is done once the arrays have been copied out (they may then be reused), before
-        the block is durable."""
+        future's ``released`` future is done once the arrays may be reused: when they are copied out, or, for arrays
+        of :meth:`host_buffers`, which the child reads in place, when the block is durable."""
         if self._closed:
             raise StoreWriteError(f"the writer of {self.location} is closed")
         images, text_arrays = self._writer.check_block(block, image_resid, image_ids, prompts, text)
-        slot = self._free.get()
+        shared = self._shared_segment(images, text_arrays)
+        slot = None if shared is not None else self._copy_slot()
         if self._dead is not None:
-            self._free.put(slot)
+            if slot is not None:
+                self._free.put(slot)
             raise self._dead
         future: Future = Future()
-        future.released = Future()  # type: ignore[attr-defined]
+        future.released = future if shared is not None else Future()  # type: ignore[attr-defined]
+        token = next(self._tokens)
         with self._lock:
-            self._futures[slot] = future
-        self._feed.put((slot, block, images, text_arrays, list(image_ids), list(prompts or [""] * len(image_ids)),
-                        [dict(x) for x in skipped], ready, future))
+            self._futures[token] = (future, slot)
+        self._feed.put((token, shared or slot, shared is None, block, images, text_arrays, list(image_ids),
+                        list(prompts or [""] * len(image_ids)), [dict(x) for x in skipped], ready, future))
         return future
 
     def _feed_blocks(self) -> None:
@@ -168,23 +254,24 @@ class ProcessWriter:
             if item is None:
                 self._send(("close",))
                 return
-            slot, block, images, text, ids, prompts, skipped, ready, future = item
+            token, segment, copy, block, images, text, ids, prompts, skipped, ready, future = item
             try:
                 if ready is not None:
                     ready()
-                image_view, text_view = self._views[slot]
-                n = images.shape[1]
-                np.copyto(_bits(image_view[:, :n]), _bits(images))
-                m, coords = 0, None
-                if text is not None:
-                    m = text[0].shape[1]
-                    np.copyto(_bits(text_view[:, :m]), _bits(text[0]))
-                    coords = tuple(np.asarray(c) for c in text[1:])
-                future.released.set_result(None)
-                if not self._send(("block", slot, block, n, m, ids, prompts, coords, skipped)):
-                    self._finish(slot, exc=self._dead or self._died())
+                n, m = images.shape[1], 0 if text is None else text[0].shape[1]
+                if copy:
+                    image_view, text_view = self._slot_views[segment]
+                    np.copyto(_bits(image_view[:, :n]), _bits(images))
+                    if text is not None:
+                        np.copyto(_bits(text_view[:, :m]), _bits(text[0]))
+                    with self._lock:
+                        self._copied += 1
+                    future.released.set_result(None)
+                coords = None if text is None else tuple(np.asarray(c) for c in text[1:])
+                if not self._send(("block", token, segment, block, n, m, ids, prompts, coords, skipped)):
+                    self._finish(token, exc=self._dead or self._died())
             except BaseException as exc:  # noqa: BLE001 - handed to the block's future
-                self._finish(slot, exc=exc)
+                self._finish(token, exc=exc)
 
     def _send(self, message: tuple) -> bool:
         try:
@@ -193,13 +280,14 @@ class ProcessWriter:
         except (OSError, ValueError):  # the child is gone
             return False
 
-    def _finish(self, slot: int, result: Any = None, exc: BaseException | None = None) -> None:
+    def _finish(self, token: int, result: Any = None, exc: BaseException | None = None) -> None:
         with self._lock:
-            future = self._futures.pop(slot, None)
-        self._free.put(slot)
+            future, slot = self._futures.pop(token, (None, None))
+        if slot is not None:
+            self._free.put(slot)
         if future is None:
             return
-        if not future.released.done():
+        if future.released is not future and not future.released.done():
             future.released.set_result(None)
         if exc is not None:
             future.set_exception(exc)
@@ -216,11 +304,11 @@ class ProcessWriter:
                 self._dead = StoreWriteError(f"cannot read the writer process's answer for {self.location}: {exc}")
                 break
             if message[0] == "done":
-                _, slot, marker, written, timing = message
+                _, token, marker, written, timing = message
                 with self._lock:
                     self._bytes_written = written
                     self._timings.append(timing)
-                self._finish(slot, result=marker)
+                self._finish(token, result=marker)
             elif message[0] == "error":
                 self._finish(message[1], exc=message[2])
             elif message[0] == "closed":
@@ -229,9 +317,9 @@ class ProcessWriter:
                 return
         self._dead = self._dead or self._died()
         with self._lock:
-            slots = list(self._futures)
-        for slot in slots:
-            self._finish(slot, exc=self._dead)
+            tokens = list(self._futures)
+        for token in tokens:
+            self._finish(token, exc=self._dead)
 
     def _await_ready(self, timeout: float = 300.0) -> None:
         """Wait until the child has opened the store, so that a harvest's clock and its first block do not wait for
@@ -246,9 +334,6 @@ class ProcessWriter:
             message = ("error", None, StoreWriteError(f"the writer process of {self.location} failed to start: {exc}"))
         if message[0] != "ready":
             self._process.kill()
-            for shm in self._slots:
-                shm.close()
-                shm.unlink()
             raise message[2] or self._died()
 
     def _died(self) -> StoreWriteError:
@@ -256,6 +341,21 @@ class ProcessWriter:
         return StoreWriteError(
             f"the writer process of {self.location} stopped (exit code {self._process.exitcode}); blocks it had not "
             "marked complete stay missing and a rerun writes them")
+
+    def _free_shared_memory(self) -> None:
+        if self._pinned:
+            import torch
+
+            torch.cuda.synchronize()  # no copy of an abandoned block may still land in a buffer being unpinned
+            for address in self._pinned:
+                torch.cuda.cudart().cudaHostUnregister(address)
+            self._pinned.clear()
+        self._shared_bases.clear()  # the caller's tensors keep their mapping; the names go below
+        for shm in self._slots:
+            shm.close()
+        for shm in self._slots + self._shared:
+            shm.unlink()
+        self._slots, self._shared = [], []
 
     def close(self) -> None:
         """Wait for the blocks in flight, stop the child and free the shared memory."""
@@ -267,9 +367,7 @@ class ProcessWriter:
         self._receiver.join()
         self._process.join()
         self._conn.close()
-        for shm in self._slots:
-            shm.close()
-            shm.unlink()
+        self._free_shared_memory()
         self._writer.close()
         if self._process.exitcode not in (0, None):
             raise self._died()
@@ -281,19 +379,24 @@ class ProcessWriter:
         self.close()
 
 
+def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays are the same view of the same memory."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.shape == b.shape
+            and a.strides == b.strides and a.dtype == b.dtype)
+
+
 def serve(location: str, storage_options: dict[str, Any] | None, threads: int | None, max_pending_blocks: int,
-          slot_names: list[str], conn: Any) -> None:
-    """The child: write each block the parent sends from its slot, answer with the block's marker or error."""
+          conn: Any) -> None:
+    """The child: write each block the parent sends from its shared memory, answer with the block's marker or
+    error."""
     try:
         writer = StoreWriter.open(location, threads=threads, max_pending_blocks=max_pending_blocks,
                                   storage_options=storage_options)
     except BaseException as exc:  # noqa: BLE001 - answered, the parent raises it
         conn.send(("error", None, _picklable(exc)))
         return
-    # Attached, not created: a spawned child shares its parent's resource tracker, which unlinks the segments if
-    # both processes die without the parent's close.
-    slots = [SharedMemory(name=name) for name in slot_names]
-    views = [slot_views(shm.buf, writer.schema) for shm in slots]
+    attached: list[SharedMemory] = []
+    views: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     lock = threading.Lock()
     conn.send(("ready",))
 
@@ -304,13 +407,13 @@ def serve(location: str, storage_options: dict[str, Any] | None, threads: int | 
             except (OSError, ValueError):
                 pass
 
-    def done(future: Future, slot: int, block: int) -> None:
+    def done(future: Future, token: int, block: int) -> None:
         exc = future.exception()
         if exc is not None:
-            reply(("error", slot, _picklable(exc)))
+            reply(("error", token, _picklable(exc)))
             return
         timing = next((t for t in reversed(writer.block_timings) if t["block"] == block), {})
-        reply(("done", slot, future.result(), writer.bytes_written, timing))
+        reply(("done", token, future.result(), writer.bytes_written, timing))
 
     try:
         while True:
@@ -320,20 +423,26 @@ def serve(location: str, storage_options: dict[str, Any] | None, threads: int | 
                 break  # the parent is gone: finish what is in flight, then stop
             if message[0] == "close":
                 break
-            _, slot, block, n, m, ids, prompts, coords, skipped = message
-            image_view, text_view = views[slot]
-            text = None if coords is None else TextTokens(text_view[:, :m], *coords)
+            _, token, segment, block, n, m, ids, prompts, coords, skipped = message
             try:
+                if segment not in views:
+                    # Attached, not created: a spawned child shares its parent's resource tracker, which unlinks the
+                    # segments if both processes die without the parent's close.
+                    attached.append(SharedMemory(name=segment))
+                    views[segment] = slot_views(attached[-1].buf, writer.schema)
+                image_view, text_view = views[segment]
+                text = None if coords is None else TextTokens(text_view[:, :m], *coords)
                 future = writer.submit_block(block, image_view[:, :n], ids, prompts, text, skipped)
             except BaseException as exc:  # noqa: BLE001 - answered, not raised
-                reply(("error", slot, _picklable(exc)))
+                reply(("error", token, _picklable(exc)))
                 continue
-            future.add_done_callback(lambda f, slot=slot, block=block: done(f, slot, block))
+            future.add_done_callback(lambda f, token=token, block=block: done(f, token, block))
     finally:
         writer.close()
         reply(("closed", writer.bytes_written))
         conn.close()
-        for shm in slots:
+        views.clear()
+        for shm in attached:
             shm.close()
 
 

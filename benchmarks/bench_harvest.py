@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_store import GB, activation_like, gil_switch_interval, raw_sequential_write, save_result  # noqa: E402
 
 from actstore.harvest import (  # noqa: E402
-    BlockJob, HarvestStats, HostRing, block_groups, forward_states, harvest_blocks, n_states)
+    BlockJob, HarvestStats, block_groups, forward_states, harvest_blocks, host_ring, n_states)
 from actstore.integrity import store_info  # noqa: E402
 from actstore.miniature import build_tokenizer  # noqa: E402
 from actstore.models import AdapterConfig, AdapterVLM  # noqa: E402
@@ -186,10 +186,11 @@ def step_summary(timings: list[dict[str, float]]) -> dict[str, dict[str, float]]
 
 def harvest(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, directory: Path, block_images: int,
             device: torch.device, pending_blocks: int, writer_kind: str = "threads"
-            ) -> tuple[float, dict, HarvestStats, dict]:
+            ) -> tuple[float, dict, HarvestStats, dict, int | None]:
     """Images/s of the harvester into a fresh store on ``directory``'s disk (fsync'd) with ``pending_blocks``
     blocks committing at once, written from this process's threads or a child process (``writer_kind``), the
-    store's info, the harvest's time split and the writer's seconds per block by commit step."""
+    store's info, the harvest's time split, the writer's seconds per block by commit step and, for a child writer, how
+    many blocks were copied on their way to it (0 when the host ring is its shared memory)."""
     states = list(range(n_states(vlm.lm)))
     probe = vlm.prepare(batches[0][:1], [prompt])
     n = sum(len(b) for b in batches)
@@ -201,10 +202,10 @@ def harvest(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, direc
     flat = [img for b in batches for img in b]
     batch_size = len(batches[0])
     groups = block_groups(schema.blocks_for(n), block_images, batch_size)
-    ring = HostRing(slots=len(groups[0]) + pending_blocks, pin=device.type == "cuda")  # as jobs.harvest sizes it
     # a child writer is started (and ready) before the clock
     writer = writer_of_kind(StoreWriter.create(path, schema, max_pending_blocks=pending_blocks), writer_kind,
                             max_pending_blocks=pending_blocks)
+    ring = host_ring(writer, slots=len(groups[0]) + pending_blocks, pin=device.type == "cuda")  # as jobs.harvest
     start = time.perf_counter()
     with writer:
         for group in groups:
@@ -220,14 +221,14 @@ def harvest(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, direc
     stats.settle(wait=True)
     info = store_info(path)
     shutil.rmtree(path)
-    return n / seconds, info, stats, step_summary(writer.block_timings)
+    return n / seconds, info, stats, step_summary(writer.block_timings), getattr(writer, "copied_blocks", None)
 
 
 def harvest_report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, fwd: float, raw: float,
                    stages: dict, sweep: dict, setting: str, run: tuple, launches: dict | None = None) -> dict:
     """The benchmark's JSON: ``run`` (the harvest of ``setting``) against the forward-only rate ``fwd`` and the disk
     bound from ``raw`` GB/s, beside the ``sweep`` so far; partial until ``launches`` is measured."""
-    ours, info, stats, writer_steps = run
+    ours, info, stats, writer_steps = run[:4]
     stored_per_image = info["bytes_stored"] / info["images"]
     disk_bound = raw * GB / stored_per_image
     limit = min(fwd, disk_bound)
@@ -312,7 +313,7 @@ def main() -> None:
         run = harvest(vlm, batches, prompt, directory, args.block_images, device, p, kind)
         sweep[f"{p}-{mode}-{kind}"] = {"images_per_s": run[0], "writer_seconds_per_block": run[3],
                                        "write_wait_s": run[2].seconds_write_wait,
-                                       "forward_s": run[2].seconds_forward}
+                                       "forward_s": run[2].seconds_forward, "blocks_copied_for_the_child": run[4]}
         print(f"  pending blocks {p}, {mode}, writer {kind}: {run[0]:.1f} images/s", flush=True)
         if raw is None:  # the disk's bound as soon as the stored size is known, so that a run cut short reports it
             raw = raw_sequential_write(directory, max(run[1]["bytes_stored"], 64 << 20))

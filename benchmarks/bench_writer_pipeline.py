@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_store import GB, activation_like, raw_sequential_write, report_header, save_result  # noqa: E402
 
-from actstore.harvest import HostRing  # noqa: E402
+from actstore.harvest import HostRing, host_ring  # noqa: E402
 from actstore.schema import StoreSchema  # noqa: E402
 from actstore.sink import DURABILITY_MODES  # noqa: E402
 from actstore.process_writer import writer_of_kind  # noqa: E402
@@ -49,9 +50,10 @@ def dirty_page_limits() -> dict[str, int]:
     return limits
 
 
-def filled_ring(schema: StoreSchema, slots: int, source: torch.Tensor) -> HostRing:
-    """A host ring whose buffers already hold activation-like values (filling them is the GPU's copy, not timed)."""
-    ring = HostRing(slots, pin=False)
+def filled_ring(writer: Any, schema: StoreSchema, slots: int, source: torch.Tensor) -> HostRing:
+    """``writer``'s host ring (as a harvest gets it), its buffers already holding activation-like values (filling
+    them is the GPU's copy, not timed)."""
+    ring = host_ring(writer, slots, pin=False)
     shape = (len(schema.layers), schema.block_images, schema.image_tokens, schema.d_model)
     for _ in range(slots):
         entry = ring.acquire(shape, (len(schema.layers), 0, schema.d_model), source.dtype)
@@ -81,11 +83,11 @@ def run_pipeline(directory: Path, schema: StoreSchema, n_images: int, batch: int
     writer's mean seconds per block by commit step."""
     B = schema.block_images
     per_batch = max(1, batch // B)
-    ring = filled_ring(schema, per_batch + pending_blocks, source)
     ids = [f"i{i}" for i in range(B)]
     wait = forward_s = 0.0
     writer = writer_of_kind(StoreWriter.create(directory / "pipeline.zarr", schema, max_pending_blocks=pending_blocks),
                             writer_kind, max_pending_blocks=pending_blocks)
+    ring = filled_ring(writer, schema, per_batch + pending_blocks, source)
     start = time.perf_counter()
     with writer:
         for first in range(0, n_images // B, per_batch):
@@ -103,7 +105,8 @@ def run_pipeline(directory: Path, schema: StoreSchema, n_images: int, batch: int
     steps = {k: float(np.mean([t[k] for t in timings])) for k in timings[0] if k != "block"}
     shutil.rmtree(directory / "pipeline.zarr")
     return {"images_per_s": n_images / seconds, "forward_s": forward_s, "write_wait_s": wait, "seconds": seconds,
-            "bytes_stored": writer.bytes_written, "writer_seconds_per_block": steps}
+            "bytes_stored": writer.bytes_written, "writer_seconds_per_block": steps,
+            "blocks_copied_for_the_child": getattr(writer, "copied_blocks", None)}
 
 
 def main() -> None:

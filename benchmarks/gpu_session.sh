@@ -45,7 +45,8 @@ case "${1:-acceptance}" in
       tests/test_stats.py::test_top_k_and_image_top_wait_for_the_gpu_no_more_than_the_codes_do \
       tests/test_stats.py::test_a_gpu_tasks_sums_cross_in_one_copy \
       tests/test_stats.py::test_the_triton_path_gives_the_same_statistics
-    step gpu-harvest-tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_harvest.py -k micro_batches
+    step gpu-harvest-tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_harvest.py \
+      tests/test_process_writer.py -k "micro_batches or pinned_for_the_gpus"
     step bench-kernels 200 python3 benchmarks/bench_kernels.py --out "$out/kernels-gpu-$host.json"
     ;;
   store)

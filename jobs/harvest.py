@@ -28,7 +28,8 @@ import torch
 import yaml
 
 from actstore.errors import NotAStoreError, StoreWriteError
-from actstore.harvest import TEXT_TOKEN_RULE, BlockJob, HarvestStats, HostRing, block_groups, harvest_blocks, n_states
+from actstore.harvest import (
+    TEXT_TOKEN_RULE, BlockJob, HarvestStats, block_groups, harvest_blocks, host_ring, n_states)
 from actstore.location import free_bytes
 from actstore.models import adapter_sha256
 from actstore.progress import progress
@@ -296,7 +297,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
         say(warning)
     stats = HarvestStats()
     # Buffers for the blocks one group's micro-batches fill, plus the blocks the writer keeps in flight.
-    ring = HostRing(slots=max(map(len, groups), default=1) + h.pending_blocks, pin=device.type == "cuda")
+    ring = host_ring(writer, max(map(len, groups), default=1) + h.pending_blocks, pin=device.type == "cuda")
     start = time.perf_counter()
     futures = []
     bar = progress(len(todo), "harvest", "block", enabled=rank == 0)

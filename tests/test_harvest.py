@@ -120,12 +120,17 @@ def test_two_torchrun_processes_equal_one_and_share_a_resume(adapter_dir, tmp_pa
     _assert_same_store(tmp_path / "one.zarr", tmp_path / "two.zarr")
 
 
-def test_a_harvest_written_from_a_child_process_equals_one_written_in_process(adapter_dir, tmp_path):
+def test_a_harvest_written_from_a_child_process_equals_one_written_in_process(adapter_dir, tmp_path, monkeypatch):
+    from actstore.process_writer import ProcessWriter
+
     config = write_config(tmp_path / "h.yaml", adapter_dir, n_images=24)
     run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "threads.zarr"))
+    copies, copy_slot = [], ProcessWriter._copy_slot
+    monkeypatch.setattr(ProcessWriter, "_copy_slot", lambda self: copies.append(1) or copy_slot(self))
     child = HarvestConfig.from_yaml(write_config(tmp_path / "p.yaml", adapter_dir, n_images=24, writer="process"))
     result = run_harvest(child, str(tmp_path / "process.zarr"))
     assert result["stats"]["bytes_stored"] > 0
+    assert copies == []  # the host ring is the child's shared memory: no block is copied again
     assert verify(tmp_path / "process.zarr").ok
     _assert_same_store(tmp_path / "threads.zarr", tmp_path / "process.zarr")
     with pytest.raises(ValueError, match="harvest.writer must be one of"):

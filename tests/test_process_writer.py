@@ -19,7 +19,7 @@ import actstore
 from actstore.errors import StoreWriteError
 from actstore.integrity import verify
 from actstore.process_writer import ProcessWriter
-from actstore.writer import StoreWriter
+from actstore.writer import StoreWriter, TextTokens
 from conftest import bits, block_data, small_schema, write_blocks
 
 HELPER = Path(__file__).parent / "process_writer_helper.py"
@@ -140,3 +140,65 @@ def test_writer_of_kind_keeps_threads_in_process_and_names_an_unknown_kind(tmp_p
         assert isinstance(child, ProcessWriter)
         write_blocks(child, [0])
     assert StoreWriter.open(tmp_path / "s.zarr").completed_blocks() == [0]
+
+
+def test_blocks_in_the_writers_host_buffers_reach_the_child_without_a_copy(tmp_path):
+    """A harvest's host ring in the writer's shared memory: its blocks are written in place (none copied into a slot),
+    their buffers are busy until the block is durable, and the store equals one written in process."""
+    import torch
+
+    from actstore.harvest import host_ring
+
+    schema = small_schema(capacity=16)
+    with StoreWriter.create(tmp_path / "threads.zarr", schema) as writer:
+        write_blocks(writer, [0, 1, 2, 3], n_last=3)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[schema.dtype]
+    image_shape = (len(schema.layers), schema.block_images, schema.image_tokens, schema.d_model)
+    text_shape = (len(schema.layers), schema.text_slots_per_block, schema.d_model)
+    with ProcessWriter(StoreWriter.create(tmp_path / "process.zarr", schema)) as writer:
+        assert writer.host_buffers(image_shape[:-1] + (5,), text_shape, dtype) is None  # not a block's shape
+        ring = host_ring(writer, 2, pin=False)
+        for block in range(4):
+            images, ids, prompts, text = block_data(schema, block, 3 if block == 3 else None)
+            entry = ring.acquire(image_shape, text_shape, dtype)
+            n, m = images.shape[1], text.resid.shape[1]
+            entry["image"][:, :n].copy_(torch.from_numpy(bits(images)).view(dtype))
+            entry["text"][:, :m].copy_(torch.from_numpy(bits(text.resid)).view(dtype))
+            future = writer.submit_block(block, entry["image"][:, :n], ids, prompts,
+                                         TextTokens(entry["text"][:, :m], text.image, text.position, text.token_id))
+            assert future.released is future  # the child reads the buffer until the block is durable
+            entry["future"] = future
+        future.result(timeout=60)
+        assert writer.copied_blocks == 0
+        write_blocks(writer, [0])  # arrays of the caller's own: copied into a slot first
+        assert writer.copied_blocks == 1
+    assert_same_store(tmp_path / "threads.zarr", tmp_path / "process.zarr")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+def test_the_writers_host_buffers_are_pinned_for_the_gpus_copies(tmp_path):
+    """On a GPU the shared host buffers are registered with CUDA, so that device-to-host copies into them are
+    asynchronous (pageable memory would make each copy wait, at a fraction of the bandwidth), and their blocks are
+    written as copied."""
+    import torch
+
+    schema = small_schema(capacity=16)
+    dtype = torch.bfloat16
+    image_shape = (len(schema.layers), schema.block_images, schema.image_tokens, schema.d_model)
+    text_shape = (len(schema.layers), schema.text_slots_per_block, schema.d_model)
+    with ProcessWriter(StoreWriter.create(tmp_path / "s.zarr", schema)) as writer:
+        image, text = writer.host_buffers(image_shape, text_shape, dtype, pin=True)
+        assert image.is_pinned() and text.is_pinned()
+        images, ids, prompts, tokens = block_data(schema, 0)
+        on_gpu = torch.from_numpy(bits(images)).view(dtype).cuda()
+        image.copy_(on_gpu, non_blocking=True)
+        text[:, : tokens.resid.shape[1]].copy_(torch.from_numpy(bits(tokens.resid)).view(dtype).cuda(),
+                                                non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        writer.submit_block(0, image, ids, prompts,
+                            TextTokens(text[:, : tokens.resid.shape[1]], tokens.image, tokens.position,
+                                       tokens.token_id), ready=done.synchronize).result(timeout=60)
+        assert writer.copied_blocks == 0
+    ds = actstore.open(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(bits(ds.image_resid.values[:, :4]), bits(images))
