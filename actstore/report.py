@@ -193,22 +193,38 @@ def plot_heatmaps(ds: xr.Dataset, stats: xr.Dataset, sae: Any, layer: int, laten
     fig.savefig(path, dpi=110)
     plt.close(fig)
     where = "the pictures (above) and, below, " if pictures else ""
+    silent = "fire_count" in stats and int(stats.fire_count.sel(layer=layer, kind="image", latent=latent)) == 0
     return (f"Per-patch activation of latent {latent} at state {layer} ({description or 'no description'}) on the "
             f"images where it is most active: {where}the latent's activation at each image token (patch grid)."
+            + (" It never fires on image tokens here: the maps are empty, over the first images." if silent else "")
             + (f" Pictures: {not_found}." if not_found else ""))
 
 
-def heatmap_choice(stats: xr.Dataset) -> tuple[int, int]:
-    """The layer of best alignment over its baseline (else the middle one), and there the most strongly activating
-    selective image latent (firing on at most 20% of image tokens; a dense latent shows no structure)."""
-    layers = list(stats.layer.values)
-    layer = layers[len(layers) // 2]
-    if "alignment" in stats and np.isfinite(stats.alignment.values).any():
-        gain = np.nan_to_num(stats.alignment.values - stats.alignment_baseline.values, nan=-np.inf)
-        layer = layers[int(np.argmax(gain))]
+def heatmap_choice(stats: xr.Dataset, layer: int | None = None) -> tuple[int, int]:
+    """The layer of best alignment over its baseline (else the middle one) unless ``layer`` is given, and there the
+    most strongly activating selective image latent (firing on at most 20% of image tokens; a dense latent shows no
+    structure)."""
+    layers = [int(x) for x in stats.layer.values]
+    if layer is None:
+        layer = layers[len(layers) // 2]
+        if "alignment" in stats and np.isfinite(stats.alignment.values).any():
+            gain = np.nan_to_num(stats.alignment.values - stats.alignment_baseline.values, nan=-np.inf)
+            layer = layers[int(np.argmax(gain))]
     freq = stats.fire_freq.sel(layer=layer, kind="image").values
     strength = np.where((freq > 0) & (freq <= 0.2), stats.act_max.sel(layer=layer, kind="image").values, -np.inf)
     return int(layer), int(np.argmax(strength) if np.isfinite(strength).any() else np.argmax(freq))
+
+
+def check_heatmap_request(stats: xr.Dataset, layer: int | None, latent: int | None) -> None:
+    """A clear error for heat maps asked of a state the analysis lacks or a latent beyond its SAE's width."""
+    layers = [int(x) for x in stats.layer.values]
+    if latent is not None and layer is None:
+        raise ValueError("--latent needs --state: latent indices are per SAE, and each state has its own")
+    if layer is not None and layer not in layers:
+        raise ValueError(f"the analysis has no state {layer}; its states are {layers}")
+    if latent is not None and not 0 <= latent < stats.sizes["latent"]:
+        raise ValueError(f"latent {latent} is outside the SAE of state {layer}, whose latents are "
+                         f"0..{stats.sizes['latent'] - 1}")
 
 
 def render_markdown(title: str, facts: list[str], table: list[list[float]], tops: dict[int, list[dict]],
@@ -258,8 +274,11 @@ def render_html(title: str, facts: list[str], table: list[list[float]], tops: di
 
 
 def write_report(store: str | Path, out: str | Path | None = None, suite: str | None = None,
-                 suite_path: str | Path | None = None, n_top: int = 5, n_images: int = 4) -> Path:
-    """Write the report of ``store``'s analysis ``suite`` (the only one if not given) into ``out``; returns it."""
+                 suite_path: str | Path | None = None, n_top: int = 5, n_images: int = 4, layer: int | None = None,
+                 latent: int | None = None) -> Path:
+    """Write the report of ``store``'s analysis ``suite`` (the only one if not given) into ``out``; returns it. The
+    heat maps show ``latent`` of state ``layer`` on ``n_images`` images (by default a selective latent of the state
+    that aligns best)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,6 +297,9 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
     if suite not in names:
         raise ValueError(f"{store} has no analysis {suite!r}; it has {names}")
     stats = open_stats(str(store), suite)
+    check_heatmap_request(stats, layer, latent)
+    if n_images < 1:
+        raise ValueError(f"heat maps need at least one image, got {n_images}")
     ds = actstore.open(store)
     if out is None:  # beside a local store; in this folder for one behind a URL (s3://...)
         local = local_path(store)
@@ -290,7 +312,8 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
     suite_path = suite_path or stats.attrs.get("suite_path")
     missing_heatmaps = "no heat maps: the suite's SAEs were not found (pass --saes)"
     if suite_path and Path(suite_path).exists():
-        layer, latent = heatmap_choice(stats)
+        if latent is None:
+            layer, latent = heatmap_choice(stats, layer)
         sae = load_suite(suite_path).saes[layer]
         analysed = json.loads(stats.attrs.get("fingerprint", "{}")).get("saes", {}).get(str(layer), {}).get("weights")
         if analysed is None or analysed == sae.digest():

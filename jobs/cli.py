@@ -98,7 +98,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the report of an analysed store."""
     from actstore.report import write_report
 
-    out = write_report(args.store, args.out, suite=args.suite, suite_path=args.saes)
+    out = write_report(args.store, args.out, suite=args.suite, suite_path=args.saes, n_images=args.images,
+                       layer=args.state, latent=args.latent)
     print(f"report: {out / 'report.html'} and {out / 'report.md'}")
     return 0
 
@@ -124,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder (default: report-<suite> beside the store, or here for a URL)")
     p.add_argument("--suite", default=None, help="which analysis, if the store has several")
     p.add_argument("--saes", default=None, help="the suite YAML, if it moved since the analysis (heat maps)")
+    p.add_argument("--state", type=int, default=None,
+                   help="heat maps at this residual state (default: the one whose alignment gains most over random)")
+    p.add_argument("--latent", type=int, default=None,
+                   help="heat maps of this latent of --state's SAE (default: its strongest selective image latent)")
+    p.add_argument("--images", type=int, default=4, help="how many images the heat maps show (those where the "
+                   "latent is most active)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("demo", help="run the embedded demo on a CPU")
     p.add_argument("--out", default="runs/demo")

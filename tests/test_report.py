@@ -116,3 +116,38 @@ def test_patch_activations_equal_the_dense_latent(store_and_suite):  # noqa: F81
     latent = int(np.argmax((z > 0).sum(0)))  # one that fires on some of the image's tokens
     assert 0 < (z[:, latent] > 0).sum()
     np.testing.assert_allclose(patch_activations(ds, sae, 5, 7, latent), z[:, latent], rtol=1e-5, atol=1e-6)
+
+
+def test_heat_maps_of_a_chosen_latent_and_clear_errors_for_bad_choices(store_and_suite, tmp_path, capsys):  # noqa: F811
+    from jobs.cli import main as cli
+
+    import actstore
+    from actstore.report import plot_heatmaps
+
+    root, saes = store_and_suite
+    store = str(root / "s.zarr")
+    run_analysis(store, str(root / "suite.yaml"), backend="reference")
+    stats = open_stats(store, "test-suite")
+    fires = stats.fire_count.sel(layer=5, kind="image").values
+    latent = int(np.flatnonzero(fires > 0)[-1])
+    assert cli(["report", store, "--out", str(tmp_path / "r"), "--state", "5", "--latent", str(latent),
+                "--images", "2"]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert f"latent {latent} at state 5" in text and "never fires" not in text
+    with Image.open(tmp_path / "r" / "heatmaps.png") as figure:  # two panels, not the default four
+        two = figure.size[0]
+    assert two < Image.open(write_report(store, tmp_path / "four") / "heatmaps.png").size[0]
+    quiet = stats.copy(deep=True)  # as if the latent never fired on an image token
+    quiet.fire_count.loc[{"layer": 5, "kind": "image", "latent": latent}] = 0
+    caption = plot_heatmaps(actstore.open(store), quiet, saes[5], 5, latent, 2, tmp_path / "quiet.png")
+    assert "never fires on image tokens" in caption
+    chosen = write_report(store, tmp_path / "state0", layer=0)  # the strongest selective latent of state 0
+    assert "at state 0" in (chosen / "report.md").read_text()
+    with pytest.raises(ValueError, match=r"no state 7; its states are \[0, 5\]"):
+        write_report(store, tmp_path / "x", layer=7)
+    with pytest.raises(ValueError, match=r"latent 100000 is outside the SAE of state 5, whose latents are 0\.\."):
+        write_report(store, tmp_path / "x", layer=5, latent=100_000)
+    with pytest.raises(ValueError, match="--latent needs --state"):
+        write_report(store, tmp_path / "x", latent=3)
+    with pytest.raises(ValueError, match="at least one image"):
+        write_report(store, tmp_path / "x", n_images=0)
