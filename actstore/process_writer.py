@@ -161,13 +161,16 @@ class ProcessWriter:
         """A block's host buffers (image and text activations, as torch tensors of a block's full shape) in shared
         memory that the child writes from in place: a block submitted from them is not copied again. Pinned for
         asynchronous device-to-host copies when ``pin``. None where this cannot be had (shapes other than a block's,
-        no /dev/shm file system, a pinning that fails): the caller then allocates its own."""
+        no /dev/shm file system or too little free there, a pinning that fails): the caller then allocates its own."""
         import torch
 
         s = self.schema
         if (tuple(image_shape) != (len(s.layers), s.block_images, s.image_tokens, s.d_model)
                 or tuple(text_shape) != (len(s.layers), s.text_slots_per_block, s.d_model)
                 or to_numpy(torch.empty(0, dtype=dtype)).dtype != s.numpy_dtype):
+            return None
+        free = shared_memory_free()
+        if free is not None and free < s.block_bytes():  # the caller's own buffers, and copy slots if they fit
             return None
         shm = self._new_segment("a harvest's host buffer")
         path = f"/dev/shm/{shm.name}"

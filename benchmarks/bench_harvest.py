@@ -155,12 +155,18 @@ def launch_rate_beside_writer(device: torch.device, directory: Path, schema: Sto
         stop = threading.Event()
         writer = writer_of_kind(StoreWriter.create(directory / "probe.zarr", schema, overwrite=True), kind)
 
+        failed: list[str] = []
+
         def write() -> None:
-            with writer:
-                block = 0
-                while not stop.is_set():
-                    writer.submit_block(block % schema.n_blocks, data, [f"p{i}" for i in range(schema.block_images)])
-                    block += 1
+            try:
+                with writer:
+                    block = 0
+                    while not stop.is_set():
+                        writer.submit_block(block % schema.n_blocks, data,
+                                            [f"p{i}" for i in range(schema.block_images)])
+                        block += 1
+            except Exception as exc:  # noqa: BLE001 - reported beside the other kinds' rates (say, /dev/shm full)
+                failed.append(f"{type(exc).__name__}: {exc}")
 
         thread = threading.Thread(target=write)
         thread.start()
@@ -172,6 +178,9 @@ def launch_rate_beside_writer(device: torch.device, directory: Path, schema: Sto
         thread.join()
         shutil.rmtree(directory / "probe.zarr", ignore_errors=True)
         name, ratio = ("beside_writer", "ratio") if kind == "threads" else (f"beside_{kind}_writer", f"{kind}_ratio")
+        if failed:
+            out[f"{name}_error"] = failed[0]
+            continue
         out[name], out[ratio] = beside, beside / alone
         out[f"{name}_short_switch"], out[f"{ratio}_short_switch"] = beside_short, beside_short / alone
     return out
@@ -232,7 +241,7 @@ def harvest_report(args: argparse.Namespace, device: torch.device, dtype: torch.
     stored_per_image = info["bytes_stored"] / info["images"]
     disk_bound = raw * GB / stored_per_image
     limit = min(fwd, disk_bound)
-    best = max(sweep, key=lambda k: sweep[k]["images_per_s"])
+    best = max((k for k in sweep if "images_per_s" in sweep[k]), key=lambda k: sweep[k]["images_per_s"])
     return {
         "benchmark": "harvest",
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -241,7 +250,7 @@ def harvest_report(args: argparse.Namespace, device: torch.device, dtype: torch.
         "config": {**vars(args), "dtype": str(dtype), "image_tokens": info["schema"]["image_tokens"],
                    "states": len(info["schema"]["layers"]), "d_model": info["schema"]["d_model"]},
         "images_per_s": {"harvest": ours, "forward_only": fwd, "disk_bound": disk_bound,
-                         "by_setting": {k: r["images_per_s"] for k, r in sweep.items()}},
+                         "by_setting": {k: r.get("images_per_s") for k, r in sweep.items()}},
         "harvest_GBps_logical": ours * info["bytes_logical"] / info["images"] / GB,
         "harvest_GBps_stored": ours * stored_per_image / GB,
         "raw_write_GBps": raw,
@@ -310,7 +319,15 @@ def main() -> None:
     # The reported setting last: the others' one-time costs do not count against it.
     for p, mode, kind in settings[::-1]:
         os.environ["ACTSTORE_DURABILITY"] = mode
-        run = harvest(vlm, batches, prompt, directory, args.block_images, device, p, kind)
+        try:
+            run = harvest(vlm, batches, prompt, directory, args.block_images, device, p, kind)
+        except Exception as exc:  # noqa: BLE001 - one setting failing (say, /dev/shm too small) keeps the others
+            if (p, mode, kind) == settings[0]:
+                raise
+            sweep[f"{p}-{mode}-{kind}"] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"  pending blocks {p}, {mode}, writer {kind}: failed: {exc}", flush=True)
+            shutil.rmtree(directory / "harvest.zarr", ignore_errors=True)
+            continue
         sweep[f"{p}-{mode}-{kind}"] = {"images_per_s": run[0], "writer_seconds_per_block": run[3],
                                        "write_wait_s": run[2].seconds_write_wait,
                                        "forward_s": run[2].seconds_forward, "blocks_copied_for_the_child": run[4]}

@@ -21,6 +21,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+df -h /dev/shm "${TMPDIR:-/tmp}" | tail -n +2  # a child writer's host buffers live in /dev/shm
 case "${1:-acceptance}" in
   acceptance)
     step bench-analyze 250 python3 benchmarks/bench_analyze.py --out "$out/analyze-gpu-$host.json"
