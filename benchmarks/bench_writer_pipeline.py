@@ -143,13 +143,20 @@ def main() -> None:
     torch.set_num_threads(1)  # tiny ops: one thread, as a GPU forward pass's launching thread
     rate = ops_per_second()
     forward: float | int = round(rate * args.forward_seconds) if args.forward == "ops" else args.forward_seconds
+    errors: dict[str, str] = {}  # settings that could not run here (a child writer without /dev/shm room, say)
     try:
         for _ in range(args.repeat):
             for writer_kind, mode in settings:
                 os.environ["ACTSTORE_DURABILITY"] = mode
                 raw = raw_sequential_write(directory, max(args.images * logical_per_image, 64 << 20))
-                run = run_pipeline(directory, schema, args.images, args.batch, forward, args.pending_blocks, source,
-                                   writer_kind)
+                try:
+                    run = run_pipeline(directory, schema, args.images, args.batch, forward, args.pending_blocks,
+                                       source, writer_kind)
+                except Exception as exc:  # noqa: BLE001 - this setting's error, beside the others' rates
+                    errors[f"{writer_kind}-{mode}"] = f"{type(exc).__name__}: {exc}"
+                    print(f"{writer_kind:7s} {mode:9s} failed: {exc}", flush=True)
+                    shutil.rmtree(directory / "pipeline.zarr", ignore_errors=True)
+                    continue
                 stored_per_image = run["bytes_stored"] / args.images
                 run.update(raw_write_GBps=raw, disk_bound_images_per_s=raw * GB / stored_per_image)
                 limit = min(run["disk_bound_images_per_s"], args.batch / args.forward_seconds)
@@ -172,6 +179,7 @@ def main() -> None:
         "forward_ops_per_batch": forward if args.forward == "ops" else None,
         "forward_s_alone": args.forward_seconds * (args.images // args.batch),
         "runs": runs,  # per "<writer>-<durability>", in the order run (settings alternate)
+        "errors": errors,
         "images_per_s": {mode: [r["images_per_s"] for r in rs] for mode, rs in runs.items()},
         "ratio_to_limit": {mode: [r["ratio_to_limit"] for r in rs] for mode, rs in runs.items()},
     }

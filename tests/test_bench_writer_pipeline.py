@@ -14,4 +14,6 @@ def test_bench_writer_pipeline_quick(tmp_path):
         limit = min(run["disk_bound_images_per_s"], report["config"]["batch"] / report["config"]["forward_seconds"])
         assert run["ratio_to_limit"] == run["images_per_s"] / limit
         assert set(run["writer_seconds_per_block"]) == {"ready", "chunks", "coordinates", "flush", "marker"}
+        assert run["blocks_copied_for_the_child"] == (0 if name.startswith("process") else None), name
+    assert report["errors"] == {}
     assert not list(tmp_path.glob("bench-pipeline-*"))  # its store and raw file removed
