@@ -121,22 +121,29 @@ def hub_snapshot(cache: Path, repo_id: str, commit: str, *, main: bool = True) -
     return snapshot
 
 
-def parquet_with_a_corrupt_image(path) -> None:
-    """Six world images and captions in a parquet file; row ex2's image bytes are not an image."""
+def png_cells(rows: list[dict]) -> list[dict]:
+    """The world rows' images as a parquet image column's cells (PNG bytes)."""
     import io
 
+    from PIL import Image
+
+    cells = []
+    for r in rows:
+        buf = io.BytesIO()
+        Image.fromarray(r["image"]).save(buf, format="PNG")
+        cells.append({"bytes": buf.getvalue(), "path": None})
+    return cells
+
+
+def parquet_with_a_corrupt_image(path) -> None:
+    """Six world images and captions in a parquet file; row ex2's image bytes are not an image."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from PIL import Image
 
     from actstore import world
 
     rows = world.generate(6, seed=9)
-    images = []
-    for r in rows:
-        buf = io.BytesIO()
-        Image.fromarray(r["image"]).save(buf, format="PNG")
-        images.append({"bytes": buf.getvalue(), "path": None})
+    images = png_cells(rows)
     images[2] = {"bytes": b"\x89PNG not really an image", "path": None}
     table = pa.table({"id": [f"ex{i}" for i in range(6)], "image": images, "caption": [r["caption"] for r in rows]})
     pq.write_table(table, path)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from PIL import Image
 
 from actstore import world
 from actstore.pictures import store_pictures
@@ -37,13 +34,11 @@ def test_dataset_pictures_without_an_id_column_are_rows(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from conftest import png_cells
+
     rows = world.generate(3, seed=1)
-    images = []
-    for r in rows:
-        buf = io.BytesIO()
-        Image.fromarray(r["image"]).save(buf, format="PNG")
-        images.append({"bytes": buf.getvalue(), "path": None})
-    pq.write_table(pa.table({"picture": images, "caption": [r["caption"] for r in rows]}), tmp_path / "d.parquet")
+    table = pa.table({"picture": png_cells(rows), "caption": [r["caption"] for r in rows]})
+    pq.write_table(table, tmp_path / "d.parquet")
     dataset = {"source": "parquet", "path": str(tmp_path / "d.parquet"), "image_column": "picture"}
     found, note = store_pictures({"dataset": dataset}, ["2", "7"])
     np.testing.assert_array_equal(found["2"], rows[2]["image"])
