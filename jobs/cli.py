@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heat maps at this residual state (default: the one whose alignment gains most over random)")
     p.add_argument("--latent", type=int, default=None,
                    help="heat maps of this latent of --state's SAE (default: its strongest selective image latent)")
-    p.add_argument("--images", type=int, default=4, help="how many images the heat maps show (those where the "
-                   "latent is most active)")
+    p.add_argument("--images", type=int, default=4, help="how many images the heat maps show: those where the "
+                   "latent is most active, at most the analysis' top-k examples per latent (8 by default)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("demo", help="run the embedded demo on a CPU")
     p.add_argument("--out", default="runs/demo")
