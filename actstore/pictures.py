@@ -62,10 +62,14 @@ def dataset_pictures(dataset: dict[str, Any], image_ids: Sequence[str]) -> dict[
     return found
 
 
-def store_pictures(provenance: dict[str, Any], image_ids: Sequence[str]) -> tuple[dict[str, np.ndarray], str]:
-    """RGB pixels (H x W x 3, uint8) of those of ``image_ids`` whose picture the store's data source still has, and
-    a note naming what was not found and why ("" when every one was)."""
-    dataset = (provenance or {}).get("dataset") or {}
+def store_pictures(provenance: dict[str, Any], image_ids: Sequence[str],
+                   data_path: str | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """RGB pixels (H x W x 3, uint8) of those of ``image_ids`` whose picture the store's data source still has (at
+    ``data_path`` instead of the recorded path, for data that moved), and a note naming what was not found and why
+    ("" when every one was)."""
+    dataset = dict((provenance or {}).get("dataset") or {})
+    if data_path is not None:
+        dataset["path"] = str(data_path)
     source = dataset.get("source")
     try:
         if source == "world":

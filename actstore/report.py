@@ -151,9 +151,9 @@ def patch_activations(ds: xr.Dataset, sae: Any, layer: int, image: int, latent: 
 
 
 def plot_heatmaps(ds: xr.Dataset, stats: xr.Dataset, sae: Any, layer: int, latent: int, n_images: int,
-                  path: Path) -> str:
+                  path: Path, data_path: str | None = None) -> str:
     """Per-patch heat maps of ``latent`` on the images where it is most active, under the pictures themselves where
-    the store's data source still has them; returns the figure's caption."""
+    the store's data source (or ``data_path``, where it moved) still has them; returns the figure's caption."""
     import matplotlib.pyplot as plt
 
     from actstore.pictures import store_pictures
@@ -163,7 +163,7 @@ def plot_heatmaps(ds: xr.Dataset, stats: xr.Dataset, sae: Any, layer: int, laten
     images = list(dict.fromkeys(int(t) // n_tokens for t in top if t >= 0))[:n_images]
     images = images or list(range(min(n_images, ds.sizes["image"])))
     ids = [str(ds.image_id.values[i]) for i in images]
-    pictures, not_found = store_pictures(ds.attrs.get("provenance", {}), ids)
+    pictures, not_found = store_pictures(ds.attrs.get("provenance", {}), ids, data_path)
     side = int(round(math.sqrt(n_tokens)))
     shape = (side, side) if side * side == n_tokens else (1, n_tokens)
     rows = 2 if pictures else 1
@@ -275,10 +275,10 @@ def render_html(title: str, facts: list[str], table: list[list[float]], tops: di
 
 def write_report(store: str | Path, out: str | Path | None = None, suite: str | None = None,
                  suite_path: str | Path | None = None, n_top: int = 5, n_images: int = 4, layer: int | None = None,
-                 latent: int | None = None) -> Path:
+                 latent: int | None = None, data_path: str | None = None) -> Path:
     """Write the report of ``store``'s analysis ``suite`` (the only one if not given) into ``out``; returns it. The
     heat maps show ``latent`` of state ``layer`` on ``n_images`` images (by default a selective latent of the state
-    that aligns best)."""
+    that aligns best), under their pictures from the harvested data (at ``data_path`` if it moved)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -318,7 +318,8 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
         analysed = json.loads(stats.attrs.get("fingerprint", "{}")).get("saes", {}).get(str(layer), {}).get("weights")
         if analysed is None or analysed == sae.digest():
             figures.heatmaps = "heatmaps.png"
-            figures.heatmap_caption = plot_heatmaps(ds, stats, sae, layer, latent, n_images, out / figures.heatmaps)
+            figures.heatmap_caption = plot_heatmaps(ds, stats, sae, layer, latent, n_images, out / figures.heatmaps,
+                                                     data_path)
         else:  # a latent's map from other weights would not show the latent the statistics describe
             missing_heatmaps = (f"no heat maps: the SAE of state {layer} in {suite_path} is not the one analysed "
                                 "(retrained since?); rerun the analysis, or pass --saes with the analysed suite")

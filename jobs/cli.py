@@ -99,7 +99,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from actstore.report import write_report
 
     out = write_report(args.store, args.out, suite=args.suite, suite_path=args.saes, n_images=args.images,
-                       layer=args.state, latent=args.latent)
+                       layer=args.state, latent=args.latent, data_path=args.data)
     print(f"report: {out / 'report.html'} and {out / 'report.md'}")
     return 0
 
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heat maps of this latent of --state's SAE (default: its strongest selective image latent)")
     p.add_argument("--images", type=int, default=4, help="how many images the heat maps show: those where the "
                    "latent is most active, at most the analysis' top-k examples per latent (8 by default)")
+    p.add_argument("--data", default=None, help="where the harvested dataset is now, if it moved since the harvest "
+                   "(the heat maps' pictures)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("demo", help="run the embedded demo on a CPU")
     p.add_argument("--out", default="runs/demo")

@@ -49,4 +49,9 @@ def test_a_source_that_is_gone_gives_no_pictures_and_says_why(tmp_path):
     dataset = {"source": "parquet", "path": str(tmp_path / "moved.parquet"), "image_column": "image"}
     found, note = store_pictures({"dataset": dataset}, ["ex0"])
     assert found == {} and "cannot be read here" in note and "moved.parquet" in note
+    from conftest import parquet_with_a_corrupt_image
+
+    parquet_with_a_corrupt_image(tmp_path / "here.parquet")  # where the data is now
+    found, note = store_pictures({"dataset": dataset}, ["ex0"], data_path=str(tmp_path / "here.parquet"))
+    assert list(found) == ["ex0"] and note == "" and dataset["path"].endswith("moved.parquet")  # provenance kept
     assert store_pictures({}, ["a"]) == ({}, "the store does not name the data its images came from")

@@ -151,3 +151,13 @@ def test_heat_maps_of_a_chosen_latent_and_clear_errors_for_bad_choices(store_and
         write_report(store, tmp_path / "x", latent=3)
     with pytest.raises(ValueError, match="at least one image"):
         write_report(store, tmp_path / "x", n_images=0)
+
+
+def test_the_report_command_passes_where_the_data_moved(monkeypatch, tmp_path):
+    import actstore.report
+    from jobs.cli import main as cli
+
+    seen = {}
+    monkeypatch.setattr(actstore.report, "write_report", lambda *args, **kwargs: seen.update(kwargs) or tmp_path)
+    assert cli(["report", "s.zarr", "--data", "/new/place/data.parquet"]) == 0
+    assert seen["data_path"] == "/new/place/data.parquet"
