@@ -25,6 +25,7 @@ TABLE_COLUMNS = (
     ("state", None, None), ("FVU image", "fvu", "image"), ("FVU text", "fvu", "text"),
     ("L0 image", "l0_mean", "image"), ("L0 text", "l0_mean", "text"), ("cosine image", "mean_cos", "image"),
     ("cosine text", "mean_cos", "text"), ("alignment", "alignment", None), ("random", "alignment_baseline", None),
+    ("image-only latents", "image_only", None), ("text-only latents", "text_only", None),
 )
 
 
@@ -40,7 +41,8 @@ def analysis_names(store: str | Path) -> list[str]:
 
 
 def layer_value(stats: xr.Dataset, layer: int, name: str, kind: str | None) -> float:
-    """One number of the layer table (NaN where the store lacks the variable or token kind)."""
+    """One number of the layer table (NaN where the store lacks the variable or token kind); a per-latent flag
+    counts the latents that have it."""
     if name not in stats:
         return float("nan")
     row = stats[name].sel(layer=layer)
@@ -48,7 +50,7 @@ def layer_value(stats: xr.Dataset, layer: int, name: str, kind: str | None) -> f
         if kind not in row.kind.values:
             return float("nan")
         row = row.sel(kind=kind)
-    return float(row)
+    return float(row.sum("latent") if "latent" in row.dims else row)
 
 
 def layer_table(stats: xr.Dataset) -> list[list[float]]:
@@ -330,7 +332,8 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
              f"{ds.sizes.get('text_token', 0)} text tokens, {ds.sizes['layer']} residual states",
              f"SAE suite `{suite}`, analysed {stats.attrs.get('computed', '?')}",
              "FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over all tokens of a kind; L0 = active latents per "
-             "token; alignment = share of an image's 5 most active latents whose description names a caption word",
+             "token; alignment = share of an image's 5 most active latents whose description names a caption word; "
+             "image-only latents fire on some image token and on no text token (text-only: the reverse)",
              "descriptions: " + (", ".join(sorted(set(sources.values()))) or "none")]
     if not figures.heatmaps:
         facts.append(missing_heatmaps)

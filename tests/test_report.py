@@ -17,7 +17,8 @@ from test_analyze import store_and_suite  # noqa: F401 - fixture
 # Which statistic each report column shows, written out independently of actstore.report.
 COLUMNS = {"FVU image": ("fvu", "image"), "FVU text": ("fvu", "text"), "L0 image": ("l0_mean", "image"),
            "L0 text": ("l0_mean", "text"), "cosine image": ("mean_cos", "image"), "cosine text": ("mean_cos", "text"),
-           "alignment": ("alignment", None), "random": ("alignment_baseline", None)}
+           "alignment": ("alignment", None), "random": ("alignment_baseline", None),
+           "image-only latents": ("image_only", None), "text-only latents": ("text_only", None)}
 
 
 def markdown_layer_table(text: str) -> list[dict[str, str]]:
@@ -41,7 +42,8 @@ def check_numbers(rows: list[dict[str, str]], stats) -> None:
         layer = int(row["state"])
         for column, (name, kind) in COLUMNS.items():
             value = stats[name].sel(layer=layer)
-            value = float(value.sel(kind=kind) if kind else value)
+            value = value.sel(kind=kind) if kind else value
+            value = float(np.count_nonzero(value.values) if value.dtype == bool else value)
             if np.isnan(value):
                 assert row[column] == "n/a", (layer, column)
             else:
