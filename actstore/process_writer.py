@@ -169,10 +169,10 @@ class ProcessWriter:
                 or tuple(text_shape) != (len(s.layers), s.text_slots_per_block, s.d_model)
                 or to_numpy(torch.empty(0, dtype=dtype)).dtype != s.numpy_dtype):
             return None
-        free = shared_memory_free()
-        if free is not None and free < s.block_bytes():  # the caller's own buffers, and copy slots if they fit
+        try:
+            shm = self._new_segment("a harvest's host buffer")
+        except StoreWriteError:  # no room in /dev/shm: the caller's own buffers, and copy slots if they fit
             return None
-        shm = self._new_segment("a harvest's host buffer")
         path = f"/dev/shm/{shm.name}"
         if not os.path.exists(path):  # POSIX shared memory elsewhere than Linux's /dev/shm
             shm.close()

@@ -157,6 +157,9 @@ def test_blocks_in_the_writers_host_buffers_reach_the_child_without_a_copy(tmp_p
     text_shape = (len(schema.layers), schema.text_slots_per_block, schema.d_model)
     with ProcessWriter(StoreWriter.create(tmp_path / "process.zarr", schema)) as writer:
         assert writer.host_buffers(image_shape[:-1] + (5,), text_shape, dtype) is None  # not a block's shape
+        with pytest.MonkeyPatch.context() as patch:  # /dev/shm full: the caller's own buffers
+            patch.setattr("actstore.process_writer.shared_memory_free", lambda: 0)
+            assert writer.host_buffers(image_shape, text_shape, dtype) is None
         ring = host_ring(writer, 2, pin=False)
         for block in range(4):
             images, ids, prompts, text = block_data(schema, block, 3 if block == 3 else None)
