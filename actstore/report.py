@@ -1,7 +1,8 @@
 """``actstore report STORE``: the layer-wise picture of an analysed store as a folder with ``report.md``,
 ``report.html`` and PNG figures: FVU, L0, cosine and semantic alignment against the layer for image and text
-tokens; latent-frequency histograms; per layer, the top latents on image tokens with their descriptions; and a few
-images with per-patch heat maps of one latent.
+tokens; latent-frequency histograms; per layer, the top latents on image tokens (the most frequent, and the
+strongest of those firing on few image tokens) with their descriptions; and a few images with per-patch heat maps of
+one latent.
 
 Every number comes from the statistics that ``actstore analyze`` saved in the store (``analysis/<suite>``); only the
 heat maps read activations again (one image at a time) and need the suite's SAEs.
@@ -64,15 +65,45 @@ def fmt(value: float) -> str:
     return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.4g}"
 
 
-def top_image_latents(stats: xr.Dataset, layer: int, n: int) -> list[dict[str, Any]]:
-    """The ``n`` latents firing most often on image tokens at ``layer``, with text frequency and description."""
+# A latent firing on more of the image tokens than this is dense: its heat map and its top images show no structure.
+SELECTIVE_FREQUENCY = 0.2
+# The report's two rankings of a state's image latents, by key: what each table's heading says.
+RANKINGS = {"frequent": "Most frequent on image tokens",
+            "selective": f"Strongest selective: firing on at most {SELECTIVE_FREQUENCY:.0%} of image tokens, by their "
+                         "largest activation there"}
+
+
+def latent_rows(stats: xr.Dataset, layer: int, latents: list[int]) -> list[dict[str, Any]]:
+    """Image and text firing frequency, largest image activation and description of ``latents`` at ``layer``."""
     freq = stats.fire_freq.sel(layer=layer)
     image = freq.sel(kind="image").values
     text = freq.sel(kind="text").values if "text" in freq.kind.values else np.full_like(image, np.nan)
+    act_max = stats.act_max.sel(layer=layer, kind="image").values
     described = stats.description.sel(layer=layer).values if "description" in stats else np.full(len(image), "")
-    order = [int(j) for j in np.argsort(-image, kind="stable")[:n] if image[j] > 0]
-    return [{"latent": j, "image_freq": float(image[j]), "text_freq": float(text[j]),
-             "description": str(described[j]) or "(no description)"} for j in order]
+    return [{"latent": j, "image_freq": float(image[j]), "text_freq": float(text[j]), "act_max": float(act_max[j]),
+             "description": str(described[j]) or "(no description)"} for j in latents]
+
+
+def top_image_latents(stats: xr.Dataset, layer: int, n: int) -> list[dict[str, Any]]:
+    """The ``n`` latents firing most often on image tokens at ``layer``."""
+    image = stats.fire_freq.sel(layer=layer, kind="image").values
+    return latent_rows(stats, layer, [int(j) for j in np.argsort(-image, kind="stable")[:n] if image[j] > 0])
+
+
+def selective_strengths(stats: xr.Dataset, layer: int) -> np.ndarray:
+    """Each latent's largest activation on an image token at ``layer`` where it is selective (fires on some image
+    tokens, at most SELECTIVE_FREQUENCY of them), else -inf."""
+    freq = stats.fire_freq.sel(layer=layer, kind="image").values
+    return np.where((freq > 0) & (freq <= SELECTIVE_FREQUENCY), stats.act_max.sel(layer=layer, kind="image").values,
+                    -np.inf)
+
+
+def selective_image_latents(stats: xr.Dataset, layer: int, n: int) -> list[dict[str, Any]]:
+    """The ``n`` selective latents at ``layer`` with the largest activations on image tokens. Ranking by frequency
+    alone puts dense latents first, which say little about what an image shows."""
+    strength = selective_strengths(stats, layer)
+    return latent_rows(stats, layer, [int(j) for j in np.argsort(-strength, kind="stable")[:n]
+                                      if np.isfinite(strength[j])])
 
 
 @dataclass
@@ -204,17 +235,17 @@ def plot_heatmaps(ds: xr.Dataset, stats: xr.Dataset, sae: Any, layer: int, laten
 
 def heatmap_choice(stats: xr.Dataset, layer: int | None = None) -> tuple[int, int]:
     """The layer of best alignment over its baseline (else the middle one) unless ``layer`` is given, and there the
-    most strongly activating selective image latent (firing on at most 20% of image tokens; a dense latent shows no
-    structure)."""
+    first of the report's strongest selective latents (else the most frequent one: every latent there is dense)."""
     layers = [int(x) for x in stats.layer.values]
     if layer is None:
         layer = layers[len(layers) // 2]
         if "alignment" in stats and np.isfinite(stats.alignment.values).any():
             gain = np.nan_to_num(stats.alignment.values - stats.alignment_baseline.values, nan=-np.inf)
             layer = layers[int(np.argmax(gain))]
-    freq = stats.fire_freq.sel(layer=layer, kind="image").values
-    strength = np.where((freq > 0) & (freq <= 0.2), stats.act_max.sel(layer=layer, kind="image").values, -np.inf)
-    return int(layer), int(np.argmax(strength) if np.isfinite(strength).any() else np.argmax(freq))
+    strength = selective_strengths(stats, layer)
+    if not np.isfinite(strength).any():
+        strength = stats.fire_freq.sel(layer=layer, kind="image").values
+    return int(layer), int(np.argmax(strength))
 
 
 def check_heatmap_request(stats: xr.Dataset, layer: int | None, latent: int | None) -> None:
@@ -229,7 +260,7 @@ def check_heatmap_request(stats: xr.Dataset, layer: int | None, latent: int | No
                          f"0..{stats.sizes['latent'] - 1}")
 
 
-def render_markdown(title: str, facts: list[str], table: list[list[float]], tops: dict[int, list[dict]],
+def render_markdown(title: str, facts: list[str], table: list[list[float]], tops: dict[int, dict[str, list[dict]]],
                     figures: Figures) -> str:
     """The report as Markdown."""
     lines = [f"# {title}", "", *[f"- {f}" for f in facts], "", "## Per layer", "",
@@ -240,15 +271,21 @@ def render_markdown(title: str, facts: list[str], table: list[list[float]], tops
     if figures.heatmaps:
         lines += ["## Heat maps", "", figures.heatmap_caption, "", f"![per-patch heat maps]({figures.heatmaps})", ""]
     lines += ["## Top latents on image tokens", ""]
-    for layer, rows in tops.items():
-        lines += [f"### State {layer}", "", "| latent | image freq | text freq | description |", "|---|---|---|---|"]
-        lines += [f"| {r['latent']} | {fmt(r['image_freq'])} | {fmt(r['text_freq'])} | {r['description']} |"
-                  for r in rows]
-        lines.append("")
+    for layer, rankings in tops.items():
+        lines += [f"### State {layer}", ""]
+        for ranking, rows in rankings.items():
+            lines += [f"{RANKINGS[ranking]}:", ""]
+            if not rows:
+                lines += ["(none)", ""]
+                continue
+            lines += ["| latent | image freq | text freq | max activation | description |", "|---|---|---|---|---|"]
+            lines += [f"| {r['latent']} | {fmt(r['image_freq'])} | {fmt(r['text_freq'])} | {fmt(r['act_max'])} | "
+                      f"{r['description']} |" for r in rows]
+            lines.append("")
     return "\n".join(lines)
 
 
-def render_html(title: str, facts: list[str], table: list[list[float]], tops: dict[int, list[dict]],
+def render_html(title: str, facts: list[str], table: list[list[float]], tops: dict[int, dict[str, list[dict]]],
                 figures: Figures) -> str:
     """The report as a self-contained HTML page (figures are files beside it)."""
     esc = html.escape
@@ -266,11 +303,15 @@ def render_html(title: str, facts: list[str], table: list[list[float]], tops: di
         parts.append(f"<h2>Heat maps</h2><p>{esc(figures.heatmap_caption)}</p>"
                      f"<p><img src='{figures.heatmaps}' alt='heat maps'></p>")
     parts.append("<h2>Top latents on image tokens</h2>")
-    for layer, rows in tops.items():
-        parts.append(f"<h3>State {layer}</h3><table><tr><th>latent</th><th>image freq</th><th>text freq</th>"
-                     "<th>description</th></tr>" + "".join(
-                         f"<tr><td>{r['latent']}</td><td>{fmt(r['image_freq'])}</td><td>{fmt(r['text_freq'])}</td>"
-                         f"<td style='text-align:left'>{esc(r['description'])}</td></tr>" for r in rows) + "</table>")
+    for layer, rankings in tops.items():
+        parts.append(f"<h3>State {layer}</h3>")
+        for ranking, rows in rankings.items():
+            parts.append(f"<p>{esc(RANKINGS[ranking])}:</p>" + ("<p>(none)</p>" if not rows else (
+                f"<table class='{ranking}'><tr><th>latent</th><th>image freq</th><th>text freq</th>"
+                "<th>max activation</th><th>description</th></tr>" + "".join(
+                    f"<tr><td>{r['latent']}</td><td>{fmt(r['image_freq'])}</td><td>{fmt(r['text_freq'])}</td>"
+                    f"<td>{fmt(r['act_max'])}</td><td style='text-align:left'>{esc(r['description'])}</td></tr>"
+                    for r in rows) + "</table>")))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -326,7 +367,8 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
             missing_heatmaps = (f"no heat maps: the SAE of state {layer} in {suite_path} is not the one analysed "
                                 "(retrained since?); rerun the analysis, or pass --saes with the analysed suite")
     table = layer_table(stats)
-    tops = {int(layer): top_image_latents(stats, int(layer), n_top) for layer in stats.layer.values}
+    tops = {int(x): {"frequent": top_image_latents(stats, int(x), n_top),
+                     "selective": selective_image_latents(stats, int(x), n_top)} for x in stats.layer.values}
     sources = json.loads(stats.attrs.get("description_sources", "{}"))
     facts = [f"store `{store}`: {ds.sizes['image']} images x {ds.sizes['image_token']} image tokens, "
              f"{ds.sizes.get('text_token', 0)} text tokens, {ds.sizes['layer']} residual states",

@@ -1,5 +1,6 @@
 """The main job runs the miniature study and leaves a valid store of real residuals."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,15 @@ def test_demo_runs_end_to_end(miniature, tmp_path, capsys, monkeypatch):
         assert f"{float(stats.fvu.sel(layer=layer, kind='image')):9.3f}" in out
     assert np.isfinite(ds.image_resid.sel(layer=4).values.astype(np.float32)).all()
     # the report shows per-layer curves and the same numbers as the statistics
-    from test_report import check_numbers, markdown_layer_table
+    from test_report import check_latent_tables, check_numbers, markdown_latent_tables, markdown_layer_table
 
     report = tmp_path / "demo" / "report"
     check_numbers(markdown_layer_table((report / "report.md").read_text()), stats)
+    check_latent_tables((report / "report.md").read_text(), stats)
+    # the default heat maps show the first of their state's strongest selective latents, which fires on images
+    heat_state = int(re.search(r"latent \d+ at state (\d+)", (report / "report.md").read_text()).group(1))
+    first = markdown_latent_tables((report / "report.md").read_text())[heat_state][1][0]["latent"]
+    assert f"latent {first} at state {heat_state}" in (report / "report.md").read_text()
     assert all((report / name).stat().st_size > 10_000 for name in ("layers.png", "frequencies.png", "heatmaps.png"))
     # the heat maps stand under the world's pictures of their images, every one found again
     heat_maps = (report / "report.md").read_text().split("## Heat maps")[1].split("##")[0]

@@ -50,6 +50,43 @@ def check_numbers(rows: list[dict[str, str]], stats) -> None:
                 assert float(row[column]) == pytest.approx(value, rel=5e-4, abs=1e-12), (layer, column)
 
 
+def markdown_latent_tables(text: str) -> dict[int, list[list[dict[str, str]]]]:
+    """Per state, the report's tables of top image latents in order (each a list of {column: cell})."""
+    tables: dict[int, list[list[dict[str, str]]]] = {}
+    section = text.split("## Top latents on image tokens")[1]
+    for part in section.split("### State ")[1:]:
+        state, body = part.split("\n", 1)
+        tables[int(state)] = []
+        for block in body.split(":\n\n")[1:]:
+            lines = [line for line in block.splitlines() if line.startswith("|")]
+            header = [c.strip() for c in lines[0].strip("|").split("|")] if lines else []
+            tables[int(state)].append([dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+                                       for line in lines[2:]])
+    return tables
+
+
+def check_latent_tables(text: str, stats, n: int = 5) -> None:
+    """Per state, the report lists the n latents most frequent on image tokens, then the n strongest of those firing
+    on at most 20% of image tokens (by their largest image activation), each with its statistics and description."""
+    tables = markdown_latent_tables(text)
+    assert sorted(tables) == [int(x) for x in stats.layer.values]
+    for layer, (frequent, selective) in tables.items():
+        image = stats.fire_freq.sel(layer=layer, kind="image").values
+        strongest = stats.act_max.sel(layer=layer, kind="image").values
+        by_frequency = sorted((j for j in range(len(image)) if image[j] > 0), key=lambda j: -image[j])[:n]
+        by_strength = sorted((j for j in range(len(image)) if 0 < image[j] <= 0.2), key=lambda j: -strongest[j])[:n]
+        assert [int(r["latent"]) for r in frequent] == by_frequency, layer
+        assert [int(r["latent"]) for r in selective] == by_strength, layer
+        for row in frequent + selective:
+            j = int(row["latent"])
+            for column, value in (("image freq", image[j]), ("text freq", stats.fire_freq.sel(layer=layer, kind="text",
+                                                                                             latent=j)),
+                                  ("max activation", strongest[j])):
+                assert float(row[column]) == pytest.approx(float(value), rel=5e-4, abs=1e-12), (layer, j, column)
+            described = str(stats.description.sel(layer=layer, latent=j).values)
+            assert row["description"] == (described or "(no description)"), (layer, j)
+
+
 def test_report_tables_carry_the_statistics(store_and_suite, tmp_path):  # noqa: F811
     root, _ = store_and_suite
     store = str(root / "s.zarr")
@@ -59,6 +96,7 @@ def test_report_tables_carry_the_statistics(store_and_suite, tmp_path):  # noqa:
     out = write_report(store, tmp_path / "report")
     stats = open_stats(store, "test-suite")
     check_numbers(markdown_layer_table((out / "report.md").read_text()), stats)
+    check_latent_tables((out / "report.md").read_text(), stats)
     # written without a harvest, the store names no images' source: the heat maps say they go without pictures
     assert "Pictures: the store does not name the data its images came from" in (out / "report.md").read_text()
     page = (out / "report.html").read_text()
