@@ -105,16 +105,30 @@ def alignment_score(image_top_latents: np.ndarray, descriptions: Sequence[str], 
 
 
 def store_tokenizer(provenance: dict[str, Any]) -> Any:
-    """The tokenizer of the LM a store was harvested from (the miniature's, or transformers' ``from_pretrained``)."""
-    model = provenance.get("model", {})
-    name = model.get("llava") or model.get("lm")
-    if name in (None, "miniature"):
+    """The tokenizer of the LM a store was harvested from (the miniature's, or transformers' ``from_pretrained`` of the
+    name its provenance gives: a harvest's ``model`` section, or a plain ``model`` name as a store written from one's
+    own code may give); a ValueError where it names none."""
+    model = provenance.get("model")
+    name = model if isinstance(model, str) else (model.get("llava") or model.get("lm")) if isinstance(model, dict) \
+        else None
+    if name == "miniature":
         from actstore.miniature import build_tokenizer
 
         return build_tokenizer()
+    if not name:
+        raise ValueError("the store's provenance names no language model ('model'), whose tokenizer would decode its "
+                         "text tokens")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name)
+
+
+def try_store_tokenizer(provenance: dict[str, Any]) -> tuple[Any | None, str]:
+    """(the store's tokenizer, "") or (None, why it did not load): an analysis or report goes on without it."""
+    try:
+        return store_tokenizer(provenance), ""
+    except Exception as exc:  # offline without it cached, no model named, a name gone from the hub, ...
+        return None, f"the store's tokenizer did not load ({type(exc).__name__}: {exc})"
 
 
 def suite_descriptions(suite: Any, stats: Any, ds: Any) -> tuple[np.ndarray, dict[int, str]]:
@@ -130,7 +144,12 @@ def suite_descriptions(suite: Any, stats: Any, ds: Any) -> tuple[np.ndarray, dic
             out[i] = load_neuronpedia(path, stats.sizes["latent"], entry.get("neuronpedia_sae_id"))
             source[layer] = f"neuronpedia:{path}"
         elif "text" in stats.kind.values and stats.sizes.get("rank", 0) > 0:
-            tokenizer = tokenizer or store_tokenizer(ds.attrs.get("provenance", {}))
+            if tokenizer is None:
+                tokenizer, why_not = try_store_tokenizer(ds.attrs.get("provenance", {}))
+                tokenizer = tokenizer or why_not
+            if isinstance(tokenizer, str):  # why it did not load
+                source[layer] = f"none: {tokenizer}"
+                continue
             out[i] = derive_from_text(stats.top_token.sel(layer=layer, kind="text").values,
                                       ds.text_token_id.values, lambda t: tokenizer.decode([t]))
             source[layer] = "derived from top-activating text tokens"

@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import xarray as xr
@@ -114,6 +114,65 @@ class Figures:
     frequencies: str = "frequencies.png"
     heatmaps: str | None = None
     heatmap_caption: str = ""
+
+
+@dataclass
+class TextExamples:
+    """Where the report's chosen latent fires most on text tokens: the prompt text around each such token."""
+
+    layer: int
+    latent: int
+    examples: list[dict[str, Any]]
+    note: str = ""
+
+
+def marked_token(ids: list[int], k: int, decode: Callable[[list[int]], str]) -> str:
+    """The text of token ids ``ids`` with token ``k`` in brackets. A token's text is what it adds to the decoded text
+    before it, so that word-piece tokenizers' spaces come out as in the prompt."""
+    head, upto, whole = decode(ids[:k]), decode(ids[:k + 1]), decode(ids)
+    if not (upto.startswith(head) and whole.startswith(upto)):  # a tokenizer that rewrites across tokens
+        return f"{head} [[{decode(ids[k:k + 1]).strip()}]] {decode(ids[k + 1:])}".strip()
+    token = upto[len(head):]
+    lead = token[:len(token) - len(token.lstrip())]
+    return f"{head}{lead}[[{token.strip()}]]{whole[len(upto):]}"
+
+
+def text_examples(ds: xr.Dataset, stats: xr.Dataset, layer: int, latent: int,
+                  decode: Callable[[list[int]], str] | None, n: int = 5, before: int = 10,
+                  after: int = 4) -> list[dict[str, Any]]:
+    """Up to ``n`` text tokens where ``latent`` of state ``layer`` is most active (from the analysis' top-k), each
+    with its activation, image, and the prompt text around it (token ids where ``decode`` is None)."""
+    if "text" not in stats.kind.values or "top_token" not in stats or ds.sizes.get("text_token", 0) == 0:
+        return []
+    tokens = stats.top_token.sel(layer=layer, kind="text", latent=latent).values
+    acts = stats.top_act.sel(layer=layer, kind="text", latent=latent).values
+    chosen = [(int(t), float(a)) for t, a in zip(tokens, acts) if t >= 0 and a > 0][:n]
+    if not chosen:
+        return []
+    text_image, position, token_id = ds.text_image.values, ds.text_position.values, ds.text_token_id.values
+    out = []
+    for t, activation in chosen:
+        prompt = np.flatnonzero(text_image == text_image[t])
+        prompt = prompt[np.argsort(position[prompt], kind="stable")]
+        k = int(np.flatnonzero(prompt == t)[0])
+        start = max(0, k - before)
+        ids = [int(i) for i in token_id[prompt[start:k + after + 1]]]
+        context = marked_token(ids, k - start, decode) if decode is not None else (
+            " ".join(f"[[{i}]]" if j == k - start else str(i) for j, i in enumerate(ids)))
+        context = ("..." if start else "") + context + ("..." if k + after + 1 < len(prompt) else "")
+        out.append({"text_token": t, "image": int(text_image[t]), "activation": activation,
+                    "context": " ".join(context.splitlines())})  # one line: a Markdown list item
+    return out
+
+
+def store_decoder(ds: xr.Dataset) -> tuple[Callable[[list[int]], str] | None, str]:
+    """The store's tokenizer's ``decode``, or None and what the report says instead."""
+    from actstore.descriptions import try_store_tokenizer
+
+    tokenizer, why_not = try_store_tokenizer(ds.attrs.get("provenance", {}))
+    if tokenizer is None:
+        return None, f"Token ids shown: {why_not}."
+    return (lambda ids: tokenizer.decode(ids)), ""
 
 
 def plot_layers(stats: xr.Dataset, path: Path) -> None:
@@ -260,8 +319,14 @@ def check_heatmap_request(stats: xr.Dataset, layer: int | None, latent: int | No
                          f"0..{stats.sizes['latent'] - 1}")
 
 
+def text_heading(text: TextExamples) -> str:
+    """The heading of the text examples' section."""
+    return (f"Where latent {text.latent} at state {text.layer} fires most on text (activation, image, the prompt "
+            "around the token in [[ ]])")
+
+
 def render_markdown(title: str, facts: list[str], table: list[list[float]], tops: dict[int, dict[str, list[dict]]],
-                    figures: Figures) -> str:
+                    figures: Figures, text: TextExamples | None = None) -> str:
     """The report as Markdown."""
     lines = [f"# {title}", "", *[f"- {f}" for f in facts], "", "## Per layer", "",
              "| " + " | ".join(c for c, _, _ in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
@@ -270,6 +335,10 @@ def render_markdown(title: str, facts: list[str], table: list[list[float]], tops
               "## Latent firing frequencies", "", f"![firing frequency histograms]({figures.frequencies})", ""]
     if figures.heatmaps:
         lines += ["## Heat maps", "", figures.heatmap_caption, "", f"![per-patch heat maps]({figures.heatmaps})", ""]
+    if text is not None:
+        lines += [f"## {text_heading(text)}", "", *([text.note, ""] if text.note else [])]
+        lines += [f"- {fmt(e['activation'])} (image {e['image']}): {e['context']}" for e in text.examples]
+        lines += [""] if text.examples else ["It never fires on the stored text tokens.", ""]
     lines += ["## Top latents on image tokens", ""]
     for layer, rankings in tops.items():
         lines += [f"### State {layer}", ""]
@@ -286,7 +355,7 @@ def render_markdown(title: str, facts: list[str], table: list[list[float]], tops
 
 
 def render_html(title: str, facts: list[str], table: list[list[float]], tops: dict[int, dict[str, list[dict]]],
-                figures: Figures) -> str:
+                figures: Figures, text: TextExamples | None = None) -> str:
     """The report as a self-contained HTML page (figures are files beside it)."""
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c, _, _ in TABLE_COLUMNS)
@@ -302,6 +371,13 @@ def render_html(title: str, facts: list[str], table: list[list[float]], tops: di
     if figures.heatmaps:
         parts.append(f"<h2>Heat maps</h2><p>{esc(figures.heatmap_caption)}</p>"
                      f"<p><img src='{figures.heatmaps}' alt='heat maps'></p>")
+    if text is not None:
+        parts.append(f"<h2>{esc(text_heading(text))}</h2>" + (f"<p>{esc(text.note)}</p>" if text.note else "")
+                     + ("<ul id='text-examples'>" + "".join(
+                         f"<li>{fmt(e['activation'])} (image {e['image']}): "
+                         + esc(e["context"]).replace("[[", "<b>").replace("]]", "</b>") + "</li>"
+                         for e in text.examples) + "</ul>" if text.examples
+                        else "<p>It never fires on the stored text tokens.</p>"))
     parts.append("<h2>Top latents on image tokens</h2>")
     for layer, rankings in tops.items():
         parts.append(f"<h3>State {layer}</h3>")
@@ -354,9 +430,13 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
     plot_frequencies(stats, out / figures.frequencies)
     suite_path = suite_path or stats.attrs.get("suite_path")
     missing_heatmaps = "no heat maps: the suite's SAEs were not found (pass --saes)"
+    if latent is None:
+        layer, latent = heatmap_choice(stats, layer)
+    text = None
+    if "text" in stats.kind.values:
+        decode, note = store_decoder(ds)
+        text = TextExamples(layer, latent, text_examples(ds, stats, layer, latent, decode), note)
     if suite_path and Path(suite_path).exists():
-        if latent is None:
-            layer, latent = heatmap_choice(stats, layer)
         sae = load_suite(suite_path).saes[layer]
         analysed = json.loads(stats.attrs.get("fingerprint", "{}")).get("saes", {}).get(str(layer), {}).get("weights")
         if analysed is None or analysed == sae.digest():
@@ -380,6 +460,6 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
     if not figures.heatmaps:
         facts.append(missing_heatmaps)
     title = f"actstore report: {Path(store).name} / {suite}"
-    (out / "report.md").write_text(render_markdown(title, facts, table, tops, figures))
-    (out / "report.html").write_text(render_html(title, facts, table, tops, figures))
+    (out / "report.md").write_text(render_markdown(title, facts, table, tops, figures, text))
+    (out / "report.html").write_text(render_html(title, facts, table, tops, figures, text))
     return out

@@ -40,6 +40,12 @@ def test_demo_runs_end_to_end(miniature, tmp_path, capsys, monkeypatch):
     heat_state = int(re.search(r"latent \d+ at state (\d+)", (report / "report.md").read_text()).group(1))
     first = markdown_latent_tables((report / "report.md").read_text())[heat_state][1][0]["latent"]
     assert f"latent {first} at state {heat_state}" in (report / "report.md").read_text()
+    # and the prompts where that latent fires most, its token marked (in bold on the page)
+    from test_report import markdown_text_examples
+
+    shown = markdown_text_examples((report / "report.md").read_text())
+    assert shown and all(re.search(r"\[\[\w+\]\]", context) for _, _, context in shown)
+    assert re.search(r"<ul id='text-examples'><li>[^<]*<b>\w+</b>", (report / "report.html").read_text())
     assert all((report / name).stat().st_size > 10_000 for name in ("layers.png", "frequencies.png", "heatmaps.png"))
     # the heat maps stand under the world's pictures of their images, every one found again
     heat_maps = (report / "report.md").read_text().split("## Heat maps")[1].split("##")[0]

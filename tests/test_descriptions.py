@@ -7,7 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from actstore.descriptions import alignment_score, content_words, derive_from_text, load_neuronpedia
+from actstore.descriptions import (
+    alignment_score,
+    content_words,
+    derive_from_text,
+    load_neuronpedia,
+    store_tokenizer,
+    try_store_tokenizer,
+)
 
 
 def test_content_words_match_plurals_and_drop_stopwords():
@@ -54,3 +61,21 @@ def test_alignment_score_and_its_random_baseline():
 def test_a_latent_naming_two_caption_words_counts_once_in_the_baseline():
     score, baseline = alignment_score(np.array([[0]]), ["red, circle", "red", "blue"], ["one red circle"])
     assert score == 1.0 and baseline == pytest.approx(2 / 3)
+
+
+def test_the_store_tokenizer_is_the_one_its_provenance_names(tmp_path):
+    from actstore.miniature import build_tokenizer
+
+    build_tokenizer().save_pretrained(tmp_path / "tok")  # a local name, as from_pretrained takes a hub name
+    ids = build_tokenizer()("one small red circle in the center")["input_ids"]
+    expected = build_tokenizer().decode(ids)
+    assert "circle" in expected
+    for provenance in ({"model": str(tmp_path / "tok")},  # a store written from one's own code
+                       {"model": {"lm": str(tmp_path / "tok"), "llava": None}},  # a harvest's model section
+                       {"model": {"llava": str(tmp_path / "tok"), "lm": None}},
+                       {"model": {"lm": "miniature"}}):
+        assert store_tokenizer(provenance).decode(ids) == expected, provenance
+    with pytest.raises(ValueError, match="names no language model"):
+        store_tokenizer({"data": {"source": "world"}})
+    tokenizer, why_not = try_store_tokenizer({"model": str(tmp_path / "gone")})
+    assert tokenizer is None and "did not load" in why_not and "gone" in why_not

@@ -13,6 +13,7 @@ from actstore.report import patch_activations, write_report
 from actstore.stats import open_stats
 from jobs.analyze import run_analysis
 from test_analyze import store_and_suite  # noqa: F401 - fixture
+from test_stats import write_store
 
 # Which statistic each report column shows, written out independently of actstore.report.
 COLUMNS = {"FVU image": ("fvu", "image"), "FVU text": ("fvu", "text"), "L0 image": ("l0_mean", "image"),
@@ -85,6 +86,13 @@ def check_latent_tables(text: str, stats, n: int = 5) -> None:
                 assert float(row[column]) == pytest.approx(float(value), rel=5e-4, abs=1e-12), (layer, j, column)
             described = str(stats.description.sel(layer=layer, latent=j).values)
             assert row["description"] == (described or "(no description)"), (layer, j)
+
+
+def markdown_text_examples(text: str) -> list[tuple[float, int, str]]:
+    """The report's text examples of its chosen latent: (activation, image, prompt text around the token)."""
+    section = text.split("## Where latent ")[1].split("\n## ")[0]
+    return [(float(a), int(image), context)
+            for a, image, context in re.findall(r"^- (\S+) \(image (\d+)\): (.*)$", section, re.M)]
 
 
 def test_report_tables_carry_the_statistics(store_and_suite, tmp_path):  # noqa: F811
@@ -173,7 +181,7 @@ def test_heat_maps_of_a_chosen_latent_and_clear_errors_for_bad_choices(store_and
     assert cli(["report", store, "--out", str(tmp_path / "r"), "--state", "5", "--latent", str(latent),
                 "--images", "2"]) == 0
     text = (tmp_path / "r" / "report.md").read_text()
-    assert f"latent {latent} at state 5" in text and "never fires" not in text
+    assert f"latent {latent} at state 5" in text and "never fires on image tokens" not in text
     with Image.open(tmp_path / "r" / "heatmaps.png") as figure:  # two panels, not the default four
         two = figure.size[0]
     assert two < Image.open(write_report(store, tmp_path / "four") / "heatmaps.png").size[0]
@@ -201,3 +209,42 @@ def test_the_report_command_passes_where_the_data_moved(monkeypatch, tmp_path):
     monkeypatch.setattr(actstore.report, "write_report", lambda *args, **kwargs: seen.update(kwargs) or tmp_path)
     assert cli(["report", "s.zarr", "--data", "/new/place/data.parquet"]) == 0
     assert seen["data_path"] == "/new/place/data.parquet"
+
+
+def test_the_chosen_latents_strongest_text_tokens_stand_in_their_prompts(store_and_suite, tmp_path):  # noqa: F811
+    import torch
+    from sae_lens import SAE
+
+    import actstore
+    from actstore.miniature import build_tokenizer
+
+    root, _ = store_and_suite
+    store = str(root / "s.zarr")
+    run_analysis(store, str(root / "suite.yaml"), backend="reference")
+    ds = actstore.open(store)
+    with torch.no_grad():  # sae-lens' activations of every text token at state 5: the oracle
+        acts = SAE.load_from_disk(str(root / "sae5")).encode(
+            torch.from_numpy(ds.text_resid.sel(layer=5).values.astype(np.float32))).numpy()
+    latent = int(np.argmax((acts > 0).sum(0)))
+    assert (acts[:, latent] > 0).sum() > 5
+    shown = markdown_text_examples((write_report(store, tmp_path / "r", layer=5, latent=latent) / "report.md")
+                                   .read_text())
+    np.testing.assert_allclose([a for a, _, _ in shown], np.sort(acts[:, latent])[::-1][:5], rtol=5e-4)
+    decode = build_tokenizer().decode
+    text_image, token_id = ds.text_image.values, ds.text_token_id.values
+    for activation, image, context in shown:
+        tokens = np.flatnonzero(text_image == image)  # written in prompt order
+        assert context.replace("[[", "").replace("]]", "") == decode(token_id[tokens].tolist())
+        marked = re.search(r"\[\[(.*?)\]\]", context).group(1)
+        hits = [t for t in tokens if abs(acts[t, latent] - activation) <= 5e-4 * activation]
+        assert marked in {decode([int(token_id[t])]) for t in hits}, (context, activation)
+    # where the store's tokenizer cannot be had, the report shows token ids and says why
+    write_store(root / "unnamed.zarr", 4, provenance={})
+    run_analysis(str(root / "unnamed.zarr"), str(root / "suite.yaml"), backend="reference")
+    text = (write_report(str(root / "unnamed.zarr"), tmp_path / "u", layer=5, latent=latent) / "report.md").read_text()
+    assert "Token ids shown: the store's tokenizer did not load (ValueError: the store's provenance names no" in text
+    activation, image, context = markdown_text_examples(text)[0]
+    assert activation == pytest.approx(float(acts[:, latent].max()), rel=5e-4)
+    assert context.replace("[[", "").replace("]]", "").split() == [str(i) for i in token_id[text_image == image]]
+    sources = open_stats(str(root / "unnamed.zarr"), "test-suite").attrs["description_sources"]
+    assert "none: the store's tokenizer did not load" in sources  # the analysis went on without descriptions

@@ -25,16 +25,21 @@ def dataset(seed: int = 0):
     return images, text
 
 
-def write_store(path, block_images: int, prompts: list[str] | None = None) -> None:
+def write_store(path, block_images: int, prompts: list[str] | None = None,
+                provenance: dict | None = None) -> None:
+    """The dataset as a store of two states (0 and 5); its text tokens are words of the miniature's tokenizer (ids
+    10-29, which the provenance names unless given another)."""
     images, text = dataset()
     schema = StoreSchema(layers=(0, 5), image_tokens=T, d_model=D, dtype="float32", capacity=N_IMAGES,
                          block_images=block_images, text_tokens_per_image=TEXT_PER_IMAGE)
-    with StoreWriter.create(path, schema) as writer:
+    provenance = {"model": {"lm": "miniature"}} if provenance is None else provenance
+    with StoreWriter.create(path, schema, provenance) as writer:
         for b in range(schema.blocks_for(N_IMAGES)):
             lo, hi = b * block_images, min(N_IMAGES, (b + 1) * block_images)
             k = hi - lo
             tt = TextTokens(text[:, lo * TEXT_PER_IMAGE : hi * TEXT_PER_IMAGE], np.repeat(np.arange(k), TEXT_PER_IMAGE),
-                            np.tile(np.arange(TEXT_PER_IMAGE), k), np.zeros(k * TEXT_PER_IMAGE, int))
+                            np.tile(np.arange(TEXT_PER_IMAGE), k),
+                            10 + np.arange(lo * TEXT_PER_IMAGE, hi * TEXT_PER_IMAGE) % 20)
             writer.write_block(b, images[:, lo:hi], [f"img{i}" for i in range(lo, hi)],
                                prompts[lo:hi] if prompts else None, text=tt)
 
