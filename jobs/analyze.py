@@ -87,6 +87,9 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
     per_layer = sorted(per_layer + others, key=lambda part: int(part.layer.values[0]))
     stats = xr.concat(per_layer, dim="layer", combine_attrs="drop")
     descriptions, described_by = suite_descriptions(suite, stats, ds)
+    for why_not in sorted({v for v in described_by.values() if v.startswith("none: ")}):
+        log(f"[analyze] warning: no latent descriptions ({why_not[len('none: '):]}); add Neuronpedia exports to the "
+            "suite, or make the tokenizer loadable, and rerun (the computed layers are reused)")
     stats["description"] = (("layer", "latent"), descriptions)  # object strings: zarr v3's variable-length UTF-8
     prompts = ds.prompt.values
     if len(set(prompts.tolist())) == 1 and len(prompts) > 1:

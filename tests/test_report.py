@@ -240,7 +240,10 @@ def test_the_chosen_latents_strongest_text_tokens_stand_in_their_prompts(store_a
         assert marked in {decode([int(token_id[t])]) for t in hits}, (context, activation)
     # where the store's tokenizer cannot be had, the report shows token ids and says why
     write_store(root / "unnamed.zarr", 4, provenance={})
-    run_analysis(str(root / "unnamed.zarr"), str(root / "suite.yaml"), backend="reference")
+    said: list[str] = []
+    run_analysis(str(root / "unnamed.zarr"), str(root / "suite.yaml"), backend="reference",
+                 log=lambda *a, **k: said.append(" ".join(map(str, a))))
+    assert any("warning: no latent descriptions (the store's tokenizer did not load" in line for line in said)
     text = (write_report(str(root / "unnamed.zarr"), tmp_path / "u", layer=5, latent=latent) / "report.md").read_text()
     assert "Token ids shown: the store's tokenizer did not load (ValueError: the store's provenance names no" in text
     activation, image, context = markdown_text_examples(text)[0]
