@@ -27,6 +27,7 @@ TABLE_COLUMNS = (
     ("L0 image", "l0_mean", "image"), ("L0 text", "l0_mean", "text"), ("cosine image", "mean_cos", "image"),
     ("cosine text", "mean_cos", "text"), ("alignment", "alignment", None), ("random", "alignment_baseline", None),
     ("image-only latents", "image_only", None), ("text-only latents", "text_only", None),
+    ("image latents on text", "image_latents_on_text", None),
 )
 
 
@@ -52,6 +53,16 @@ def layer_value(stats: xr.Dataset, layer: int, name: str, kind: str | None) -> f
             return float("nan")
         row = row.sel(kind=kind)
     return float(row.sum("latent") if "latent" in row.dims else row)
+
+
+def image_latents_on_text(stats: xr.Dataset) -> xr.DataArray:
+    """Per layer, the share of the latents firing on image tokens that fire on text tokens too: how much of what the
+    SAE uses for images is the language's own vocabulary of features (NaN without text tokens)."""
+    if "text" not in stats.kind.values:
+        return xr.full_like(stats.layer, np.nan, dtype=float)
+    on_image = stats.fire_count.sel(kind="image") > 0
+    both = on_image & (stats.fire_count.sel(kind="text") > 0)
+    return both.sum("latent") / on_image.sum("latent").where(on_image.any("latent"))
 
 
 def layer_table(stats: xr.Dataset) -> list[list[float]]:
@@ -176,12 +187,12 @@ def store_decoder(ds: xr.Dataset) -> tuple[Callable[[list[int]], str] | None, st
 
 
 def plot_layers(stats: xr.Dataset, path: Path) -> None:
-    """FVU, L0, cosine and alignment against the layer, image vs text."""
+    """FVU, L0, cosine, alignment and the image latents shared with text against the layer, image vs text."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     layers = stats.layer.values
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     panels = (("fvu", "FVU (lower: better reconstructed)", True), ("l0_mean", "L0 (active latents per token)", False),
               ("mean_cos", "cosine(x, x_hat)", False))
     for ax, (name, title, log) in zip(axes.flat, panels):
@@ -200,8 +211,14 @@ def plot_layers(stats: xr.Dataset, path: Path) -> None:
         ax.plot(layers, stats.alignment_baseline.values, "k:", label="random latents")
         ax.legend()
     ax.set_title("semantic alignment (share naming a caption word)")
-    ax.set_xlabel("residual state (0 = embeddings)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax = axes.flat[4]
+    ax.plot(layers, image_latents_on_text(stats).values, "o-")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("latents firing on images that fire on text too")
+    for ax in axes.flat[3:5]:
+        ax.set_xlabel("residual state (0 = embeddings)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.flat[5].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -446,7 +463,7 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
         else:  # a latent's map from other weights would not show the latent the statistics describe
             missing_heatmaps = (f"no heat maps: the SAE of state {layer} in {suite_path} is not the one analysed "
                                 "(retrained since?); rerun the analysis, or pass --saes with the analysed suite")
-    table = layer_table(stats)
+    table = layer_table(stats.assign(image_latents_on_text=image_latents_on_text(stats)))
     tops = {int(x): {"frequent": top_image_latents(stats, int(x), n_top),
                      "selective": selective_image_latents(stats, int(x), n_top)} for x in stats.layer.values}
     sources = json.loads(stats.attrs.get("description_sources", "{}"))
@@ -455,7 +472,8 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
              f"SAE suite `{suite}`, analysed {stats.attrs.get('computed', '?')}",
              "FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over all tokens of a kind; L0 = active latents per "
              "token; alignment = share of an image's 5 most active latents whose description names a caption word; "
-             "image-only latents fire on some image token and on no text token (text-only: the reverse)",
+             "image-only latents fire on some image token and on no text token (text-only: the reverse); image "
+             "latents on text = the share of latents firing on image tokens that fire on text tokens too",
              "descriptions: " + (", ".join(sorted(set(sources.values()))) or "none")]
     if not figures.heatmaps:
         facts.append(missing_heatmaps)

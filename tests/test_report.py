@@ -41,6 +41,10 @@ def check_numbers(rows: list[dict[str, str]], stats) -> None:
     assert [int(r["state"]) for r in rows] == [int(x) for x in stats.layer.values]
     for row in rows:
         layer = int(row["state"])
+        on_image = stats.fire_count.sel(layer=layer, kind="image").values > 0
+        on_text = stats.fire_count.sel(layer=layer, kind="text").values > 0
+        assert float(row["image latents on text"]) == pytest.approx((on_image & on_text).sum() / on_image.sum(),
+                                                                   rel=5e-4), layer
         for column, (name, kind) in COLUMNS.items():
             value = stats[name].sel(layer=layer)
             value = value.sel(kind=kind) if kind else value
