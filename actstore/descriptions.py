@@ -128,7 +128,7 @@ def try_store_tokenizer(provenance: dict[str, Any]) -> tuple[Any | None, str]:
     try:
         return store_tokenizer(provenance), ""
     except Exception as exc:  # offline without it cached, no model named, a name gone from the hub, ...
-        return None, f"the store's tokenizer did not load ({type(exc).__name__}: {exc})"
+        return None, f"the store's tokenizer did not load ({type(exc).__name__}: {' '.join(str(exc).split())})"
 
 
 def suite_descriptions(suite: Any, stats: Any, ds: Any) -> tuple[np.ndarray, dict[int, str]]:

@@ -67,7 +67,10 @@ def store_pictures(provenance: dict[str, Any], image_ids: Sequence[str],
     """RGB pixels (H x W x 3, uint8) of those of ``image_ids`` whose picture the store's data source still has (at
     ``data_path`` instead of the recorded path, for data that moved), and a note naming what was not found and why
     ("" when every one was)."""
-    dataset = dict((provenance or {}).get("dataset") or {})
+    dataset = (provenance or {}).get("dataset") or {}
+    if not isinstance(dataset, dict):  # a store written from one's own code may name its data in a word
+        return {}, f"the store names its data as {dataset!r}, not as a source (world, imagefolder, ...) to read"
+    dataset = dict(dataset)
     if data_path is not None:
         dataset["path"] = str(data_path)
     source = dataset.get("source")

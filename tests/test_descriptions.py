@@ -63,7 +63,7 @@ def test_a_latent_naming_two_caption_words_counts_once_in_the_baseline():
     assert score == 1.0 and baseline == pytest.approx(2 / 3)
 
 
-def test_the_store_tokenizer_is_the_one_its_provenance_names(tmp_path):
+def test_the_store_tokenizer_is_the_one_its_provenance_names(tmp_path, monkeypatch):
     from actstore.miniature import build_tokenizer
 
     build_tokenizer().save_pretrained(tmp_path / "tok")  # a local name, as from_pretrained takes a hub name
@@ -79,3 +79,12 @@ def test_the_store_tokenizer_is_the_one_its_provenance_names(tmp_path):
         store_tokenizer({"data": {"source": "world"}})
     tokenizer, why_not = try_store_tokenizer({"model": str(tmp_path / "gone")})
     assert tokenizer is None and "did not load" in why_not and "gone" in why_not
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to the hub.\nCheck your internet connection.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    _, why_not = try_store_tokenizer({"model": "google/gemma-2-2b"})
+    assert why_not == ("the store's tokenizer did not load (OSError: We couldn't connect to the hub. Check your "
+                       "internet connection.)")  # one line, for a log line or a report's list item

@@ -55,3 +55,5 @@ def test_a_source_that_is_gone_gives_no_pictures_and_says_why(tmp_path):
     found, note = store_pictures({"dataset": dataset}, ["ex0"], data_path=str(tmp_path / "here.parquet"))
     assert list(found) == ["ex0"] and note == "" and dataset["path"].endswith("moved.parquet")  # provenance kept
     assert store_pictures({}, ["a"]) == ({}, "the store does not name the data its images came from")
+    assert store_pictures({"dataset": "coco-val"}, ["a"]) == (
+        {}, "the store names its data as 'coco-val', not as a source (world, imagefolder, ...) to read")
