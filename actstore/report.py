@@ -134,7 +134,8 @@ class TextExamples:
     layer: int
     latent: int
     examples: list[dict[str, Any]]
-    note: str = ""
+    note: str = ""  # said above the examples
+    absent: str = "It never fires on the stored text tokens."  # said instead of examples where there are none
 
 
 def marked_token(ids: list[int], k: int, decode: Callable[[list[int]], str]) -> str:
@@ -355,7 +356,7 @@ def render_markdown(title: str, facts: list[str], table: list[list[float]], tops
     if text is not None:
         lines += [f"## {text_heading(text)}", "", *([text.note, ""] if text.note else [])]
         lines += [f"- {fmt(e['activation'])} (image {e['image']}): {e['context']}" for e in text.examples]
-        lines += [""] if text.examples else ["It never fires on the stored text tokens.", ""]
+        lines += [""] if text.examples else [text.absent, ""]
     lines += ["## Top latents on image tokens", ""]
     for layer, rankings in tops.items():
         lines += [f"### State {layer}", ""]
@@ -394,7 +395,7 @@ def render_html(title: str, facts: list[str], table: list[list[float]], tops: di
                          f"<li>{fmt(e['activation'])} (image {e['image']}): "
                          + esc(e["context"]).replace("[[", "<b>").replace("]]", "</b>") + "</li>"
                          for e in text.examples) + "</ul>" if text.examples
-                        else "<p>It never fires on the stored text tokens.</p>"))
+                        else f"<p>{esc(text.absent)}</p>"))
     parts.append("<h2>Top latents on image tokens</h2>")
     for layer, rankings in tops.items():
         parts.append(f"<h3>State {layer}</h3>")
@@ -450,7 +451,10 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
     if latent is None:
         layer, latent = heatmap_choice(stats, layer)
     text = None
-    if "text" in stats.kind.values:
+    if "text" in stats.kind.values and stats.sizes.get("rank", 0) == 0:
+        text = TextExamples(layer, latent, [], absent="No examples: the analysis kept no top-activating tokens "
+                                                      "(rerun it with --top-k above 0).")
+    elif "text" in stats.kind.values:
         decode, note = store_decoder(ds)
         text = TextExamples(layer, latent, text_examples(ds, stats, layer, latent, decode), note)
     if suite_path and Path(suite_path).exists():

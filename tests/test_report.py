@@ -186,6 +186,8 @@ def test_heat_maps_of_a_chosen_latent_and_clear_errors_for_bad_choices(store_and
                 "--images", "2"]) == 0
     text = (tmp_path / "r" / "report.md").read_text()
     assert f"latent {latent} at state 5" in text and "never fires on image tokens" not in text
+    on_text = int(stats.fire_count.sel(layer=5, kind="text", latent=latent))
+    assert ("It never fires on the stored text tokens." in text) == (on_text == 0)
     with Image.open(tmp_path / "r" / "heatmaps.png") as figure:  # two panels, not the default four
         two = figure.size[0]
     assert two < Image.open(write_report(store, tmp_path / "four") / "heatmaps.png").size[0]
@@ -255,3 +257,7 @@ def test_the_chosen_latents_strongest_text_tokens_stand_in_their_prompts(store_a
     assert context.replace("[[", "").replace("]]", "").split() == [str(i) for i in token_id[text_image == image]]
     sources = open_stats(str(root / "unnamed.zarr"), "test-suite").attrs["description_sources"]
     assert "none: the store's tokenizer did not load" in sources  # the analysis went on without descriptions
+    # an analysis that kept no top-k examples has none to show, and says so rather than that the latent never fires
+    run_analysis(store, str(root / "suite.yaml"), backend="reference", top_k=0)
+    text = (write_report(store, tmp_path / "k0", layer=5, latent=latent) / "report.md").read_text()
+    assert not markdown_text_examples(text) and "the analysis kept no top-activating tokens" in text
