@@ -304,8 +304,10 @@ def plot_heatmaps(ds: xr.Dataset, stats: xr.Dataset, sae: Any, layer: int, laten
     plt.close(fig)
     where = "the pictures (above) and, below, " if pictures else ""
     silent = "fire_count" in stats and int(stats.fire_count.sel(layer=layer, kind="image", latent=latent)) == 0
+    chosen = "images where it is most active" if len(top) else (
+        "first images (the analysis kept no top-activating tokens to find where it is most active: --top-k 0)")
     return (f"Per-patch activation of latent {latent} at state {layer} ({description or 'no description'}) on the "
-            f"images where it is most active: {where}the latent's activation at each image token (patch grid)."
+            f"{chosen}: {where}the latent's activation at each image token (patch grid)."
             + (" It never fires on image tokens here: the maps are empty, over the first images." if silent else "")
             + (f" Pictures: {not_found}." if not_found else ""))
 

@@ -261,3 +261,4 @@ def test_the_chosen_latents_strongest_text_tokens_stand_in_their_prompts(store_a
     run_analysis(store, str(root / "suite.yaml"), backend="reference", top_k=0)
     text = (write_report(store, tmp_path / "k0", layer=5, latent=latent) / "report.md").read_text()
     assert not markdown_text_examples(text) and "the analysis kept no top-activating tokens" in text
+    assert "on the first images (the analysis kept no top-activating tokens" in text  # the heat maps' too
