@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import xarray as xr
 
+from actstore.examples import check_state_and_latent, top_examples
 from actstore.integrity import saved_analyses
 
 TABLE_COLUMNS = (
@@ -154,25 +155,24 @@ def text_examples(ds: xr.Dataset, stats: xr.Dataset, layer: int, latent: int,
                   after: int = 4) -> list[dict[str, Any]]:
     """Up to ``n`` text tokens where ``latent`` of state ``layer`` is most active (from the analysis' top-k), each
     with its activation, image, and the prompt text around it (token ids where ``decode`` is None)."""
-    if "text" not in stats.kind.values or "top_token" not in stats or ds.sizes.get("text_token", 0) == 0:
+    if "text" not in stats.kind.values or stats.sizes.get("rank", 0) == 0 or ds.sizes.get("text_token", 0) == 0:
         return []
-    tokens = stats.top_token.sel(layer=layer, kind="text", latent=latent).values
-    acts = stats.top_act.sel(layer=layer, kind="text", latent=latent).values
-    chosen = [(int(t), float(a)) for t, a in zip(tokens, acts) if t >= 0 and a > 0][:n]
-    if not chosen:
+    found = top_examples(stats, ds, layer, latent, "text").head(n)
+    if found.empty:
         return []
     text_image, position, token_id = ds.text_image.values, ds.text_position.values, ds.text_token_id.values
     out = []
-    for t, activation in chosen:
-        prompt = np.flatnonzero(text_image == text_image[t])
+    for example in found.itertuples():
+        prompt = np.flatnonzero(text_image == example.image)
         prompt = prompt[np.argsort(position[prompt], kind="stable")]
-        k = int(np.flatnonzero(prompt == t)[0])
+        k = int(np.flatnonzero(prompt == example.text_token)[0])
         start = max(0, k - before)
         ids = [int(i) for i in token_id[prompt[start:k + after + 1]]]
         context = marked_token(ids, k - start, decode) if decode is not None else (
             " ".join(f"[[{i}]]" if j == k - start else str(i) for j, i in enumerate(ids)))
         context = ("..." if start else "") + context + ("..." if k + after + 1 < len(prompt) else "")
-        out.append({"text_token": t, "image": int(text_image[t]), "activation": activation,
+        out.append({"text_token": int(example.text_token), "image": int(example.image),
+                    "activation": float(example.activation),
                     "context": " ".join(context.splitlines())})  # one line: a Markdown list item
     return out
 
@@ -329,14 +329,10 @@ def heatmap_choice(stats: xr.Dataset, layer: int | None = None) -> tuple[int, in
 
 def check_heatmap_request(stats: xr.Dataset, layer: int | None, latent: int | None) -> None:
     """A clear error for heat maps asked of a state the analysis lacks or a latent beyond its SAE's width."""
-    layers = [int(x) for x in stats.layer.values]
     if latent is not None and layer is None:
         raise ValueError("--latent needs --state: latent indices are per SAE, and each state has its own")
-    if layer is not None and layer not in layers:
-        raise ValueError(f"the analysis has no state {layer}; its states are {layers}")
-    if latent is not None and not 0 <= latent < stats.sizes["latent"]:
-        raise ValueError(f"latent {latent} is outside the SAE of state {layer}, whose latents are "
-                         f"0..{stats.sizes['latent'] - 1}")
+    if layer is not None:
+        check_state_and_latent(stats, layer, latent)
 
 
 def text_heading(text: TextExamples) -> str:
