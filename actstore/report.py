@@ -269,8 +269,8 @@ def plot_heatmaps(ds: xr.Dataset, stats: xr.Dataset, sae: Any, layer: int, laten
     from actstore.pictures import store_pictures
 
     n_tokens = ds.sizes["image_token"]
-    top = stats.top_token.sel(layer=layer, kind="image", latent=latent).values if "top_token" in stats else []
-    images = list(dict.fromkeys(int(t) // n_tokens for t in top if t >= 0))[:n_images]
+    kept_top = "top_token" in stats and stats.sizes.get("rank", 0) > 0
+    images = list(dict.fromkeys(top_examples(stats, ds, layer, latent).image.tolist()))[:n_images] if kept_top else []
     images = images or list(range(min(n_images, ds.sizes["image"])))
     ids = [str(ds.image_id.values[i]) for i in images]
     pictures, not_found = store_pictures(ds.attrs.get("provenance", {}), ids, data_path)
@@ -304,8 +304,9 @@ def plot_heatmaps(ds: xr.Dataset, stats: xr.Dataset, sae: Any, layer: int, laten
     plt.close(fig)
     where = "the pictures (above) and, below, " if pictures else ""
     silent = "fire_count" in stats and int(stats.fire_count.sel(layer=layer, kind="image", latent=latent)) == 0
-    chosen = "images where it is most active" if len(top) else (
+    chosen = "images where it is most active" if kept_top else (
         "first images (the analysis kept no top-activating tokens to find where it is most active: --top-k 0)")
+    chosen += f" (images {', '.join(map(str, images))})"
     return (f"Per-patch activation of latent {latent} at state {layer} ({description or 'no description'}) on the "
             f"{chosen}: {where}the latent's activation at each image token (patch grid)."
             + (" It never fires on image tokens here: the maps are empty, over the first images." if silent else "")

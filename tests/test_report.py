@@ -186,6 +186,14 @@ def test_heat_maps_of_a_chosen_latent_and_clear_errors_for_bad_choices(store_and
                 "--images", "2"]) == 0
     text = (tmp_path / "r" / "report.md").read_text()
     assert f"latent {latent} at state 5" in text and "never fires on image tokens" not in text
+    # the two images shown: those with the latent's strongest image tokens by sae-lens, strongest first
+    from test_examples import sae_lens_activations
+
+    resid = actstore.open(store).image_resid.sel(layer=5).values
+    strongest = sae_lens_activations(root / "sae5", resid.reshape(-1, resid.shape[-1]))[:, latent].reshape(
+        resid.shape[:2]).max(1)
+    expected = [int(i) for i in np.argsort(-strongest, kind="stable")[:2]]
+    assert f"most active (images {expected[0]}, {expected[1]})" in text
     on_text = int(stats.fire_count.sel(layer=5, kind="text", latent=latent))
     assert ("It never fires on the stored text tokens." in text) == (on_text == 0)
     with Image.open(tmp_path / "r" / "heatmaps.png") as figure:  # two panels, not the default four
