@@ -43,6 +43,20 @@ def analysis_names(store: str | Path) -> list[str]:
     return [analysis["name"] for analysis in saved_analyses(group)]
 
 
+def choose_analysis(store: str | Path, suite: str | None) -> str:
+    """The name of ``store``'s analysis ``suite``, or of its only one; a clear error where that is not one."""
+    names = analysis_names(store)
+    if not names:
+        raise ValueError(f"{store} has no analysis yet: run `actstore analyze {store} --saes SUITE.yaml` first")
+    if suite is None:
+        if len(names) > 1:
+            raise ValueError(f"{store} has analyses {names}; choose one with --suite")
+        suite = names[0]
+    if suite not in names:
+        raise ValueError(f"{store} has no analysis {suite!r}; it has {names}")
+    return suite
+
+
 def layer_value(stats: xr.Dataset, layer: int, name: str, kind: str | None) -> float:
     """One number of the layer table (NaN where the store lacks the variable or token kind); a per-latent flag
     counts the latents that have it."""
@@ -423,15 +437,7 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
     from actstore.saes import load_suite
     from actstore.stats import open_stats
 
-    names = analysis_names(store)
-    if not names:
-        raise ValueError(f"{store} has no analysis yet: run `actstore analyze {store} --saes SUITE.yaml` first")
-    if suite is None:
-        if len(names) > 1:
-            raise ValueError(f"{store} has analyses {names}; choose one with --suite")
-        suite = names[0]
-    if suite not in names:
-        raise ValueError(f"{store} has no analysis {suite!r}; it has {names}")
+    suite = choose_analysis(store, suite)
     stats = open_stats(str(store), suite)
     check_heatmap_request(stats, layer, latent)
     if n_images < 1:

@@ -1,4 +1,4 @@
-"""The ``actstore`` command line: store inspection (info, verify, report) and the jobs (train-adapter, harvest,
+"""The ``actstore`` command line: store inspection (info, verify, report, latent) and the jobs (train-adapter, harvest,
 analyze, demo). A job's options are its own: ``actstore harvest ...`` hands everything after ``harvest`` to
 ``jobs.harvest.main``, the same entry that ``torchrun -m jobs.harvest`` runs."""
 
@@ -104,6 +104,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_latent(args: argparse.Namespace) -> int:
+    """Print one latent of an analysed store: its description, firing and the tokens where it is most active."""
+    import pandas as pd
+
+    import actstore
+    from actstore.examples import check_state_and_latent, top_examples
+    from actstore.report import choose_analysis, store_decoder
+    from actstore.stats import open_stats
+
+    suite = choose_analysis(args.store, args.suite)
+    stats = open_stats(args.store, suite)
+    check_state_and_latent(stats, args.state, args.latent)
+    ds = actstore.open(args.store)
+    where = stats.sel(layer=args.state, latent=args.latent)
+    description = str(where.description.values) if "description" in stats else ""
+    print(f"latent {args.latent} at state {args.state} ({suite}): {description or '(no description)'}")
+    for kind in (str(k) for k in stats.kind.values):
+        on = where.sel(kind=kind)
+        print(f"  {kind} tokens: fires on {float(on.fire_freq):.4g} of them, mean activation {float(on.act_mean):.4g} "
+              f"where it fires, max {float(on.act_max):.4g}")
+    decode, note = store_decoder(ds) if args.kind == "text" else (None, "")
+    table = top_examples(stats, ds, args.state, args.latent, args.kind, decode)
+    print(f"strongest on {args.kind} tokens" + (f" ({note})" if note else "") + ":")
+    with pd.option_context("display.max_colwidth", 60, "display.width", 160):
+        print(table.to_string(index=False) if len(table) else f"  none: it never fires on {args.kind} tokens")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="actstore", description=__doc__)
@@ -134,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="where the harvested dataset is now, if it moved since the harvest "
                    "(the heat maps' pictures)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("latent", help="one latent of an analysed store: description, firing, top examples")
+    p.add_argument("store")
+    p.add_argument("--state", type=int, required=True, help="the residual state whose SAE it belongs to")
+    p.add_argument("--latent", type=int, required=True)
+    p.add_argument("--kind", choices=("image", "text"), default="image", help="which tokens' top examples to list")
+    p.add_argument("--suite", default=None, help="which analysis, if the store has several")
+    p.set_defaults(func=cmd_latent)
     p = sub.add_parser("demo", help="run the embedded demo on a CPU")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)

@@ -70,3 +70,28 @@ def test_top_example_requests_the_analysis_cannot_answer_are_named(store_and_sui
     run_analysis(store, str(root / "suite.yaml"), backend="reference", top_k=0)
     with pytest.raises(ValueError, match="kept no top-activating tokens"):
         top_examples(open_stats(store, "test-suite"), ds, 5, 0)
+
+
+def test_the_latent_command_prints_its_description_firing_and_top_examples(store_and_suite, capsys):  # noqa: F811
+    from jobs.cli import main as cli
+
+    root, _ = store_and_suite
+    store = str(root / "s.zarr")
+    run_analysis(store, str(root / "suite.yaml"), backend="reference")
+    stats = open_stats(store, "test-suite")
+    on_text = sae_lens_activations(root / "sae5", actstore.open(store).text_resid.sel(layer=5).values)
+    latent = int(np.argmax((on_text > 0).sum(0)))
+    capsys.readouterr()
+    assert cli(["latent", store, "--state", "5", "--latent", str(latent), "--kind", "text"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    described = str(stats.description.sel(layer=5, latent=latent).values) or "(no description)"
+    assert out[0] == f"latent {latent} at state 5 (test-suite): {described}"
+    assert f"text tokens: fires on {float((on_text[:, latent] > 0).mean()):.4g} of them" in out[2]
+    header = out.index("strongest on text tokens:") + 1
+    assert out[header].split() == ["activation", "image", "text_token", "position", "token_id", "token", "image_id",
+                                   "prompt"]
+    shown = [float(line.split()[0]) for line in out[header + 1:]]
+    np.testing.assert_allclose(shown, np.sort(on_text[:, latent])[::-1][:len(shown)], rtol=1e-5)
+    assert len(shown) == min(8, int((on_text[:, latent] > 0).sum()))
+    assert cli(["latent", store, "--state", "7", "--latent", "0"]) == 2
+    assert "no state 7; its states are [0, 5]" in capsys.readouterr().err
