@@ -97,6 +97,26 @@ def read_only(ds: xr.Dataset, scheduler: Any) -> float:
     return time.perf_counter() - start
 
 
+# How far a run's FVU and L0 (relative) and cosine (absolute: it may be near 0) may be from the plain-torch backend's:
+# float32 differs by summation order only (the kernel's products are IEEE, not tf32); bf16 weights round every
+# product, so that tokens near a threshold may fire or not.
+AGREEMENT_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+
+
+def agreement(got: xr.Dataset, reference: xr.Dataset, weight_dtype: str) -> dict[str, Any]:
+    """Worst difference, over states and token kinds, of an analysis' FVU and L0 (relative) and cosine (absolute) from
+    the reference backend's on the same tokens, and whether all are within AGREEMENT_TOLERANCE of ``weight_dtype``."""
+    def values(ds: xr.Dataset, name: str) -> np.ndarray:
+        return ds[name].values.astype(np.float64)
+
+    out: dict[str, Any] = {
+        name: float(np.max(np.abs(values(got, name) - values(reference, name))
+                           / np.maximum(np.abs(values(reference, name)), 1e-12))) for name in ("fvu", "l0_mean")}
+    out["mean_cos"] = float(np.max(np.abs(values(got, "mean_cos") - values(reference, "mean_cos"))))
+    out["agrees"] = max(out.values()) <= AGREEMENT_TOLERANCE[weight_dtype]
+    return out
+
+
 def kernel_only(ds: xr.Dataset, saes: dict[int, SAEParams], device: torch.device, repeat: int,
                 weight_dtype: str) -> float:
     """Tokens/s of ``kernels.sae_stats`` alone on device-resident chunks of the store's image chunk shape."""
@@ -321,13 +341,18 @@ def main() -> None:
         # sync: one thread, for diagnosis; "full": what `actstore analyze` computes (top-k examples, image top latents)
         runs = ([(w, scheduler, {}) for w in WEIGHT_DTYPES] + [("float32", "sync", {})]
                 + [(w, scheduler, {"top_k": 8, "image_top": 5}) for w in WEIGHT_DTYPES])
-        failure = None
+        failure, agreements = None, {}
         try:  # a failing run (a CUDA assert poisons the context) still leaves the limits and earlier runs reported
+            # The plain-torch backend on the warm-up's tokens: each run's warm-up result is checked against it, since
+            # a rate measured on wrong statistics would mean nothing.
+            name = "reference"
+            reference = compute_layer_stats(first, saes, backend="reference", scheduler="sync")
             for weight_dtype, sched, extra in runs:
                 name = f"{weight_dtype}-{'sync' if sched == 'sync' else args.scheduler}" + ("-full" if extra else "")
                 start = time.perf_counter()
-                compute_layer_stats(first, saes, scheduler=sched, weight_dtype=weight_dtype, **extra)
+                warm = compute_layer_stats(first, saes, scheduler=sched, weight_dtype=weight_dtype, **extra)
                 setup[name] = time.perf_counter() - start
+                agreements[name] = agreement(warm, reference, weight_dtype)
                 drop_page_cache()
                 start = time.perf_counter()
                 got = compute_layer_stats(ds, saes, scheduler=sched, weight_dtype=weight_dtype, **extra)
@@ -383,6 +408,9 @@ def main() -> None:
         "l0_beyond_code_buffer": None if stats is None else beyond_code_buffer(
             stats, max(default_tokens_per_task(), args.block_images * args.tokens)),  # a task: at least one chunk
         "failure": failure,
+        # worst difference of each run's FVU, L0 (relative) and cosine from the plain-torch backend's, on one block
+        "agreement_with_reference": agreements,
+        "results_agree": bool(agreements) and all(a["agrees"] for a in agreements.values()),
         "tokens_per_s": {"analysis": analysis, "kernel_only": kernel, "read_cold": read_cold if cold else None,
                          "read_warm": read_warm},
         "read_GBps_logical": {"cold": read_cold * bytes_per_token / GB if cold else None,
@@ -393,7 +421,7 @@ def main() -> None:
         "diagnosis": diagnosis,
         "ratios": ratios,
     }
-    shown = ("tokens_per_s", "read_GBps_logical", "ratios", "mean_l0_image", "l0_beyond_code_buffer")
+    shown = ("tokens_per_s", "read_GBps_logical", "ratios", "mean_l0_image", "l0_beyond_code_buffer", "results_agree")
     print(json.dumps({k: report[k] for k in shown}, indent=1))
     tag = "gpu" if device.type == "cuda" else "cpu-quick"
     save_result(report, f"analyze-{tag}", args.out)

@@ -63,8 +63,11 @@ def make_sae(d: int, F: int, target_l0: float, device: str, dtype: torch.dtype, 
     b_enc = torch.zeros(F, device=device)
     # kthvalue, not torch.quantile: quantile refuses inputs of more than 2^24 elements (4096 x 16k already is).
     pre = sample.to(device=device, dtype=torch.float32) @ W_enc
-    rank = min(len(pre), max(1, round(len(pre) * (1 - target_l0 / F))))
-    threshold = torch.kthvalue(pre, rank, dim=0).values.clamp(min=1e-3)
+    rank = min(len(pre) - 1, max(1, round(len(pre) * (1 - target_l0 / F))))
+    # Midway between two neighbouring sample values, so that no sample token sits on a threshold, where float
+    # rounding alone would decide whether it fires (bench_analyze checks its results against the reference backend).
+    threshold = ((torch.kthvalue(pre, rank, dim=0).values + torch.kthvalue(pre, rank + 1, dim=0).values) / 2
+                 ).clamp(min=1e-3)
     W_dec = torch.randn(F, d, device=device, generator=g) / F**0.5
     return {"W_enc": W_enc.to(dtype), "b_enc": b_enc, "W_dec": W_dec.to(dtype), "b_dec": torch.zeros(d, device=device),
             "threshold": threshold}

@@ -15,6 +15,10 @@ def test_bench_analyze_quick(tmp_path):
             assert report["ratios"][dtype + suffix]["analysis_vs_limit"] == rates["analysis"][
                 f"{dtype}-threads{suffix}"] / min(rates["kernel_only"][dtype], rates["read_cold"] or rates["read_warm"])
     assert 1 <= report["mean_l0_image"] <= 96
+    # every run's statistics were checked against the plain-torch backend's on the warm-up block
+    agreement = report["agreement_with_reference"]
+    assert set(agreement) == set(rates["analysis"]) and report["results_agree"] is True
+    assert all(a["fvu"] <= 1e-4 and a["l0_mean"] <= 1e-4 for name, a in agreement.items() if name.startswith("float32"))
     beyond = report["l0_beyond_code_buffer"]
     assert beyond["tokens_per_task"] == 4 * 8 and 1 <= beyond["slots_per_token"] <= 96  # one chunk of 4 images x 8
     for kind in ("image", "text"):
