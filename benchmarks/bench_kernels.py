@@ -12,7 +12,7 @@ import os
 import statistics
 import time
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -73,6 +73,15 @@ def make_sae(d: int, F: int, target_l0: float, device: str, dtype: torch.dtype, 
             "threshold": threshold}
 
 
+def agreement(ours: Any, reference: Any) -> dict[str, float]:
+    """How our kernel's statistics of the same tokens compare with the plain-torch reference's: the share of tokens
+    with the same L0, the worst relative difference of a token's squared error, and of a latent's firing count."""
+    sq_err = (ours.sq_err.double() - reference.sq_err.double()).abs() / reference.sq_err.double().abs().clamp(min=1e-12)
+    fires = (ours.fire_count.double() - reference.fire_count.double()).abs().max() / reference.fire_count.double().max()
+    return {"tokens_with_equal_l0": float((ours.l0 == reference.l0).double().mean()),
+            "sq_err_max_rel": float(sq_err.max()), "fire_count_max_rel": float(fires)}
+
+
 def bench_shape(N: int, d: int, F: int, target_l0: float, device: str, dtype: torch.dtype,
                 args: argparse.Namespace) -> dict:
     """Every contender at one shape."""
@@ -114,10 +123,13 @@ def bench_shape(N: int, d: int, F: int, target_l0: float, device: str, dtype: to
     except ImportError:
         pass
 
-    l0 = float(sae_stats_reference(x[:2048], sae["W_enc"], sae["b_enc"], sae["W_dec"], sae["b_dec"],
-                                   activation="jumprelu", threshold=thr, feature_stats=False).l0.mean())
+    reference = sae_stats_reference(x[:2048], sae["W_enc"], sae["b_enc"], sae["W_dec"], sae["b_dec"],
+                                    activation="jumprelu", threshold=thr)
+    checked = sae_stats(x[:2048], sae["W_enc"], sae["b_enc"], sae["W_dec"], sae["b_dec"], activation="jumprelu",
+                        threshold=thr, backend="triton")
     encode_flops = 2 * N * d * F
-    result = {"N": N, "d": d, "F": F, "mean_l0": l0, "contenders": {}}
+    result = {"N": N, "d": d, "F": F, "mean_l0": float(reference.l0.float().mean()),
+              "agreement": agreement(checked, reference), "contenders": {}}
     for name, fn in contenders.items():
         seconds, peak = timed(fn, device, args.warmup, args.repeat)
         result["contenders"][name] = {
