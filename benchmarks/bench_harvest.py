@@ -229,8 +229,32 @@ def harvest(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, direc
     stats.seconds_total = seconds
     stats.settle(wait=True)
     info = store_info(path)
+    info["stored_vs_forward"] = stored_vs_forward(vlm, flat[:batch_size], prompt, path)
     shutil.rmtree(path)
     return n / seconds, info, stats, step_summary(writer.block_timings), getattr(writer, "copied_blocks", None)
+
+
+def stored_vs_forward(vlm: AdapterVLM, first_batch: list[np.ndarray], prompt: str, path: Path,
+                      n_check: int = 4) -> dict[str, object]:
+    """Whether the store holds what transformers' ``output_hidden_states`` gives for the first ``n_check`` images
+    of the first micro-batch (run whole, as the harvester ran it), at every state but the last (transformers' is the
+    final norm's output), cast to the store's dtype: the largest absolute difference and whether all are bit-equal."""
+    import actstore
+
+    batch = vlm.prepare(first_batch, [prompt] * len(first_batch))
+    with torch.inference_mode():
+        hidden = vlm.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                        output_hidden_states=True, use_cache=False).hidden_states
+    stored = actstore.open(path).image_resid.isel(image=slice(0, n_check))
+    rows = torch.arange(n_check, device=batch.image_positions.device)[:, None]
+    store_dtype = getattr(torch, str(stored.dtype))  # the harvest casts to it (bf16 beside a float32 model on a CPU)
+    worst, equal = 0.0, True
+    for state in range(len(hidden) - 1):
+        want = hidden[state][rows, batch.image_positions[:n_check]].to(store_dtype).float().cpu()
+        got = torch.from_numpy(np.asarray(stored.sel(layer=state).values, dtype=np.float32))
+        worst = max(worst, float((got - want).abs().max()))
+        equal = equal and torch.equal(got, want)
+    return {"images": n_check, "states": len(hidden) - 1, "max_abs_diff": worst, "bit_equal": equal}
 
 
 def harvest_report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, fwd: float, raw: float,
@@ -272,6 +296,9 @@ def harvest_report(args: argparse.Namespace, device: torch.device, dtype: torch.
         "launches_per_s": launches,
         "partial": launches is None,
         "reported_setting": setting,
+        # the store against transformers' output_hidden_states of the same micro-batch, for every setting run
+        "stored_vs_forward": info["stored_vs_forward"],
+        "results_agree": all(r["stored_vs_forward"]["bit_equal"] for r in sweep.values() if "stored_vs_forward" in r),
         "ratios": {"harvest_vs_forward_only": ours / fwd, "harvest_vs_disk_bound": ours / disk_bound,
                    "harvest_vs_limit": ours / limit, "goal": 0.85,
                    # against the same forward-only run and disk bound: what making the fastest setting the default
@@ -328,7 +355,8 @@ def main() -> None:
             print(f"  pending blocks {p}, {mode}, writer {kind}: failed: {exc}", flush=True)
             shutil.rmtree(directory / "harvest.zarr", ignore_errors=True)
             continue
-        sweep[f"{p}-{mode}-{kind}"] = {"images_per_s": run[0], "writer_seconds_per_block": run[3],
+        sweep[f"{p}-{mode}-{kind}"] = {"images_per_s": run[0], "stored_vs_forward": run[1]["stored_vs_forward"],
+                                       "writer_seconds_per_block": run[3],
                                        "write_wait_s": run[2].seconds_write_wait,
                                        "forward_s": run[2].seconds_forward, "blocks_copied_for_the_child": run[4]}
         print(f"  pending blocks {p}, {mode}, writer {kind}: {run[0]:.1f} images/s", flush=True)

@@ -26,6 +26,11 @@ def test_bench_harvest_quick(tmp_path):
     assert report["ratios"]["best_vs_limit"] == report["sweep"][best]["images_per_s"] / min(
         rates["forward_only"], rates["disk_bound"]) >= report["ratios"]["harvest_vs_limit"]
     assert launches["process_ratio"] == launches["beside_process_writer"] / launches["alone"]
+    # what was timed stored the model's residuals: bit-equal to output_hidden_states, with either writer
+    for setting in ("4-syncfs-threads", "4-syncfs-process"):
+        assert report["sweep"][setting]["stored_vs_forward"] == {"images": 4, "states": 4, "max_abs_diff": 0.0,
+                                                                 "bit_equal": True}
+    assert report["results_agree"] is True
     # the child writer read the harvest's host buffers in place
     assert report["sweep"]["4-syncfs-process"]["blocks_copied_for_the_child"] == 0
     assert report["sweep"]["4-syncfs-threads"]["blocks_copied_for_the_child"] is None
