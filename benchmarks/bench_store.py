@@ -121,6 +121,12 @@ def bench_ours(directory: Path, schema: StoreSchema, blocks: list[np.ndarray], t
         drop_page_cache()
         zarr_read_s = min(zarr_read_s, read_seconds(images, plain, threads))
         drop_page_cache()
+    # what was timed read the written values: the first and last block, through both readers, bit for bit
+    read_back_equal = all(
+        np.array_equal(np.asarray(got).view(np.uint16), blocks[b].view(np.uint16))
+        for b in (0, n_blocks - 1)
+        for got in (images[:, b * schema.block_images:(b + 1) * schema.block_images].compute(),
+                    plain[:, b * schema.block_images:(b + 1) * schema.block_images]))
     shutil.rmtree(path)
     logical, stored = info["bytes_logical"], info["bytes_stored"]
     return {
@@ -130,6 +136,7 @@ def bench_ours(directory: Path, schema: StoreSchema, blocks: list[np.ndarray], t
         "read_GBps_logical": logical / read_s / GB,
         "read_zarr_GBps_logical": logical / zarr_read_s / GB,
         "read_cold_cache": cold,
+        "read_back_equal": read_back_equal,
         "bytes_logical": logical,
         "bytes_stored": stored,
         "compression_ratio": logical / stored,

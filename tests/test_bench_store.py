@@ -11,4 +11,5 @@ def test_bench_store_quick(tmp_path):
         assert entry["read_zarr_GBps_logical"] > 0 and entry["read_ours_vs_zarr"] > 0
         assert entry["bytes_stored"] > 0 and entry["zarr_default"]["write_GBps_logical"] > 0
         assert entry["bound_by"] in ("disk", "cpu")
+        assert entry["read_back_equal"] is True  # what was timed read the values written
     assert report["results"]["zstd"]["compression_ratio"] > report["results"]["none"]["compression_ratio"]
