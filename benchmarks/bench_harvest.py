@@ -375,7 +375,8 @@ def main() -> None:
     report = harvest_report(args, device, dtype, fwd, raw, stages, sweep, f"{pending[0]}-{modes[0]}-{writers[0]}", run,
                             launches)
     print(json.dumps({k: report[k] for k in ("images_per_s", "ratios", "raw_write_GBps", "time_split_s",
-                                             "writer_seconds_per_block", "launches_per_s")}, indent=1))
+                                             "writer_seconds_per_block", "launches_per_s", "results_agree")},
+                     indent=1))
     save_result(report, f"harvest-{tag}", args.out)
 
 
