@@ -270,3 +270,30 @@ def test_the_chosen_latents_strongest_text_tokens_stand_in_their_prompts(store_a
     text = (write_report(store, tmp_path / "k0", layer=5, latent=latent) / "report.md").read_text()
     assert not markdown_text_examples(text) and "the analysis kept no top-activating tokens" in text
     assert "on the first images (the analysis kept no top-activating tokens" in text  # the heat maps' too
+
+
+@pytest.mark.parametrize("scheme", ["metaspace", "byte-level"])
+def test_a_marked_token_keeps_the_prompts_spacing_with_sub_word_tokenizers(scheme):
+    """Gemma/Llama-style (▁) and GPT-2-style (Ġ) BPE pieces: the marked text reads as the prompt, the token's own
+    piece in brackets (a word split in pieces is marked inside the word)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from actstore.report import marked_token
+
+    corpus = ["one small red circle in the center", "two large blue squares on the left"] * 20
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    if scheme == "metaspace":
+        tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer)
+    prompt = "one small red circle in the center"
+    encoded = tokenizer.encode(prompt)
+    assert any(not piece.startswith(("▁", "Ġ")) and i for i, piece in enumerate(encoded.tokens))  # sub-word pieces
+    for k, piece in enumerate(encoded.tokens):
+        marked = marked_token(encoded.ids, k, tokenizer.decode)
+        assert marked.replace("[[", "").replace("]]", "") == prompt, marked
+        assert re.search(r"\[\[(.*?)\]\]", marked).group(1) == piece.lstrip("▁Ġ"), (marked, piece)
