@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from actstore.examples import kept_top_examples
+
 # Words that name no attribute of an image: articles, prepositions, prompt boilerplate.
 STOPWORDS = frozenset(
     "a an the of on in at to and or with is are this that it its image picture photo describe there some".split()
@@ -136,19 +138,19 @@ def suite_descriptions(suite: Any, stats: Any, ds: Any) -> tuple[np.ndarray, dic
     one, else derived from the store's text tokens (needs ``top_k`` statistics); and where each layer's came from."""
     out = np.full((stats.sizes["layer"], stats.sizes["latent"]), "", dtype=object)
     source: dict[int, str] = {}
-    tokenizer = None
+    tokenizer, why_not, tried = None, "", False
     for i, layer in enumerate(int(x) for x in stats.layer.values):
         entry = suite.sources.get(layer, {})
         if entry.get("descriptions"):
             path = Path(suite.base) / entry["descriptions"]
             out[i] = load_neuronpedia(path, stats.sizes["latent"], entry.get("neuronpedia_sae_id"))
             source[layer] = f"neuronpedia:{path}"
-        elif "text" in stats.kind.values and stats.sizes.get("rank", 0) > 0:
-            if tokenizer is None:
+        elif "text" in stats.kind.values and kept_top_examples(stats):
+            if not tried:  # once for every layer: a tokenizer that did not load will not load for the next
                 tokenizer, why_not = try_store_tokenizer(ds.attrs.get("provenance", {}))
-                tokenizer = tokenizer or why_not
-            if isinstance(tokenizer, str):  # why it did not load
-                source[layer] = f"none: {tokenizer}"
+                tried = True
+            if tokenizer is None:
+                source[layer] = f"none: {why_not}"
                 continue
             out[i] = derive_from_text(stats.top_token.sel(layer=layer, kind="text").values,
                                       ds.text_token_id.values, lambda t: tokenizer.decode([t]))

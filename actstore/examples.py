@@ -25,6 +25,11 @@ def check_state_and_latent(stats: xr.Dataset, layer: int, latent: int | None) ->
                          f"0..{stats.sizes['latent'] - 1}")
 
 
+def kept_top_examples(stats: xr.Dataset) -> bool:
+    """Whether the analysis kept each latent's top-activating tokens (it did not run with ``--top-k 0``)."""
+    return "top_token" in stats and stats.sizes.get("rank", 0) > 0
+
+
 def check_example_request(stats: xr.Dataset, layer: int, latent: int, kind: str) -> None:
     """A clear error for examples of a state, latent or token kind the analysis lacks, or of an analysis that kept
     none (``--top-k 0``)."""
@@ -32,7 +37,7 @@ def check_example_request(stats: xr.Dataset, layer: int, latent: int, kind: str)
     kinds = [str(k) for k in stats.kind.values]
     if kind not in kinds:
         raise ValueError(f"the analysis has no {kind!r} tokens; its token kinds are {kinds}")
-    if "top_token" not in stats or stats.sizes.get("rank", 0) == 0:
+    if not kept_top_examples(stats):
         raise ValueError("the analysis kept no top-activating tokens (it ran with --top-k 0): rerun it with "
                          "--top-k above 0")
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import xarray as xr
 
-from actstore.examples import check_state_and_latent, top_examples
+from actstore.examples import check_state_and_latent, kept_top_examples, top_examples
 from actstore.integrity import saved_analyses
 
 TABLE_COLUMNS = (
@@ -169,7 +169,7 @@ def text_examples(ds: xr.Dataset, stats: xr.Dataset, layer: int, latent: int,
                   after: int = 4) -> list[dict[str, Any]]:
     """Up to ``n`` text tokens where ``latent`` of state ``layer`` is most active (from the analysis' top-k), each
     with its activation, image, and the prompt text around it (token ids where ``decode`` is None)."""
-    if "text" not in stats.kind.values or stats.sizes.get("rank", 0) == 0 or ds.sizes.get("text_token", 0) == 0:
+    if "text" not in stats.kind.values or not kept_top_examples(stats) or ds.sizes.get("text_token", 0) == 0:
         return []
     found = top_examples(stats, ds, layer, latent, "text").head(n)
     if found.empty:
@@ -283,7 +283,7 @@ def plot_heatmaps(ds: xr.Dataset, stats: xr.Dataset, sae: Any, layer: int, laten
     from actstore.pictures import store_pictures
 
     n_tokens = ds.sizes["image_token"]
-    kept_top = "top_token" in stats and stats.sizes.get("rank", 0) > 0
+    kept_top = kept_top_examples(stats)
     images = list(dict.fromkeys(top_examples(stats, ds, layer, latent).image.tolist()))[:n_images] if kept_top else []
     images = images or list(range(min(n_images, ds.sizes["image"])))
     ids = [str(ds.image_id.values[i]) for i in images]
@@ -456,7 +456,7 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
     if latent is None:
         layer, latent = heatmap_choice(stats, layer)
     text = None
-    if "text" in stats.kind.values and stats.sizes.get("rank", 0) == 0:
+    if "text" in stats.kind.values and not kept_top_examples(stats):
         text = TextExamples(layer, latent, [], absent="No examples: the analysis kept no top-activating tokens "
                                                       "(rerun it with --top-k above 0).")
     elif "text" in stats.kind.values:
