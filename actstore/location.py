@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
+import socket
+import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from zarr.abc.store import Store
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
+from actstore.errors import StoreWriteError
 from actstore.sink import LocalSink, StoreSink
 
 
@@ -33,6 +40,61 @@ def free_bytes(location: str | os.PathLike[str]) -> int | None:
     while not path.exists():  # the store may not exist yet: ask about the folder it will be made in
         path = path.parent
     return shutil.disk_usage(path).free
+
+
+def creation_lock_path(path: Path) -> Path:
+    """The lock file that guards creating the local store at ``path``: hidden, beside the store (inside it, a create
+    that replaces the store's contents would delete it)."""
+    path = path.absolute()
+    return path.parent / f".{path.name}.create-lock"
+
+
+# Errors of file systems that refuse flock (e.g. Lustre mounted without ``flock``).
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+@contextmanager
+def creation_lock(location: str | os.PathLike[str], timeout: float = 600.0) -> Iterator[None]:
+    """Hold the lock that makes creating a local store exclusive among processes (of any host sharing the file
+    system); for a URL, nothing: object stores offer no lock, and ranks of one launch create through rank 0."""
+    path = local_path(location)
+    if path is None:
+        yield
+        return
+    lock = creation_lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    # flock, not a lock file made with O_EXCL: the kernel drops it when its holder dies, so a killed create never
+    # leaves a stale lock that blocks the rerun.
+    with open(lock, "a+") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "unknown"
+                    raise StoreWriteError(f"another process ({holder}) has been creating the store at {location} "
+                                          f"for over {timeout:.0f} s; if it is stuck, stop it and rerun") from None
+                time.sleep(0.05)
+            except OSError as exc:
+                if exc.errno not in _NO_LOCKS:
+                    raise
+                warnings.warn(f"the file system of {location} refuses file locks ({exc}); two jobs creating this "
+                              "store at once would not be kept apart", stacklevel=3)
+                yield
+                return
+        try:
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            handle.flush()
+            yield
+            # Removed only once the body succeeded, when the store exists: a process still waiting on this (now
+            # nameless) file and one that makes a new lock file both find the store and open it, never create it.
+            lock.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # Connections an S3 file system may hold open at once. botocore's default of 10 would queue what actstore asks for at

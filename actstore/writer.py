@@ -24,7 +24,7 @@ from actstore import __version__
 from actstore.bfloat16 import to_numpy
 from actstore.codecs import Buffer, ChunkEncoder, array_codec_kwargs, encode_shard, encoded_size
 from actstore.errors import NotAStoreError, SchemaVersionError, StoreWriteError
-from actstore.location import list_keys, make_sink, open_zarr_store
+from actstore.location import creation_lock, list_keys, make_sink, open_zarr_store
 from actstore.sink import as_write_error, durability_mode
 from actstore.schema import (
     ATTRS_KEY,
@@ -267,9 +267,20 @@ class StoreWriter:
         storage_options: dict[str, Any] | None = None,
     ) -> "StoreWriter":
         """Create a new, empty store (``overwrite`` replaces an existing one)."""
+        with creation_lock(location):
+            return cls._create_locked(location, schema, provenance, overwrite=overwrite, threads=threads,
+                                      max_pending_blocks=max_pending_blocks, storage_options=storage_options)
+
+    @classmethod
+    def _create_locked(
+        cls, location: str | os.PathLike[str], schema: StoreSchema, provenance: dict[str, Any] | None, *,
+        overwrite: bool, threads: int | None, max_pending_blocks: int, storage_options: dict[str, Any] | None,
+    ) -> "StoreWriter":
+        """Create a new store while holding its creation lock."""
         durability_mode()  # a misspelt setting is refused before anything is written
         store = open_zarr_store(location, read_only=False, storage_options=storage_options)
         try:
+            # zarr's "w-" looks, then writes: only the creation lock keeps two creators from both passing the look.
             group = zarr.open_group(store, mode="w" if overwrite else "w-", zarr_format=3)
         except (zarr.errors.ContainsGroupError, FileExistsError) as exc:
             raise StoreWriteError(f"{location} already holds a store; open it or pass overwrite=True") from exc
@@ -298,19 +309,28 @@ class StoreWriter:
 
     @classmethod
     def open_or_create(
-        cls, location: str | os.PathLike[str], schema: StoreSchema, provenance: dict[str, Any] | None = None,
-        **kwargs: Any,
+        cls, location: str | os.PathLike[str], schema: StoreSchema, provenance: dict[str, Any] | None = None, *,
+        threads: int | None = None, max_pending_blocks: int = DEFAULT_PENDING_BLOCKS,
+        storage_options: dict[str, Any] | None = None,
     ) -> "StoreWriter":
         """Reopen the store at ``location`` if there is one (checking it), else create it."""
+        options = dict(threads=threads, max_pending_blocks=max_pending_blocks, storage_options=storage_options)
         try:
-            return cls.open(location, schema, provenance, **kwargs)
+            return cls.open(location, schema, provenance, **options)
         except NotAStoreError:
-            store = open_zarr_store(location, read_only=True, storage_options=kwargs.get("storage_options"))
-            keys = list_keys(store, "")
-            if keys and not _left_by_unfinished_create(keys):
-                raise
+            pass
+        # Another job may be creating this store right now: look again, and create, only while holding its lock, or
+        # two jobs could each take the other's half-made store for one a killed create left, and replace it.
+        with creation_lock(location):
+            try:
+                return cls.open(location, schema, provenance, **options)
+            except NotAStoreError:
+                store = open_zarr_store(location, read_only=True, storage_options=storage_options)
+                keys = list_keys(store, "")
+                if keys and not _left_by_unfinished_create(keys):
+                    raise
             # Empty, or a create killed before it wrote the attributes that make a group a store: no data to lose.
-            return cls.create(location, schema, provenance, **{**kwargs, "overwrite": bool(keys)})
+            return cls._create_locked(location, schema, provenance, overwrite=bool(keys), **options)
 
     # ---- progress -------------------------------------------------------------------------------------------
     def completed_blocks(self) -> list[int]:
