@@ -1,6 +1,6 @@
-"""Image-caption data from disk through ``datasets``: image folders with metadata, parquet / arrow files with an
-image and a text column, and LLaVA-style JSON conversations. Images that cannot be decoded are skipped, counted and
-listed, never a crash of a long job."""
+"""Image-caption data through ``datasets``: image folders with metadata, parquet / arrow files with an image and a
+text column, LLaVA-style JSON conversations, and datasets on the Hugging Face hub (or in its cache, offline). Images
+that cannot be decoded are skipped, counted and listed, never a crash of a long job."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # PIL is imported where images are decoded, not when actstore is
     from PIL import Image
 
-SOURCES = ("world", "imagefolder", "parquet", "arrow", "llava_json")
+SOURCES = ("world", "imagefolder", "parquet", "arrow", "llava_json", "hub")
 
 
 @dataclass
@@ -55,22 +55,31 @@ def _path(path: str, base_dir: Path | None) -> Path:
     return p if p.is_absolute() or base_dir is None else base_dir / p
 
 
-def open_dataset(source: str, path: str, split: str = "train") -> Any:
-    """The ``datasets`` dataset of a source (memory-mapped, random access), images left undecoded."""
+def open_dataset(source: str, path: str, split: str = "train", name: str | None = None,
+                 revision: str | None = None) -> Any:
+    """The ``datasets`` dataset of a source (memory-mapped, random access), images left undecoded: for ``hub``,
+    ``path`` is a hub dataset id (or a local dataset folder), ``name`` its configuration and ``revision`` a branch,
+    tag or commit."""
     import datasets
 
     if source not in SOURCES or source == "world":
         raise ValueError(f"data source must be one of {SOURCES[1:]} here, got {source!r}")
+    if (name is not None or revision is not None) and source != "hub":
+        raise ValueError(f"data.name and data.revision name a hub dataset's configuration and version; the "
+                         f"{source!r} source has neither")
     if source == "llava_json":
         records = json.loads(Path(path).read_text())
         rows = [{"id": str(r.get("id", i)), "image": r.get("image"), "text": _llava_answer(r)}
                 for i, r in enumerate(records)]
         return datasets.Dataset.from_list(rows)
-    kwargs = {"data_dir": path} if source == "imagefolder" else {"data_files": {split: str(Path(path))}}
-    ds = datasets.load_dataset(source, split=split, **kwargs)
-    for name, feature in ds.features.items():
+    if source == "hub":
+        ds = datasets.load_dataset(path, name, split=split, revision=revision)
+    else:
+        kwargs = {"data_dir": path} if source == "imagefolder" else {"data_files": {split: str(Path(path))}}
+        ds = datasets.load_dataset(source, split=split, **kwargs)
+    for column, feature in ds.features.items():
         if isinstance(feature, datasets.Image):  # we decode, so that a corrupt image is a skip, not a crash
-            ds = ds.cast_column(name, datasets.Image(decode=False))
+            ds = ds.cast_column(column, datasets.Image(decode=False))
     return ds
 
 
@@ -115,13 +124,46 @@ class ImageTextSource:
         return {"image_id": example_id, "image": image, "caption": str(row[self.text_column])}
 
 
-def image_text_source(section: Any, split: str, limit: int | None = None) -> ImageTextSource:
-    """The examples of a config's data section (``source``, ``path``, columns), the first ``limit`` of them."""
-    if section.path is None:
+def _source_of(section: Any, ds: Any, path: str) -> ImageTextSource:
+    """The examples of ``ds``, read with a data section's columns (llava_json: its own, relative to its file)."""
+    if section.source == "llava_json":
+        return ImageTextSource(ds, "image", "text", Path(path).parent, where=path)
+    return ImageTextSource(ds, section.image_column, section.text_column, where=path)
+
+
+def _open_section(section: Any, path: str | None, split: str) -> Any:
+    """The dataset a data section names at ``path`` and ``split``."""
+    if path is None:
         raise ValueError(f"data.source {section.source!r} needs data.path")
-    ds = open_dataset(section.source, section.path, split)
+    return open_dataset(section.source, path, split, section.name, section.revision)
+
+
+def image_text_source(section: Any, limit: int | None = None) -> ImageTextSource:
+    """The examples of a config's data section (``source``, ``path``, ``split``, columns), the first ``limit`` of
+    them."""
+    ds = _open_section(section, section.path, section.split)
     if limit is not None and limit < len(ds):
         ds = ds.select(range(limit))
-    if section.source == "llava_json":
-        return ImageTextSource(ds, "image", "text", Path(section.path).parent, where=section.path)
-    return ImageTextSource(ds, section.image_column, section.text_column, where=section.path)
+    return _source_of(section, ds, section.path)
+
+
+def train_and_held_out(section: Any) -> tuple[ImageTextSource, ImageTextSource]:
+    """Training examples (the first ``n_train``) and held-out ones (the first ``n_eval`` of ``eval_path`` /
+    ``eval_split`` where a section names another split or file; else the last ``n_eval`` of the training data,
+    which training then never sees)."""
+    split = section.split
+    eval_path, eval_split = section.eval_path or section.path, section.eval_split or split
+    train = _open_section(section, section.path, split)
+    if (eval_path, eval_split) != (section.path, split):
+        held = _open_section(section, eval_path, eval_split)
+        held = held.select(range(min(section.n_eval, len(held))))
+        cut = len(train)
+    else:
+        if len(train) <= section.n_eval:
+            raise ValueError(f"{section.path} holds {len(train)} examples: holding out data.n_eval = "
+                             f"{section.n_eval} of them leaves none to train on; lower data.n_eval or name held-out "
+                             "data with data.eval_split or data.eval_path")
+        cut = len(train) - section.n_eval
+        held = train.select(range(cut, len(train)))
+    train = train.select(range(min(section.n_train, cut)))
+    return _source_of(section, train, section.path), _source_of(section, held, eval_path)

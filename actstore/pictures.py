@@ -48,7 +48,7 @@ def dataset_pictures(dataset: dict[str, Any], image_ids: Sequence[str]) -> dict[
     from actstore.data import decode_image, open_dataset
 
     source, path = dataset["source"], dataset["path"]
-    ds = open_dataset(source, path, "train")  # the split a harvest reads
+    ds = open_dataset(source, path, dataset.get("split", "train"), dataset.get("name"), dataset.get("revision"))
     if source == "llava_json":
         image_column, base_dir = "image", Path(path).parent
     else:

@@ -37,7 +37,8 @@ from actstore.schema import StoreSchema
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter
 from actstore.process_writer import WRITERS, writer_of_kind
 from jobs.config import parse_sections
-from jobs.train_adapter import DataSection, ModelSection, build_model, load_examples, local_device
+from actstore import world
+from jobs.train_adapter import DataSection, ModelSection, build_model, local_device
 
 
 @dataclass
@@ -241,6 +242,28 @@ def open_store_of_rank(out: str, schema: StoreSchema, provenance: dict[str, Any]
     return writer, missing
 
 
+def harvest_examples(section: DataSection, n_images: int) -> Any:
+    """The first ``n_images`` examples of the data section's split: a harvest takes them all, holding none out."""
+    if section.source == "world":
+        return world.generate(n_images, seed=section.seed)  # the adapter's training examples, as before
+    from actstore.data import image_text_source
+
+    return image_text_source(section, limit=n_images)
+
+
+# Data settings that stores made before them do not record: left out at these defaults, so that such stores reopen.
+LATER_DATA_DEFAULTS = {"split": "train", "name": None, "revision": None}
+
+
+def dataset_provenance(section: DataSection) -> dict[str, Any]:
+    """What a store records of its data: which examples, in order; not how many (a rerun with more images extends the
+    store, since the first n images of a source are the same whatever n: tests/test_harvest.py holds this) nor what
+    training holds out."""
+    unrecorded = ("n_eval", "n_train", "eval_split", "eval_path")
+    return {k: v for k, v in asdict(section).items()
+            if k not in unrecorded and not (k in LATER_DATA_DEFAULTS and v == LATER_DATA_DEFAULTS[k])}
+
+
 def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = print) -> dict[str, Any]:
     """Harvest this process's share of the missing blocks into ``out``."""
     launch = this_launch()
@@ -252,8 +275,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     vlm.to(device).eval()
     if device.type == "cuda" and cfg.model.dtype == "float32":
         vlm.to(torch.bfloat16)  # inference in bf16 on GPUs, the store's dtype
-    data = DataSection(**{**asdict(cfg.data), "n_train": h.n_images})
-    examples = load_examples(data, "train")
+    examples = harvest_examples(cfg.data, h.n_images)
     if len(examples) < h.n_images:  # a dataset smaller than asked for: all of it, not a crash at its end
         if not len(examples):
             raise ValueError(f"the dataset of {cfg.data.source!r} ({cfg.data.path}) has no examples")
@@ -277,9 +299,8 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     provenance = {
         "model": asdict(cfg.model),
         "adapter_sha256": adapter_sha256(cfg.adapter) if cfg.adapter else None,
-        # Not how many images (n_train is n_images here): a rerun with more images extends the store, since the first
-        # n images of a source are the same whatever n (tests/test_harvest.py holds this); nor how fast it is written.
-        "dataset": {k: v for k, v in asdict(data).items() if k not in ("n_eval", "n_train")},
+        "dataset": dataset_provenance(cfg.data),
+        # Not how many images nor how fast they are written.
         "harvest": {k: v for k, v in asdict(h).items() if k not in ("threads", "pending_blocks", "writer", "n_images")},
         "text_tokens": TEXT_TOKEN_RULE,
     }

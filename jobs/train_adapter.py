@@ -47,15 +47,23 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Training data: the generated ``world`` or a dataset on disk (see actstore.data)."""
+    """Data: the generated ``world``, a dataset on disk, or a hub dataset (see actstore.data).
+
+    Held-out examples come from ``eval_split`` / ``eval_path`` (another split or file of the same source) when given,
+    else from the end of the training data, which training then leaves out."""
 
     source: str = "world"
-    path: str | None = None
+    path: str | None = None  # a file or folder; for source "hub", a hub dataset id (or a local dataset folder)
     image_column: str = "image"
     text_column: str = "caption"
     n_train: int = 4096
     n_eval: int = 256
     seed: int = 0
+    split: str = "train"
+    eval_split: str | None = None
+    eval_path: str | None = None
+    name: str | None = None  # hub only: the dataset's configuration
+    revision: str | None = None  # hub only: a branch, tag or commit (a commit pins the data)
 
 
 @dataclass
@@ -131,14 +139,17 @@ def build_model(section: ModelSection, adapter: str | Path | None = None, log: C
                                       vision_revision=section.vision_revision, lm_revision=section.lm_revision)
 
 
-def load_examples(section: DataSection, split: str) -> Any:
-    """Training or held-out examples (a list, or a lazy source whose undecodable items read as None)."""
-    n = section.n_train if split == "train" else section.n_eval
+def load_examples(section: DataSection, which: str) -> Any:
+    """The training (``which="train"``) or held-out (``"eval"``) examples: a list, or a lazy source whose
+    undecodable items read as None."""
+    if which not in ("train", "eval"):
+        raise ValueError(f"which must be 'train' or 'eval', got {which!r}")
     if section.source == "world":
-        return world.generate(n, seed=section.seed + (0 if split == "train" else 7919))
-    from actstore.data import image_text_source
+        n = section.n_train if which == "train" else section.n_eval
+        return world.generate(n, seed=section.seed + (0 if which == "train" else 7919))
+    from actstore.data import train_and_held_out
 
-    return image_text_source(section, split, limit=n)
+    return train_and_held_out(section)[0 if which == "train" else 1]
 
 
 def report_skips(examples: Any, log: Callable[..., None] = print) -> None:

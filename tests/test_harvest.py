@@ -773,3 +773,34 @@ def test_a_harvest_warns_when_its_blocks_may_not_fit_on_the_disk(adapter_dir, tm
     assert jobs.harvest.space_warning(3_000, 3_000, "/scratch/a.zarr") is None
     assert free_bytes("s3://bucket/acts.zarr") is None
     assert 0 < free_bytes(tmp_path / "not" / "made" / "yet.zarr") <= shutil.disk_usage(tmp_path).total
+
+
+def test_a_store_records_which_examples_it_holds_not_what_training_holds_out():
+    """The data settings added after the first stores (split, hub name and revision) are recorded only when set, so
+    that those stores still reopen; held-out data, which a harvest does not read, is never recorded."""
+    from jobs.harvest import dataset_provenance
+    from jobs.train_adapter import DataSection
+
+    first_stores = {"source", "path", "image_column", "text_column", "seed"}
+    assert set(dataset_provenance(DataSection())) == first_stores
+    held_out = DataSection(source="parquet", path="a.parquet", eval_path="b.parquet", eval_split="x", n_eval=7)
+    assert set(dataset_provenance(held_out)) == first_stores
+    hub = dataset_provenance(DataSection(source="hub", path="org/captions", split="test", revision="abc123"))
+    assert (hub["split"], hub["revision"], "name" in hub) == ("test", "abc123", False)
+
+
+def test_a_harvest_takes_every_example_of_its_split(adapter_dir, tmp_path):
+    """A harvest holds nothing out (data.n_eval is training's): all the rows of the split it names, in order."""
+    from conftest import parquet_with_a_corrupt_image
+
+    parquet_with_a_corrupt_image(tmp_path / "data.parquet")  # 6 rows, ex2 undecodable
+    config = tmp_path / "h.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"vision": "miniature", "lm": "miniature"}, "adapter": str(adapter_dir),
+        "data": {"source": "parquet", "path": str(tmp_path / "data.parquet"), "split": "validation", "n_eval": 4},
+        "harvest": {"n_images": 6, "block_images": 4, "batch_size": 4, "dtype": "float32",
+                    "text_tokens_per_image": 4}}))
+    run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "s.zarr"))
+    ds = actstore.open(tmp_path / "s.zarr")
+    assert ds.image_id.values.tolist() == ["ex0", "ex1", "ex3", "ex4", "ex5"]
+    assert ds.attrs["provenance"]["dataset"]["split"] == "validation"

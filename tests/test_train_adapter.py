@@ -107,7 +107,7 @@ def test_corrupt_images_are_skipped_and_listed(miniature, tmp_path):
     data = tmp_path / "data.parquet"
     parquet_with_a_corrupt_image(data)
     cfg = small_config(tmp_path / "run", steps=2, batch_size=6, micro_batch=6)
-    cfg.data.source, cfg.data.path, cfg.data.n_train, cfg.data.n_eval = "parquet", str(data), 6, 6
+    cfg.data.source, cfg.data.path, cfg.data.n_train, cfg.data.n_eval = "parquet", str(data), 6, 2
     result = train(cfg)
     assert [s["id"] for s in result["skipped"]] == ["ex2"]
     assert "UnidentifiedImageError" in result["skipped"][0]["reason"]
@@ -121,7 +121,7 @@ def test_missing_text_column_names_the_columns(tmp_path):
     cfg = small_config(tmp_path / "run")
     cfg.data.source, cfg.data.path, cfg.data.text_column = "parquet", str(data), "text"
     with pytest.raises(ValueError, match=r"no column 'text'; the columns found are \['id', 'image', 'caption'\]"):
-        image_text_source(cfg.data, "train")
+        image_text_source(cfg.data)
 
 
 def test_llava_json_and_imagefolder_sources(tmp_path):
@@ -143,7 +143,7 @@ def test_llava_json_and_imagefolder_sources(tmp_path):
     (tmp_path / "chat.json").write_text(json.dumps(records))
     cfg = small_config(tmp_path / "run")
     cfg.data.source, cfg.data.path = "llava_json", str(tmp_path / "chat.json")
-    source = image_text_source(cfg.data, "train")
+    source = image_text_source(cfg.data)
     got = [source[i] for i in range(len(source))]
     assert [g["caption"] for g in got[:3]] == [r["caption"] for r in rows]
     assert np.array_equal(np.asarray(got[1]["image"]), rows[1]["image"])
@@ -156,8 +156,103 @@ def test_llava_json_and_imagefolder_sources(tmp_path):
     (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "caption": r["caption"]}) + "\n"
                                                    for i, r in enumerate(rows)))
     cfg.data.source, cfg.data.path = "imagefolder", str(folder)
-    source = image_text_source(cfg.data, "train")
+    source = image_text_source(cfg.data)
     assert sorted(source[i]["caption"] for i in range(len(source))) == sorted(r["caption"] for r in rows)
+
+
+def world_parquet(path, n: int, seed: int, prefix: str) -> list[str]:
+    """``n`` world images with captions in a parquet file, ids ``prefix0`` ...; returns the ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from actstore import world
+    from conftest import png_cells
+
+    rows = world.generate(n, seed=seed)
+    ids = [f"{prefix}{i}" for i in range(n)]
+    pq.write_table(pa.table({"id": ids, "image": png_cells(rows), "caption": [r["caption"] for r in rows]}), path)
+    return ids
+
+
+def ids_of(source) -> list[str]:
+    """The image ids of a lazy source, in order."""
+    return [source[i]["image_id"] for i in range(len(source))]
+
+
+def test_held_out_examples_are_never_trained_on(tmp_path):
+    """Without a named held-out split or file, the last n_eval examples are held out and training stops before them
+    (it once read the same first rows for both); with one, training may take all of its own data."""
+    ids = world_parquet(tmp_path / "train.parquet", 10, seed=1, prefix="t")
+    cfg = small_config(tmp_path / "run")
+    cfg.data.source, cfg.data.path = "parquet", str(tmp_path / "train.parquet")
+    cfg.data.n_train, cfg.data.n_eval = 99, 3
+    assert ids_of(load_examples(cfg.data, "train")) == ids[:7]
+    assert ids_of(load_examples(cfg.data, "eval")) == ids[7:]
+    cfg.data.n_train = 4
+    assert ids_of(load_examples(cfg.data, "train")) == ids[:4]
+
+    held = world_parquet(tmp_path / "held.parquet", 5, seed=2, prefix="h")
+    cfg.data.eval_path, cfg.data.n_train = str(tmp_path / "held.parquet"), 99
+    assert ids_of(load_examples(cfg.data, "train")) == ids
+    assert ids_of(load_examples(cfg.data, "eval")) == held[:3]
+
+    cfg.data.eval_path, cfg.data.n_eval = None, 10
+    with pytest.raises(ValueError, match=r"holds 10 examples: holding out data.n_eval = 10 of them leaves none"):
+        load_examples(cfg.data, "train")
+
+
+def test_imagefolder_training_holds_out_its_last_examples_or_reads_a_named_split(tmp_path):
+    """An image folder has one split ("train") unless it has split folders: training on one used to fail asking for
+    an "eval" split it does not have."""
+    import json
+
+    from PIL import Image
+
+    from actstore import world
+
+    rows = world.generate(6, seed=3)
+    for split, part in (("train", rows[:4]), ("validation", rows[4:])):
+        folder = tmp_path / "split" / split
+        folder.mkdir(parents=True)
+        for i, r in enumerate(part):
+            Image.fromarray(r["image"]).save(folder / f"{i}.png")
+        (folder / "metadata.jsonl").write_text("".join(
+            json.dumps({"file_name": f"{i}.png", "id": f"{split}{i}", "caption": r["caption"]}) + "\n"
+            for i, r in enumerate(part)))
+    cfg = small_config(tmp_path / "run")
+    cfg.data.source, cfg.data.path, cfg.data.n_train, cfg.data.n_eval = "imagefolder", str(tmp_path / "split"), 99, 1
+    assert sorted(ids_of(load_examples(cfg.data, "train"))) == ["train0", "train1", "train2"]
+    assert len(load_examples(cfg.data, "eval")) == 1
+    cfg.data.eval_split = "validation"
+    assert sorted(ids_of(load_examples(cfg.data, "eval"))) == ["validation0"]
+    assert len(load_examples(cfg.data, "train")) == 4
+
+
+def test_a_hub_source_reads_a_dataset_repository_by_name_and_split(tmp_path, monkeypatch):
+    """``hub`` hands its path to ``datasets.load_dataset`` as a dataset name: here a local folder laid out like a hub
+    repository (the same resolution; the hub itself is out of reach), its splits named by its files."""
+    import datasets
+
+    from actstore.data import image_text_source
+
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    train = world_parquet(repo / "train-00000-of-00001.parquet", 4, seed=4, prefix="tr")
+    test = world_parquet(repo / "test-00000-of-00001.parquet", 3, seed=5, prefix="te")
+    cfg = small_config(tmp_path / "run")
+    cfg.data.source, cfg.data.path, cfg.data.split = "hub", str(tmp_path / "repo"), "test"
+    asked = []
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: asked.append((a, k)) or real(*a, **k))
+    assert ids_of(image_text_source(cfg.data)) == test
+    assert asked == [((str(tmp_path / "repo"), None), {"split": "test", "revision": None})]
+    cfg.data.split, cfg.data.eval_split, cfg.data.n_eval = "train", "test", 2
+    assert ids_of(load_examples(cfg.data, "train")) == train
+    assert ids_of(load_examples(cfg.data, "eval")) == test[:2]
+    cfg.data.source = "parquet"
+    with pytest.raises(ValueError, match="name a hub dataset's configuration"):
+        cfg.data.revision = "main"
+        image_text_source(cfg.data)
 
 
 def test_each_process_takes_its_local_gpu_or_the_one_it_sees(monkeypatch):
