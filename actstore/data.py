@@ -6,12 +6,31 @@ from __future__ import annotations
 
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 if TYPE_CHECKING:  # PIL is imported where images are decoded, not when actstore is
     from PIL import Image
+
+Item = TypeVar("Item")
+Loaded = TypeVar("Loaded")
+
+
+def prefetched(load: Callable[[Item], Loaded], items: Sequence[Item], name: str = "loader") -> Iterator[Loaded]:
+    """``load(item)`` for each item in order, each computed on one loader thread while the caller works on the one
+    before (the only thread that calls ``load``, so what it reads need not be thread-safe)."""
+    if not items:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix=name) as loader:
+        pending = loader.submit(load, items[0])
+        for following in items[1:]:
+            loaded = pending.result()
+            pending = loader.submit(load, following)
+            yield loaded
+        yield pending.result()
+
 
 SOURCES = ("world", "imagefolder", "parquet", "arrow", "llava_json", "hub")
 

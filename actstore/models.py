@@ -251,10 +251,18 @@ class AdapterVLM(nn.Module):
         """Where the adapter lives."""
         return self.adapter.weight.device
 
+    def host_pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
+        """Preprocess PIL images / HxWx3 arrays with the vision tower's own image processor, on the host (a loader
+        thread may call this while the model runs)."""
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
     def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
-        """Preprocess PIL images / HxWx3 arrays with the vision tower's own image processor."""
-        values = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-        return to_device(values, self.device, next(self.vision.parameters()).dtype)
+        """Preprocess PIL images / HxWx3 arrays with the vision tower's own image processor, on the model's device."""
+        return self.to_model(self.host_pixel_values(images))
+
+    def to_model(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Host pixel values on the model's device, in its vision tower's dtype."""
+        return to_device(pixel_values, self.device, next(self.vision.parameters()).dtype)
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, T_image, d_model): the adapter applied to each patch of the chosen vision hidden state."""

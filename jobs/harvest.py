@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -38,6 +37,7 @@ from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter
 from actstore.process_writer import WRITERS, writer_of_kind
 from jobs.config import parse_sections
 from actstore import world
+from actstore.data import prefetched
 from jobs.train_adapter import DataSection, ModelSection, build_model, local_device
 
 
@@ -326,20 +326,13 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     def load(group: range) -> list[BlockJob]:
         return [block_job(examples, block, writer.block_images(block), h.prompt, block in missing) for block in group]
 
-    # One loader thread decodes the next group's images while this group runs on the device (the only thread that
-    # touches the dataset, so sources need not be thread-safe).
+    # The next group's images are decoded while this group runs on the device.
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="harvest-loader") as loader:
-            pending = loader.submit(load, groups[0]) if groups else None
-            for position in range(len(groups)):
-                jobs = pending.result()
-                if position + 1 < len(groups):
-                    pending = loader.submit(load, groups[position + 1])
-                futures = unfinished(futures) + harvest_blocks(vlm, writer, jobs, states, h.batch_size, stats, ring)
-                bar.update(sum(job.write for job in jobs))
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(img_s=f"{stats.images / elapsed:.1f}",
-                                GB_s=f"{stats.bytes_logical / elapsed / 1e9:.3f}")
+        for jobs in prefetched(load, groups, "harvest-loader"):
+            futures = unfinished(futures) + harvest_blocks(vlm, writer, jobs, states, h.batch_size, stats, ring)
+            bar.update(sum(job.write for job in jobs))
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(img_s=f"{stats.images / elapsed:.1f}", GB_s=f"{stats.bytes_logical / elapsed / 1e9:.3f}")
     except BaseException:
         # The blocks in flight still complete (durable, then marked), so the rerun has less to do; an error of the
         # writer's own closing must not hide the one that stopped the harvest.

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from actstore import world
+from actstore.data import prefetched
 from actstore.models import AdapterVLM
 from actstore.progress import counted, progress
 from jobs.config import parse_sections
@@ -160,6 +161,18 @@ def report_skips(examples: Any, log: Callable[..., None] = print) -> None:
             + ", ".join(f"{s['id']} ({s['reason']})" for s in skips.skipped[:10]) + (" ..." if len(skips) > 10 else ""))
 
 
+def step_inputs(vlm: AdapterVLM, examples: Any, indices: list[int],
+                micro_batch: int) -> list[tuple[torch.Tensor, list[str]]]:
+    """One step's micro-batches on the host: the preprocessed pixels and the captions of ``examples[indices]``, in
+    micro-batches of ``micro_batch`` (undecodable images left out)."""
+    inputs = []
+    for first in range(0, len(indices), micro_batch):
+        chosen = [e for e in (examples[i] for i in indices[first : first + micro_batch]) if e is not None]
+        if chosen:
+            inputs.append((vlm.host_pixel_values([e["image"] for e in chosen]), [e["caption"] for e in chosen]))
+    return inputs
+
+
 def blank_like(image: Any) -> Any:
     """A black image of the same size and kind (numpy array or PIL image)."""
     if hasattr(image, "size") and hasattr(image, "mode"):
@@ -285,16 +298,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     history = []
     bar = progress(t.steps, "train-adapter", "step", enabled=rank == 0, initial=start)
     clock = time.perf_counter()
-    for step in counted(range(start, t.steps), bar):
-        global_batch = batch_indices(len(train_set), t.batch_size, step, t.seed)
-        mine = global_batch[rank::world_size]
-        micro = [mine[i : i + t.micro_batch] for i in range(0, len(mine), t.micro_batch)]
-        batches = []
-        for m in micro:
-            examples = [e for e in (train_set[i] for i in m) if e is not None]  # undecodable images are skipped
-            if examples:
-                batches.append(vlm.build_batch(vlm.pixel_values([e["image"] for e in examples]),
-                                               [e["caption"] for e in examples], add_eos=True))
+
+    def inputs_of(step: int) -> list[tuple[torch.Tensor, list[str]]]:
+        mine = batch_indices(len(train_set), t.batch_size, step, t.seed)[rank::world_size]
+        return step_inputs(vlm, train_set, mine, t.micro_batch)
+
+    # The next step's images are decoded and preprocessed while this step runs on the device.
+    steps = range(start, t.steps)
+    for step, inputs in zip(counted(steps, bar), prefetched(inputs_of, steps, "train-loader")):
+        batches = [vlm.build_batch(vlm.to_model(pixels), captions, add_eos=True) for pixels, captions in inputs]
         tokens = all_reduce_sum(torch.tensor(float(sum(int((b.labels[:, 1:] != -100).sum()) for b in batches))))
         if float(tokens) == 0:  # every image of this global batch was undecodable (all ranks agree: summed)
             continue
