@@ -2,7 +2,8 @@
 
 Descriptions come from auto-interp exports (Neuronpedia's explanation export: a JSON list of objects with ``index``
 and ``description``, and ``modelId`` / ``layer`` naming the SAE, e.g. ``12-gemmascope-res-16k``) or, for a store
-whose prompts are captions (the embedded world), are derived from each latent's top-activating text tokens.
+whose prompts are captions (the embedded world), are derived from each latent's top-activating text tokens, each
+read as the whole prompt word it is part of.
 
 Semantic alignment of a layer: for each image, the share of its most active latents (by activation summed over the
 image's patches) whose description names a word of the image's caption; averaged over images. Its baseline is the
@@ -66,21 +67,65 @@ def load_neuronpedia(path: str | Path, d_sae: int, sae_id: str | None = None) ->
     return out
 
 
-def derive_from_text(top_token: np.ndarray, text_token_id: np.ndarray, decode: Callable[[int], str],
-                     n_words: int = 2) -> np.ndarray:
+def derive_from_text(top_token: np.ndarray, words_of: Callable[[int], set[str]], n_words: int = 2) -> np.ndarray:
     """Per latent, its most frequent content words among its top-activating text tokens (``top_token``: (latent,
-    rank) indices along the store's ``text_token`` axis, -1 padded); ``""`` for latents that never fire on text."""
-    words_of_id: dict[int, set[str]] = {}
+    rank) indices along the store's ``text_token`` axis, -1 padded; ``words_of``: a text token's content words);
+    ``""`` for latents that never fire on text."""
     out = np.full(top_token.shape[0], "", dtype=object)
     for latent, row in enumerate(top_token):
         counts: Counter[str] = Counter()
         for t in row[row >= 0]:
-            token_id = int(text_token_id[t])
-            if token_id not in words_of_id:
-                words_of_id[token_id] = content_words(decode(token_id))
-            counts.update(sorted(words_of_id[token_id]))
+            counts.update(sorted(words_of(int(t))))
         out[latent] = ", ".join(word for word, _ in counts.most_common(n_words))
     return out
+
+
+def prompt_words(prompt: str, ids: Sequence[int], tokenizer: Any) -> list[set[str]] | None:
+    """Per token of ``ids`` (the first tokens of ``prompt`` as ``tokenizer`` splits it), the content words of the
+    prompt's word(s) that the token is part of, so that a sub-word piece ("es" of "crosses") stands for its whole
+    word; None where the tokenizer gives no character offsets or ``ids`` are not how it splits ``prompt``."""
+    try:
+        encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):  # a slow (Python) tokenizer has no offsets
+        return None
+    if list(encoded["input_ids"][: len(ids)]) != [int(i) for i in ids]:
+        return None
+    out = []
+    for start, end in encoded["offset_mapping"][: len(ids)]:
+        if start < end and prompt[start].isalpha():
+            while start > 0 and prompt[start - 1].isalpha():
+                start -= 1
+        if start < end and prompt[end - 1].isalpha():
+            while end < len(prompt) and prompt[end].isalpha():
+                end += 1
+        out.append(content_words(prompt[start:end]))
+    return out
+
+
+def text_token_words(ds: Any, tokenizer: Any) -> Callable[[int], set[str]]:
+    """A store's text token (by index along ``text_token``) -> the content words of the whole prompt word(s) it is
+    part of (:func:`prompt_words`), or of its own decoded text where its prompt's tokens cannot be matched; each
+    image's prompt is tokenized once, when one of its tokens is first asked for."""
+    image_of, position, token_id = ds.text_image.values, ds.text_position.values, ds.text_token_id.values
+    order = np.lexsort((position, image_of))  # each image's text tokens together, in prompt order
+    grouped = image_of[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if len(order) else np.array([], dtype=int)
+    span_of = dict(zip(grouped[starts].tolist(), zip(starts.tolist(), np.r_[starts[1:], len(order)].tolist())))
+    prompt_of = dict(zip(ds.image.values.tolist(), ds.prompt.values.tolist()))
+    words: dict[int, set[str]] = {}
+
+    def words_of(t: int) -> set[str]:
+        if t not in words:
+            image = int(image_of[t])
+            first, stop = span_of[image]
+            tokens = order[first:stop]
+            ids = [int(i) for i in token_id[tokens]]
+            found = prompt_words(str(prompt_of.get(image, "")), ids, tokenizer)
+            for k, token in enumerate(tokens.tolist()):
+                words[token] = found[k] if found is not None else content_words(tokenizer.decode([ids[k]]))
+        return words[t]
+
+    return words_of
 
 
 def alignment_score(image_top_latents: np.ndarray, descriptions: Sequence[str], captions: Sequence[str]
@@ -138,7 +183,7 @@ def suite_descriptions(suite: Any, stats: Any, ds: Any) -> tuple[np.ndarray, dic
     one, else derived from the store's text tokens (needs ``top_k`` statistics); and where each layer's came from."""
     out = np.full((stats.sizes["layer"], stats.sizes["latent"]), "", dtype=object)
     source: dict[int, str] = {}
-    tokenizer, why_not, tried = None, "", False
+    tokenizer, why_not, tried, words_of = None, "", False, None
     for i, layer in enumerate(int(x) for x in stats.layer.values):
         entry = suite.sources.get(layer, {})
         if entry.get("descriptions"):
@@ -152,8 +197,9 @@ def suite_descriptions(suite: Any, stats: Any, ds: Any) -> tuple[np.ndarray, dic
             if tokenizer is None:
                 source[layer] = f"none: {why_not}"
                 continue
-            out[i] = derive_from_text(stats.top_token.sel(layer=layer, kind="text").values,
-                                      ds.text_token_id.values, lambda t: tokenizer.decode([t]))
+            if words_of is None:  # one for every layer: each prompt is tokenized once
+                words_of = text_token_words(ds, tokenizer)
+            out[i] = derive_from_text(stats.top_token.sel(layer=layer, kind="text").values, words_of)
             source[layer] = "derived from top-activating text tokens"
         else:
             source[layer] = "none"

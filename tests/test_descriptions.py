@@ -43,7 +43,7 @@ def test_descriptions_derived_from_top_text_tokens():
     vocabulary = {10: "red", 11: "circles", 12: "the", 13: "circle", 14: "blue"}
     text_token_id = np.array([10, 11, 12, 13, 14, 10])
     top_token = np.array([[1, 3, 0, 2], [4, -1, -1, -1], [-1, -1, -1, -1]])
-    got = derive_from_text(top_token, text_token_id, vocabulary.__getitem__, n_words=2)
+    got = derive_from_text(top_token, lambda t: content_words(vocabulary[text_token_id[t]]), n_words=2)
     assert got.tolist() == ["circle, red", "blue", ""]
 
 
@@ -88,3 +88,63 @@ def test_the_store_tokenizer_is_the_one_its_provenance_names(tmp_path, monkeypat
     _, why_not = try_store_tokenizer({"model": "google/gemma-2-2b"})
     assert why_not == ("the store's tokenizer did not load (OSError: We couldn't connect to the hub. Check your "
                        "internet connection.)")  # one line, for a log line or a report's list item
+
+
+def sub_word_tokenizer():
+    """A Gemma-style (Metaspace) BPE tokenizer trained here, small enough to split words into pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer, core.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    corpus = ["three small red crosses in the center", "two large blue squares on the left"] * 20
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=50, special_tokens=["<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+
+
+def test_a_sub_word_piece_stands_for_its_whole_prompt_word():
+    from actstore.descriptions import prompt_words
+
+    tokenizer = sub_word_tokenizer()
+    prompt = "three small red crosses in the center"
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert len(pieces) > len(prompt.split())  # some words are split into pieces
+    got = prompt_words(prompt, ids, tokenizer)
+    words = iter(prompt.split())
+    expected = []
+    for piece in pieces:  # each piece belongs to the word it starts or continues
+        if piece.startswith("▁"):
+            word = next(words)
+        expected.append(content_words(word))
+    assert got == expected and {"cross"} in got
+    assert prompt_words(prompt, ids[:4], tokenizer) == expected[:4]  # the store keeps a prompt's first tokens
+    assert prompt_words("two large blue squares", ids[:4], tokenizer) is None  # not that prompt's tokens
+
+
+def test_derived_descriptions_name_whole_words_of_the_store_prompts():
+    import xarray as xr
+
+    from actstore.descriptions import text_token_words
+
+    tokenizer = sub_word_tokenizer()
+    prompts = ["three small red crosses in the center", "two large blue squares on the left"]
+    text_image, position, token_id = [], [], []
+    for image, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][:11]  # a prompt's first tokens
+        text_image += [image] * len(ids)
+        position += list(range(20, 20 + len(ids)))
+        token_id += ids
+    order = np.random.default_rng(0).permutation(len(token_id))  # the store's text tokens in any order
+    ds = xr.Dataset(coords={
+        "image": ("image", [0, 1]), "prompt": ("image", prompts),
+        "text_image": ("text_token", np.array(text_image)[order]),
+        "text_position": ("text_token", np.array(position)[order]),
+        "text_token_id": ("text_token", np.array(token_id)[order])})
+    words_of = text_token_words(ds, tokenizer)
+    cross_pieces = [t for t in range(len(order)) if words_of(t) == {"cross"}]
+    assert len(cross_pieces) >= 2  # "crosses" is more than one piece, each read as the word
+    pieces = [tokenizer.convert_ids_to_tokens(int(ds.text_token_id[t])) for t in cross_pieces]
+    assert any(not p.startswith("▁") for p in pieces)
+    got = derive_from_text(np.array([cross_pieces + [-1]]), words_of, n_words=1)
+    assert got.tolist() == ["cross"]
