@@ -12,12 +12,14 @@ are all-reduced.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -82,6 +84,7 @@ class TrainSection:
     eval_every: int = 100
     bf16: bool = True
     seed: int = 0
+    loader_threads: int = 4  # per process: threads that decode and preprocess images, the next step's ahead
 
 
 @dataclass
@@ -161,16 +164,35 @@ def report_skips(examples: Any, log: Callable[..., None] = print) -> None:
             + ", ".join(f"{s['id']} ({s['reason']})" for s in skips.skipped[:10]) + (" ..." if len(skips) > 10 else ""))
 
 
-def step_inputs(vlm: AdapterVLM, examples: Any, indices: list[int],
-                micro_batch: int) -> list[tuple[torch.Tensor, list[str]]]:
+def example_inputs(vlm: AdapterVLM, examples: Any, index: int) -> tuple[torch.Tensor, str] | None:
+    """One example's preprocessed pixels (1 x C x H x W, on the host) and caption; None for an undecodable image."""
+    example = examples[index]
+    return None if example is None else (vlm.host_pixel_values([example["image"]]), example["caption"])
+
+
+def step_inputs(vlm: AdapterVLM, examples: Any, indices: list[int], micro_batch: int,
+                decoders: Executor | None = None) -> list[tuple[torch.Tensor, list[str]]]:
     """One step's micro-batches on the host: the preprocessed pixels and the captions of ``examples[indices]``, in
-    micro-batches of ``micro_batch`` (undecodable images left out)."""
+    micro-batches of ``micro_batch`` (undecodable images left out), each image read on one of ``decoders``."""
+    load = functools.partial(example_inputs, vlm, examples)
+    loaded = list(decoders.map(load, indices)) if decoders is not None else [load(i) for i in indices]
     inputs = []
-    for first in range(0, len(indices), micro_batch):
-        chosen = [e for e in (examples[i] for i in indices[first : first + micro_batch]) if e is not None]
+    for first in range(0, len(loaded), micro_batch):
+        chosen = [x for x in loaded[first : first + micro_batch] if x is not None]
         if chosen:
-            inputs.append((vlm.host_pixel_values([e["image"] for e in chosen]), [e["caption"] for e in chosen]))
+            inputs.append((torch.cat([pixels for pixels, _ in chosen]), [caption for _, caption in chosen]))
     return inputs
+
+
+def loaded_steps(vlm: AdapterVLM, examples: Any, steps: range, indices_of: Callable[[int], list[int]],
+                 micro_batch: int, threads: int) -> Iterator[list[tuple[torch.Tensor, list[str]]]]:
+    """Each step's :func:`step_inputs`, the next step's loaded (its images on ``threads`` threads) while the caller
+    runs this one."""
+    # Examples are read from several threads: datasets' Arrow rows and PIL decoding are safe to read concurrently, and
+    # a step's indices are distinct, so no example is read twice at once.
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="train-decode") as decoders:
+        yield from prefetched(lambda step: step_inputs(vlm, examples, indices_of(step), micro_batch, decoders), steps,
+                              "train-loader")
 
 
 def blank_like(image: Any) -> Any:
@@ -299,13 +321,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     bar = progress(t.steps, "train-adapter", "step", enabled=rank == 0, initial=start)
     clock = time.perf_counter()
 
-    def inputs_of(step: int) -> list[tuple[torch.Tensor, list[str]]]:
-        mine = batch_indices(len(train_set), t.batch_size, step, t.seed)[rank::world_size]
-        return step_inputs(vlm, train_set, mine, t.micro_batch)
+    def indices_of(step: int) -> list[int]:
+        return batch_indices(len(train_set), t.batch_size, step, t.seed)[rank::world_size]
 
     # The next step's images are decoded and preprocessed while this step runs on the device.
     steps = range(start, t.steps)
-    for step, inputs in zip(counted(steps, bar), prefetched(inputs_of, steps, "train-loader")):
+    loaded = loaded_steps(vlm, train_set, steps, indices_of, t.micro_batch, t.loader_threads)
+    for step, inputs in zip(counted(steps, bar), loaded):
         batches = [vlm.build_batch(vlm.to_model(pixels), captions, add_eos=True) for pixels, captions in inputs]
         tokens = all_reduce_sum(torch.tensor(float(sum(int((b.labels[:, 1:] != -100).sum()) for b in batches))))
         if float(tokens) == 0:  # every image of this global batch was undecodable (all ranks agree: summed)

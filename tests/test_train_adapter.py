@@ -255,6 +255,34 @@ def test_a_hub_source_reads_a_dataset_repository_by_name_and_split(tmp_path, mon
         image_text_source(cfg.data)
 
 
+def test_a_steps_inputs_read_on_decoding_threads_equal_one_batch_read_in_turn(miniature, tmp_path):
+    """Images decoded and preprocessed one by one on several threads give the micro-batches that preprocessing each
+    micro-batch at once gives, bit for bit, undecodable images left out in both."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from actstore.data import image_text_source
+    from jobs.train_adapter import step_inputs
+
+    world_parquet(tmp_path / "a.parquet", 14, seed=6, prefix="a")
+    cfg = small_config(tmp_path / "run")
+    cfg.data.source, cfg.data.path = "parquet", str(tmp_path / "a.parquet")
+    source = image_text_source(cfg.data)
+    parquet_with_a_corrupt_image(tmp_path / "b.parquet")
+    cfg.data.path = str(tmp_path / "b.parquet")
+    corrupt = image_text_source(cfg.data)
+    vlm = build_model(cfg.model)
+    for examples, indices in ((source, [13, 2, 7, 0, 5, 11, 3, 9, 1, 12]), (corrupt, [4, 2, 0, 5, 1, 3])):
+        expected = []
+        for first in range(0, len(indices), 4):
+            chosen = [examples[i] for i in indices[first : first + 4] if examples[i] is not None]
+            expected.append((vlm.host_pixel_values([e["image"] for e in chosen]), [e["caption"] for e in chosen]))
+        with ThreadPoolExecutor(4) as decoders:
+            got = step_inputs(vlm, examples, indices, 4, decoders)
+        assert [captions for _, captions in got] == [captions for _, captions in expected]
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, expected))
+    assert [len(captions) for _, captions in got] == [3, 2]  # ex2, in the first micro-batch, left out
+
+
 def test_each_process_takes_its_local_gpu_or_the_one_it_sees(monkeypatch):
     """GPU ``local_rank`` of the node's GPUs; where the launcher gave each process one GPU of its own (Slurm's
     --gpus-per-task sets CUDA_VISIBLE_DEVICES per task), that one, whatever the local rank."""
