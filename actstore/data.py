@@ -132,7 +132,8 @@ class ImageTextSource:
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         row = self.ds[int(i)]
-        example_id = str(row.get("id", row.get("image_id", i)))
+        # An id column where there is one; webdataset shards name each sample by its key.
+        example_id = str(row.get("id", row.get("image_id", row.get("__key__", i))))
         try:
             image = decode_image(row[self.image_column], self.base_dir)
         except Exception as exc:  # PIL raises many types for bad files; each is a skip, not a crash

@@ -255,6 +255,36 @@ def test_a_hub_source_reads_a_dataset_repository_by_name_and_split(tmp_path, mon
         image_text_source(cfg.data)
 
 
+def test_a_hub_source_reads_webdataset_shards_named_by_their_keys(tmp_path):
+    """A folder of webdataset tar shards (how LAION- and CC3M-style data ships): images in ``jpg``, captions in
+    ``txt``, each example named by its sample key."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from actstore import world
+    from actstore.data import image_text_source
+
+    rows = world.generate(3, seed=8)
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "train-000.tar", "w") as tar:
+        for i, r in enumerate(rows):
+            image = io.BytesIO()
+            Image.fromarray(r["image"]).save(image, format="PNG")
+            for ext, data in (("jpg", image.getvalue()), ("txt", r["caption"].encode())):
+                info = tarfile.TarInfo(f"sample{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    cfg = small_config(tmp_path / "run")
+    cfg.data.source, cfg.data.path = "hub", str(tmp_path / "shards")
+    cfg.data.image_column, cfg.data.text_column = "jpg", "txt"
+    source = image_text_source(cfg.data)
+    assert ids_of(source) == ["sample0000", "sample0001", "sample0002"]
+    assert [source[i]["caption"] for i in range(3)] == [r["caption"] for r in rows]
+    assert np.array_equal(np.asarray(source[1]["image"]), rows[1]["image"])
+
+
 def test_a_steps_inputs_read_on_decoding_threads_equal_one_batch_read_in_turn(miniature, tmp_path):
     """Images decoded and preprocessed one by one on several threads give the micro-batches that preprocessing each
     micro-batch at once gives, bit for bit, undecodable images left out in both."""
