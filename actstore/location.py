@@ -63,9 +63,16 @@ def creation_lock(location: str | os.PathLike[str], timeout: float = 600.0) -> I
         return
     lock = creation_lock_path(path)
     lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = open(lock, "a+")
+    except OSError as exc:  # a store folder made beforehand in a folder this job may not write to
+        warnings.warn(f"cannot make the creation lock {lock} ({exc}); two jobs creating this store at once would "
+                      "not be kept apart", stacklevel=3)
+        yield
+        return
     # flock, not a lock file made with O_EXCL: the kernel drops it when its holder dies, so a killed create never
     # leaves a stale lock that blocks the rerun.
-    with open(lock, "a+") as handle:
+    with handle:
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -101,3 +101,21 @@ def test_processes_racing_to_create_one_store_leave_one_whole_store(tmp_path):
         assert verify(path).ok
         np.testing.assert_array_equal(bits(actstore.open(path).image_resid.values),
                                       bits(block_data(schema, 0)[0]))
+
+
+def test_a_store_whose_lock_cannot_be_made_is_still_created(store_path, monkeypatch):
+    """The lock goes beside the store; where that folder refuses it (a store folder made beforehand in a folder the
+    job may not write to), the create goes on with a warning."""
+    import builtins
+
+    import actstore.location
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith(".create-lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(actstore.location, "open", refuse, raising=False)
+    with pytest.warns(UserWarning, match="cannot make the creation lock .*Permission denied"):
+        StoreWriter.open_or_create(store_path, small_schema()).close()
+    assert actstore.open(store_path).attrs["blocks_total"] == small_schema().n_blocks
