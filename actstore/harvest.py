@@ -223,10 +223,11 @@ def copy_to_host(destination: torch.Tensor, source: torch.Tensor) -> None:
 
 @dataclass
 class BlockJob:
-    """One block of a harvest: its index, its images (dicts with ``image_id`` and ``image``), their prompts and the
-    inputs skipped. ``write=False`` runs the block's images without storing them: a resumed harvest runs a block that
-    is already stored when its images share micro-batches with a missing block, so that the missing block's batches,
-    and with them its values, are those of an uninterrupted run."""
+    """One block of a harvest: its index, its images (dicts with ``image_id`` and ``image``, and where a loader
+    preprocessed them, ``pixels``: the image's model inputs on the host), their prompts and the inputs skipped.
+    ``write=False`` runs the block's images without storing them: a resumed harvest runs a block that is already
+    stored when its images share micro-batches with a missing block, so that the missing block's batches, and with
+    them its values, are those of an uninterrupted run."""
 
     block: int
     examples: Sequence[dict[str, Any]]
@@ -267,6 +268,14 @@ def block_groups(n_blocks: int, block_images: int, batch_size: int) -> list[rang
     return [range(first, min(first + size, n_blocks)) for first in range(0, n_blocks, size)]
 
 
+def model_batch(vlm: Any, examples: Sequence[dict[str, Any]], prompts: Sequence[str]) -> Any:
+    """The model's batch of ``examples`` with ``prompts``: from their preprocessed ``pixels`` (1 x C x H x W each, on
+    the host) where every example carries them, else from their images."""
+    if examples and all("pixels" in e for e in examples):
+        return vlm.build_batch(vlm.to_model(torch.cat([e["pixels"] for e in examples])), prompts)
+    return vlm.prepare([e["image"] for e in examples], prompts)
+
+
 def harvest_blocks(
     vlm: Any, writer: StoreWriter, jobs: Sequence[BlockJob], states: Sequence[int], batch_size: int,
     stats: HarvestStats, ring: HostRing | None = None,
@@ -289,7 +298,7 @@ def harvest_blocks(
     futures = []
     for part in batches:
         t0 = stats.clock(device)
-        batch = vlm.prepare([jobs[j].examples[i]["image"] for j, i in part], [jobs[j].prompts[i] for j, i in part])
+        batch = model_batch(vlm, [jobs[j].examples[i] for j, i in part], [jobs[j].prompts[i] for j, i in part])
         if schema.text_tokens_per_image:
             # A long caption must neither fail the harvest hours in nor take other images' text slots.
             cut = (batch.host_text_mask.sum(1) > schema.text_tokens_per_image).tolist()

@@ -29,14 +29,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_store import GB, activation_like, gil_switch_interval, raw_sequential_write, save_result  # noqa: E402
 
+from actstore.data import prefetched  # noqa: E402
 from actstore.harvest import (  # noqa: E402
-    BlockJob, HarvestStats, block_groups, forward_states, harvest_blocks, host_ring, n_states)
+    HarvestStats, block_groups, forward_states, harvest_blocks, host_ring, model_batch, n_states)
 from actstore.integrity import store_info  # noqa: E402
 from actstore.miniature import build_tokenizer  # noqa: E402
 from actstore.models import AdapterConfig, AdapterVLM  # noqa: E402
 from actstore.schema import StoreSchema  # noqa: E402
 from actstore.process_writer import writer_of_kind  # noqa: E402
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter, default_threads  # noqa: E402
+from jobs.harvest import block_job, image_preprocessor  # noqa: E402
 
 
 def build_vlm(quick: bool, device: torch.device, dtype: torch.dtype) -> AdapterVLM:
@@ -80,11 +82,17 @@ def sync(device: torch.device) -> None:
 
 
 def forward_only(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, device: torch.device) -> float:
-    """Images/s of preprocessing + the model's forward (no capture, no store)."""
+    """Images/s of the model's forward (no capture, no store), its images preprocessed a batch ahead on a loader
+    thread, as the harvest's are."""
+    preprocess = image_preprocessor(vlm)
+
+    def load(batch: list[np.ndarray]) -> list[dict]:
+        return [{"image": image, "pixels": preprocess(image)} for image in batch]
+
     start = time.perf_counter()
     with torch.inference_mode():
-        for batch in batches:
-            vlm.run_decoder(vlm.prepare(batch, [prompt] * len(batch)))
+        for examples in prefetched(load, batches):
+            vlm.run_decoder(model_batch(vlm, examples, [prompt] * len(examples)))
     sync(device)
     return sum(len(b) for b in batches) / (time.perf_counter() - start)
 
@@ -215,14 +223,16 @@ def harvest(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, direc
     writer = writer_of_kind(StoreWriter.create(path, schema, max_pending_blocks=pending_blocks), writer_kind,
                             max_pending_blocks=pending_blocks)
     ring = host_ring(writer, slots=len(groups[0]) + pending_blocks, pin=device.type == "cuda")  # as jobs.harvest
+    examples = [{"image_id": f"img{i}", "image": img, "caption": prompt} for i, img in enumerate(flat)]
+    preprocess = image_preprocessor(vlm)
+
+    def load(group: range) -> list:  # as jobs.harvest: images preprocessed on the loader thread, a group ahead
+        return [block_job(examples, block, range(block * block_images, (block + 1) * block_images), "{caption}",
+                          True, preprocess) for block in group]
+
     start = time.perf_counter()
     with writer:
-        for group in groups:
-            jobs = []
-            for block in group:
-                chunk = flat[block * block_images : (block + 1) * block_images]
-                examples = [{"image_id": f"img{block}-{i}", "image": img} for i, img in enumerate(chunk)]
-                jobs.append(BlockJob(block, examples, [prompt] * len(chunk)))
+        for jobs in prefetched(load, groups, "harvest-loader"):
             harvest_blocks(vlm, writer, jobs, states, batch_size, stats, ring)
     sync(device)
     seconds = time.perf_counter() - start
@@ -241,8 +251,8 @@ def stored_vs_forward(vlm: AdapterVLM, first_batch: list[np.ndarray], prompt: st
     final norm's output), cast to the store's dtype: the largest absolute difference and whether all are bit-equal."""
     import actstore
 
-    batch = vlm.prepare(first_batch, [prompt] * len(first_batch))
     with torch.inference_mode():
+        batch = vlm.prepare(first_batch, [prompt] * len(first_batch))
         hidden = vlm.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                         output_hidden_states=True, use_cache=False).hidden_states
     stored = actstore.open(path).image_resid.isel(image=slice(0, n_check))

@@ -192,16 +192,27 @@ def groups_of_rank(groups: list[range], missing: set[int], rank: int, world_size
     return [group for g, group in enumerate(groups) if g % world_size == rank and missing.intersection(group)]
 
 
-def block_job(examples: Any, block: int, images: range, prompt: str, write: bool) -> BlockJob:
+def block_job(examples: Any, block: int, images: range, prompt: str, write: bool,
+              preprocess: Callable[[Any], Any] | None = None) -> BlockJob:
     """Block ``block``'s images of the dataset (those of ``images`` it has) with their prompts; the undecodable ones
-    are left out and listed as skipped (the block holds the others, named by their image_id)."""
+    are left out and listed as skipped (the block holds the others, named by their image_id). With ``preprocess``,
+    each example also carries its image's model inputs (``pixels``)."""
     indices = [i for i in images if i < len(examples)]
     loaded = [examples[i] for i in indices]
     chosen = [e for e in loaded if e is not None]
     if not chosen:
         raise ValueError(f"every image of block {block} (dataset rows {indices[0]}..{indices[-1]}) is undecodable")
     skipped = [examples.skipped_rows[i] for i, e in zip(indices, loaded) if e is None]
+    if preprocess is not None:  # copies: a source's examples are not ours to change
+        chosen = [{**e, "pixels": preprocess(e["image"])} for e in chosen]
     return BlockJob(block, chosen, [prompt.format(caption=e["caption"]) for e in chosen], skipped, write=write)
+
+
+def image_preprocessor(vlm: Any) -> Callable[[Any], Any] | None:
+    """One image's model inputs on the host, for a model that preprocesses images apart from its prompts (AdapterVLM;
+    LLaVA's processor takes both at once); None for others."""
+    host_pixel_values = getattr(vlm, "host_pixel_values", None)
+    return None if host_pixel_values is None else (lambda image: host_pixel_values([image]))
 
 
 def unfinished(futures: list[Any]) -> list[Any]:
@@ -323,10 +334,14 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     futures = []
     bar = progress(len(todo), "harvest", "block", enabled=rank == 0)
 
-    def load(group: range) -> list[BlockJob]:
-        return [block_job(examples, block, writer.block_images(block), h.prompt, block in missing) for block in group]
+    preprocess = image_preprocessor(vlm)
 
-    # The next group's images are decoded while this group runs on the device.
+    def load(group: range) -> list[BlockJob]:
+        return [block_job(examples, block, writer.block_images(block), h.prompt, block in missing, preprocess)
+                for block in group]
+
+    # The next group's images are decoded and preprocessed while this group runs on the device, so that the thread that
+    # launches the model's work only moves pixels to it.
     try:
         for jobs in prefetched(load, groups, "harvest-loader"):
             futures = unfinished(futures) + harvest_blocks(vlm, writer, jobs, states, h.batch_size, stats, ring)

@@ -804,3 +804,31 @@ def test_a_harvest_takes_every_example_of_its_split(adapter_dir, tmp_path):
     ds = actstore.open(tmp_path / "s.zarr")
     assert ds.image_id.values.tolist() == ["ex0", "ex1", "ex3", "ex4", "ex5"]
     assert ds.attrs["provenance"]["dataset"]["split"] == "validation"
+
+
+def test_images_preprocessed_on_the_loader_give_the_batch_the_model_would_make(tiny_vlm, tiny_llava_dir):
+    """A harvest's loader preprocesses each image on its own (``pixels``); the batch built from them equals, bit for
+    bit, the one the model makes from the images, and the source's examples are left as they were. LLaVA's
+    processor takes images and prompts at once: its batches are made from the images, as before."""
+    from actstore import world
+    from actstore.harvest import model_batch
+    from actstore.models import LlavaVLM
+    from jobs.harvest import block_job, image_preprocessor
+
+    rows = [{**r, "image_id": f"w{i}"} for i, r in enumerate(world.generate(6, seed=12))]
+    job = block_job(rows, 0, range(1, 5), "describe: {caption}", True, image_preprocessor(tiny_vlm))
+    assert [e["image_id"] for e in job.examples] == ["w1", "w2", "w3", "w4"]
+    assert all(e["pixels"].shape[0] == 1 for e in job.examples) and not any("pixels" in r for r in rows)
+    with torch.inference_mode():
+        got = model_batch(tiny_vlm, job.examples, job.prompts)
+        want = tiny_vlm.prepare([r["image"] for r in rows[1:5]], job.prompts)
+    assert torch.equal(got.inputs_embeds, want.inputs_embeds) and torch.equal(got.input_ids, want.input_ids)
+    assert torch.equal(got.image_positions, want.image_positions)
+
+    llava = LlavaVLM.from_pretrained(str(tiny_llava_dir))
+    assert image_preprocessor(llava) is None
+    plain = block_job(rows, 0, range(0, 2), "{caption}", True, image_preprocessor(llava))
+    assert not any("pixels" in e for e in plain.examples)
+    with torch.inference_mode():
+        batch = model_batch(llava, plain.examples, plain.prompts)
+    assert torch.equal(batch.pixel_values, llava.prepare([r["image"] for r in rows[:2]], plain.prompts).pixel_values)
