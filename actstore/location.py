@@ -53,6 +53,27 @@ def creation_lock_path(path: Path) -> Path:
 _NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 
 
+def _take_lock(handle: Any, location: str | os.PathLike[str], timeout: float) -> str:
+    """Take ``handle``'s exclusive flock, waiting up to ``timeout`` seconds; "" once held, else why the file system
+    gives none."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return ""
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise StoreWriteError(f"another process ({holder}) has been creating the store at {location} for "
+                                      f"over {timeout:.0f} s; if it is stuck, stop it and rerun") from None
+            time.sleep(0.05)
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise
+            return f"the file system of {location} refuses file locks ({exc})"
+
+
 @contextmanager
 def creation_lock(location: str | os.PathLike[str], timeout: float = 600.0) -> Iterator[None]:
     """Hold the lock that makes creating a local store exclusive among processes (of any host sharing the file
@@ -63,35 +84,26 @@ def creation_lock(location: str | os.PathLike[str], timeout: float = 600.0) -> I
         return
     lock = creation_lock_path(path)
     lock.parent.mkdir(parents=True, exist_ok=True)
+    # flock, not a lock file made with O_EXCL: the kernel drops it when its holder dies, so a killed create never
+    # leaves a stale lock that blocks the rerun.
     try:
         handle = open(lock, "a+")
     except OSError as exc:  # a store folder made beforehand in a folder this job may not write to
-        warnings.warn(f"cannot make the creation lock {lock} ({exc}); two jobs creating this store at once would "
-                      "not be kept apart", stacklevel=3)
+        handle, why_not = None, f"cannot make the creation lock {lock} ({exc})"
+    else:
+        try:
+            why_not = _take_lock(handle, location, timeout)
+        except BaseException:
+            handle.close()
+            raise
+        if why_not:
+            handle.close()
+            handle = None
+    if handle is None:
+        warnings.warn(f"{why_not}; two jobs creating this store at once would not be kept apart", stacklevel=3)
         yield
         return
-    # flock, not a lock file made with O_EXCL: the kernel drops it when its holder dies, so a killed create never
-    # leaves a stale lock that blocks the rerun.
     with handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "unknown"
-                    raise StoreWriteError(f"another process ({holder}) has been creating the store at {location} "
-                                          f"for over {timeout:.0f} s; if it is stuck, stop it and rerun") from None
-                time.sleep(0.05)
-            except OSError as exc:
-                if exc.errno not in _NO_LOCKS:
-                    raise
-                warnings.warn(f"the file system of {location} refuses file locks ({exc}); two jobs creating this "
-                              "store at once would not be kept apart", stacklevel=3)
-                yield
-                return
         try:
             handle.truncate(0)
             handle.write(f"pid {os.getpid()} on {socket.gethostname()}")

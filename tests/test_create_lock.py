@@ -119,3 +119,17 @@ def test_a_store_whose_lock_cannot_be_made_is_still_created(store_path, monkeypa
     with pytest.warns(UserWarning, match="cannot make the creation lock .*Permission denied"):
         StoreWriter.open_or_create(store_path, small_schema()).close()
     assert actstore.open(store_path).attrs["blocks_total"] == small_schema().n_blocks
+
+
+def test_a_file_system_without_locks_still_creates_with_a_warning(store_path, monkeypatch):
+    import errno
+
+    import actstore.location
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(actstore.location.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="refuses file locks .*not implemented.*not be kept apart"):
+        StoreWriter.open_or_create(store_path, small_schema()).close()
+    assert actstore.open(store_path).attrs["blocks_total"] == small_schema().n_blocks
