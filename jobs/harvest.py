@@ -26,6 +26,8 @@ from typing import Any, Callable, Mapping
 import torch
 import yaml
 
+from actstore import world
+from actstore.data import image_text_source, prefetched
 from actstore.errors import NotAStoreError, StoreWriteError
 from actstore.harvest import (
     TEXT_TOKEN_RULE, BlockJob, HarvestStats, block_groups, harvest_blocks, host_ring, n_states)
@@ -36,8 +38,6 @@ from actstore.schema import StoreSchema
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter
 from actstore.process_writer import WRITERS, writer_of_kind
 from jobs.config import parse_sections
-from actstore import world
-from actstore.data import prefetched
 from jobs.train_adapter import DataSection, ModelSection, build_model, local_device
 
 
@@ -257,8 +257,6 @@ def harvest_examples(section: DataSection, n_images: int) -> Any:
     """The first ``n_images`` examples of the data section's split: a harvest takes them all, holding none out."""
     if section.source == "world":
         return world.generate(n_images, seed=section.seed)  # the adapter's training examples, as before
-    from actstore.data import image_text_source
-
     return image_text_source(section, limit=n_images)
 
 

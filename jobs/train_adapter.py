@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from actstore import world
-from actstore.data import prefetched
+from actstore.data import prefetched, train_and_held_out
 from actstore.models import AdapterVLM
 from actstore.progress import counted, progress
 from jobs.config import parse_sections
@@ -151,8 +151,6 @@ def load_examples(section: DataSection, which: str) -> Any:
     if section.source == "world":
         n = section.n_train if which == "train" else section.n_eval
         return world.generate(n, seed=section.seed + (0 if which == "train" else 7919))
-    from actstore.data import train_and_held_out
-
     return train_and_held_out(section)[0 if which == "train" else 1]
 
 
