@@ -143,15 +143,13 @@ def build_model(section: ModelSection, adapter: str | Path | None = None, log: C
                                       vision_revision=section.vision_revision, lm_revision=section.lm_revision)
 
 
-def load_examples(section: DataSection, which: str) -> Any:
-    """The training (``which="train"``) or held-out (``"eval"``) examples: a list, or a lazy source whose
-    undecodable items read as None."""
-    if which not in ("train", "eval"):
-        raise ValueError(f"which must be 'train' or 'eval', got {which!r}")
+def load_examples(section: DataSection) -> tuple[Any, Any]:
+    """The training and the held-out examples, each a list or a lazy source whose undecodable items read as None (the
+    data opened once for both)."""
     if section.source == "world":
-        n = section.n_train if which == "train" else section.n_eval
-        return world.generate(n, seed=section.seed + (0 if which == "train" else 7919))
-    return train_and_held_out(section)[0 if which == "train" else 1]
+        return (world.generate(section.n_train, seed=section.seed),
+                world.generate(section.n_eval, seed=section.seed + 7919))
+    return train_and_held_out(section)
 
 
 def report_skips(examples: Any, log: Callable[..., None] = print) -> None:
@@ -298,8 +296,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     vlm = build_model(cfg.model, log=say)
     vlm.to(device)
     vlm.train()
-    train_set = load_examples(cfg.data, "train")
-    eval_set = [e for e in load_examples(cfg.data, "eval") if e is not None]
+    train_set, held_out = load_examples(cfg.data)
+    eval_set = [e for e in held_out if e is not None]
     t = cfg.train
     if t.batch_size % world_size:
         raise ValueError(f"train.batch_size {t.batch_size} must be divisible by the {world_size} processes")

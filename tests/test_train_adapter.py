@@ -31,7 +31,7 @@ def small_config(out: Path, **train) -> TrainConfig:
 
 def test_adapter_learns_image_information(miniature, tmp_path):
     cfg = small_config(tmp_path, steps=200, batch_size=32, micro_batch=32, eval_every=100, checkpoint_every=100)
-    eval_set = load_examples(cfg.data, "eval")
+    eval_set = load_examples(cfg.data)[1]
     untrained = caption_loss(build_model(cfg.model), eval_set)
     result = train(cfg)
     trained = build_model(cfg.model, adapter=result["adapter"])
@@ -186,19 +186,19 @@ def test_held_out_examples_are_never_trained_on(tmp_path):
     cfg = small_config(tmp_path / "run")
     cfg.data.source, cfg.data.path = "parquet", str(tmp_path / "train.parquet")
     cfg.data.n_train, cfg.data.n_eval = 99, 3
-    assert ids_of(load_examples(cfg.data, "train")) == ids[:7]
-    assert ids_of(load_examples(cfg.data, "eval")) == ids[7:]
+    assert ids_of(load_examples(cfg.data)[0]) == ids[:7]
+    assert ids_of(load_examples(cfg.data)[1]) == ids[7:]
     cfg.data.n_train = 4
-    assert ids_of(load_examples(cfg.data, "train")) == ids[:4]
+    assert ids_of(load_examples(cfg.data)[0]) == ids[:4]
 
     held = world_parquet(tmp_path / "held.parquet", 5, seed=2, prefix="h")
     cfg.data.eval_path, cfg.data.n_train = str(tmp_path / "held.parquet"), 99
-    assert ids_of(load_examples(cfg.data, "train")) == ids
-    assert ids_of(load_examples(cfg.data, "eval")) == held[:3]
+    assert ids_of(load_examples(cfg.data)[0]) == ids
+    assert ids_of(load_examples(cfg.data)[1]) == held[:3]
 
     cfg.data.eval_path, cfg.data.n_eval = None, 10
     with pytest.raises(ValueError, match=r"holds 10 examples: holding out data.n_eval = 10 of them leaves none"):
-        load_examples(cfg.data, "train")
+        load_examples(cfg.data)[0]
 
 
 def test_imagefolder_training_holds_out_its_last_examples_or_reads_a_named_split(tmp_path):
@@ -221,11 +221,11 @@ def test_imagefolder_training_holds_out_its_last_examples_or_reads_a_named_split
             for i, r in enumerate(part)))
     cfg = small_config(tmp_path / "run")
     cfg.data.source, cfg.data.path, cfg.data.n_train, cfg.data.n_eval = "imagefolder", str(tmp_path / "split"), 99, 1
-    assert sorted(ids_of(load_examples(cfg.data, "train"))) == ["train0", "train1", "train2"]
-    assert len(load_examples(cfg.data, "eval")) == 1
+    assert sorted(ids_of(load_examples(cfg.data)[0])) == ["train0", "train1", "train2"]
+    assert len(load_examples(cfg.data)[1]) == 1
     cfg.data.eval_split = "validation"
-    assert sorted(ids_of(load_examples(cfg.data, "eval"))) == ["validation0"]
-    assert len(load_examples(cfg.data, "train")) == 4
+    assert sorted(ids_of(load_examples(cfg.data)[1])) == ["validation0"]
+    assert len(load_examples(cfg.data)[0]) == 4
 
 
 def test_a_hub_source_reads_a_dataset_repository_by_name_and_split(tmp_path, monkeypatch):
@@ -247,8 +247,8 @@ def test_a_hub_source_reads_a_dataset_repository_by_name_and_split(tmp_path, mon
     assert ids_of(image_text_source(cfg.data)) == test
     assert asked == [((str(tmp_path / "repo"), None), {"split": "test", "revision": None})]
     cfg.data.split, cfg.data.eval_split, cfg.data.n_eval = "train", "test", 2
-    assert ids_of(load_examples(cfg.data, "train")) == train
-    assert ids_of(load_examples(cfg.data, "eval")) == test[:2]
+    assert ids_of(load_examples(cfg.data)[0]) == train
+    assert ids_of(load_examples(cfg.data)[1]) == test[:2]
     cfg.data.source = "parquet"
     with pytest.raises(ValueError, match="name a hub dataset's configuration"):
         cfg.data.revision = "main"
