@@ -224,7 +224,8 @@ def copy_to_host(destination: torch.Tensor, source: torch.Tensor) -> None:
 @dataclass
 class BlockJob:
     """One block of a harvest: its index, its images (dicts with ``image_id`` and ``image``, and where a loader
-    preprocessed them, ``pixels``: the image's model inputs on the host), their prompts and the inputs skipped.
+    preprocessed them, ``model_inputs``: the model's inputs of the image and its prompt, on the host), their prompts
+    and the inputs skipped.
     ``write=False`` runs the block's images without storing them: a resumed harvest runs a block that is already
     stored when its images share micro-batches with a missing block, so that the missing block's batches, and with
     them its values, are those of an uninterrupted run."""
@@ -269,10 +270,10 @@ def block_groups(n_blocks: int, block_images: int, batch_size: int) -> list[rang
 
 
 def model_batch(vlm: Any, examples: Sequence[dict[str, Any]], prompts: Sequence[str]) -> Any:
-    """The model's batch of ``examples`` with ``prompts``: from their preprocessed ``pixels`` (1 x C x H x W each, on
-    the host) where every example carries them, else from their images."""
-    if examples and all("pixels" in e for e in examples):
-        return vlm.build_batch(vlm.to_model(torch.cat([e["pixels"] for e in examples])), prompts)
+    """The model's batch of ``examples`` with ``prompts``: from their ``model_inputs`` (the model's ``host_inputs``,
+    prepared ahead) where every example carries them, else from their images."""
+    if examples and all("model_inputs" in e for e in examples):
+        return vlm.batch_from_host([e["model_inputs"] for e in examples], prompts)
     return vlm.prepare([e["image"] for e in examples], prompts)
 
 

@@ -311,6 +311,15 @@ class AdapterVLM(nn.Module):
         return VLMBatch(embeds, attention, labels, input_ids, image_positions, text_mask,
                         host_text_mask=host_text_mask, host_input_ids=host_input_ids)
 
+    def host_inputs(self, image: Any, text: str) -> torch.Tensor:
+        """One example's model inputs on the host, for a loader thread to prepare while the model runs: the image's
+        preprocessed pixels (1 x C x H x W); ``text`` is tokenized with its batch."""
+        return self.host_pixel_values([image])
+
+    def batch_from_host(self, inputs: Sequence[torch.Tensor], texts: Sequence[str]) -> VLMBatch:
+        """The batch of examples whose :meth:`host_inputs` were prepared ahead, with their prompts."""
+        return self.build_batch(self.to_model(torch.cat(list(inputs))), texts)
+
     def prepare(self, images: Sequence[Any], texts: Sequence[str]) -> VLMBatch:
         """The batch for raw images and their prompts (what the harvester calls)."""
         return self.build_batch(self.pixel_values(images), texts)
@@ -407,12 +416,29 @@ class LlavaVLM(nn.Module):
         """Where the model lives."""
         return next(self.model.parameters()).device
 
-    def prepare(self, images: Sequence[Any], texts: Sequence[str]) -> VLMBatch:
-        """Tokenize the templated prompts, expand the image tokens, and locate image and text positions."""
-        prompts = [self.prompt_template.format(text=t) for t in texts]
-        enc = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
+    def host_inputs(self, image: Any, text: str) -> dict[str, torch.Tensor]:
+        """One example's processor outputs on the host, for a loader thread to prepare while the model runs: its pixel
+        values and the ids of its templated prompt with the image tokens expanded."""
+        enc = self.processor(images=[image], text=[self.prompt_template.format(text=text)], return_tensors="pt")
+        return {"input_ids": enc["input_ids"][0], "pixel_values": enc["pixel_values"]}
+
+    def batch_from_host(self, inputs: Sequence[dict[str, torch.Tensor]], texts: Sequence[str]) -> VLMBatch:
+        """The batch of examples whose :meth:`host_inputs` were prepared ahead, padded as the processor pads a batch
+        (``texts`` are already in their ids)."""
+        # Padded here rather than by tokenizer.pad: a loader thread may be inside the same tokenizer meanwhile, and a
+        # fast tokenizer's padding settings are shared state ("Already borrowed" when two threads change them).
+        tokenizer = self.processor.tokenizer
+        rows = [x["input_ids"] for x in inputs]
+        length = max(len(row) for row in rows)
+        if tokenizer.pad_token_id is None and any(len(row) < length for row in rows):
+            raise ValueError("the LLaVA tokenizer has no pad token, so prompts of different lengths cannot be batched")
+        input_ids = torch.full((len(rows), length), tokenizer.pad_token_id or 0, dtype=rows[0].dtype)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            where = slice(length - len(row), length) if tokenizer.padding_side == "left" else slice(0, len(row))
+            input_ids[i, where], attention[i, where] = row, 1
+        pixel_values = torch.cat([x["pixel_values"] for x in inputs])
         # Positions are found on the CPU (where the processor left them), then everything moves without a sync.
-        input_ids, attention = enc["input_ids"], enc["attention_mask"]
         positions, _ = llava_positions(input_ids, self.image_token_id)
         after_image = torch.arange(input_ids.shape[1])[None, :] > positions[:, -1:]
         text_mask = after_image & attention.bool()
@@ -422,8 +448,12 @@ class LlavaVLM(nn.Module):
             labels=to_device(torch.full_like(input_ids, -100), device), input_ids=to_device(input_ids, device),
             image_positions=to_device(positions, device), text_mask=to_device(text_mask, device),
             host_text_mask=text_mask, host_input_ids=input_ids,
-            pixel_values=to_device(enc["pixel_values"], device, next(self.model.parameters()).dtype),
+            pixel_values=to_device(pixel_values, device, next(self.model.parameters()).dtype),
         )
+
+    def prepare(self, images: Sequence[Any], texts: Sequence[str]) -> VLMBatch:
+        """Tokenize the templated prompts, expand the image tokens, and locate image and text positions."""
+        return self.batch_from_host([self.host_inputs(image, text) for image, text in zip(images, texts)], texts)
 
     def run_decoder(self, batch: VLMBatch) -> None:
         """LLaVA's own forward without the LM head: it places the image features, then runs the decoder blocks."""

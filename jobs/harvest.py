@@ -193,26 +193,26 @@ def groups_of_rank(groups: list[range], missing: set[int], rank: int, world_size
 
 
 def block_job(examples: Any, block: int, images: range, prompt: str, write: bool,
-              preprocess: Callable[[Any], Any] | None = None) -> BlockJob:
+              preprocess: Callable[[Any, str], Any] | None = None) -> BlockJob:
     """Block ``block``'s images of the dataset (those of ``images`` it has) with their prompts; the undecodable ones
     are left out and listed as skipped (the block holds the others, named by their image_id). With ``preprocess``,
-    each example also carries its image's model inputs (``pixels``)."""
+    each example also carries the model's inputs of its image and prompt (``model_inputs``)."""
     indices = [i for i in images if i < len(examples)]
     loaded = [examples[i] for i in indices]
     chosen = [e for e in loaded if e is not None]
     if not chosen:
         raise ValueError(f"every image of block {block} (dataset rows {indices[0]}..{indices[-1]}) is undecodable")
     skipped = [examples.skipped_rows[i] for i, e in zip(indices, loaded) if e is None]
+    prompts = [prompt.format(caption=e["caption"]) for e in chosen]
     if preprocess is not None:  # copies: a source's examples are not ours to change
-        chosen = [{**e, "pixels": preprocess(e["image"])} for e in chosen]
-    return BlockJob(block, chosen, [prompt.format(caption=e["caption"]) for e in chosen], skipped, write=write)
+        chosen = [{**e, "model_inputs": preprocess(e["image"], p)} for e, p in zip(chosen, prompts)]
+    return BlockJob(block, chosen, prompts, skipped, write=write)
 
 
-def image_preprocessor(vlm: Any) -> Callable[[Any], Any] | None:
-    """One image's model inputs on the host, for a model that preprocesses images apart from its prompts (AdapterVLM;
-    LLaVA's processor takes both at once); None for others."""
-    host_pixel_values = getattr(vlm, "host_pixel_values", None)
-    return None if host_pixel_values is None else (lambda image: host_pixel_values([image]))
+def example_preprocessor(vlm: Any) -> Callable[[Any, str], Any] | None:
+    """The model's inputs of one image and its prompt, on the host (``vlm.host_inputs``), for a loader thread to
+    prepare while the model runs; None for a model that only takes whole batches."""
+    return getattr(vlm, "host_inputs", None)
 
 
 def unfinished(futures: list[Any]) -> list[Any]:
@@ -332,7 +332,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     futures = []
     bar = progress(len(todo), "harvest", "block", enabled=rank == 0)
 
-    preprocess = image_preprocessor(vlm)
+    preprocess = example_preprocessor(vlm)
 
     def load(group: range) -> list[BlockJob]:
         return [block_job(examples, block, writer.block_images(block), h.prompt, block in missing, preprocess)

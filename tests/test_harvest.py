@@ -806,19 +806,20 @@ def test_a_harvest_takes_every_example_of_its_split(adapter_dir, tmp_path):
     assert ds.attrs["provenance"]["dataset"]["split"] == "validation"
 
 
-def test_images_preprocessed_on_the_loader_give_the_batch_the_model_would_make(tiny_vlm, tiny_llava_dir):
-    """A harvest's loader preprocesses each image on its own (``pixels``); the batch built from them equals, bit for
-    bit, the one the model makes from the images, and the source's examples are left as they were. LLaVA's
-    processor takes images and prompts at once: its batches are made from the images, as before."""
+def test_inputs_prepared_on_the_loader_give_the_batch_the_model_would_make(tiny_vlm, tiny_llava_dir):
+    """A harvest's loader prepares each example's model inputs on its own (``model_inputs``); the batch built from
+    them equals, bit for bit, the one the model makes from the images, and for LLaVA the one its processor makes from
+    the whole batch (padded on either side); the source's examples are left as they were."""
     from actstore import world
     from actstore.harvest import model_batch
     from actstore.models import LlavaVLM
-    from jobs.harvest import block_job, image_preprocessor
+    from jobs.harvest import block_job, example_preprocessor
 
     rows = [{**r, "image_id": f"w{i}"} for i, r in enumerate(world.generate(6, seed=12))]
-    job = block_job(rows, 0, range(1, 5), "describe: {caption}", True, image_preprocessor(tiny_vlm))
+    rows[2]["caption"] += ", seen from far away on a grey morning"  # prompts of different lengths
+    job = block_job(rows, 0, range(1, 5), "describe: {caption}", True, example_preprocessor(tiny_vlm))
     assert [e["image_id"] for e in job.examples] == ["w1", "w2", "w3", "w4"]
-    assert all(e["pixels"].shape[0] == 1 for e in job.examples) and not any("pixels" in r for r in rows)
+    assert all(e["model_inputs"].shape[0] == 1 for e in job.examples) and not any("model_inputs" in r for r in rows)
     with torch.inference_mode():
         got = model_batch(tiny_vlm, job.examples, job.prompts)
         want = tiny_vlm.prepare([r["image"] for r in rows[1:5]], job.prompts)
@@ -826,9 +827,15 @@ def test_images_preprocessed_on_the_loader_give_the_batch_the_model_would_make(t
     assert torch.equal(got.image_positions, want.image_positions)
 
     llava = LlavaVLM.from_pretrained(str(tiny_llava_dir))
-    assert image_preprocessor(llava) is None
-    plain = block_job(rows, 0, range(0, 2), "{caption}", True, image_preprocessor(llava))
-    assert not any("pixels" in e for e in plain.examples)
-    with torch.inference_mode():
-        batch = model_batch(llava, plain.examples, plain.prompts)
-    assert torch.equal(batch.pixel_values, llava.prepare([r["image"] for r in rows[:2]], plain.prompts).pixel_values)
+    images = [r["image"] for r in rows[1:5]]
+    for side in ("right", "left"):
+        llava.processor.tokenizer.padding_side = side
+        job = block_job(rows, 0, range(1, 5), "{caption}", True, example_preprocessor(llava))
+        with torch.inference_mode():
+            got = model_batch(llava, job.examples, job.prompts)
+        whole = llava.processor(images=images, text=[llava.prompt_template.format(text=p) for p in job.prompts],
+                                return_tensors="pt", padding=True)
+        assert torch.equal(got.host_input_ids, whole["input_ids"]) and (whole["attention_mask"] == 0).any()
+        assert torch.equal(got.attention_mask.cpu(), whole["attention_mask"])
+        assert torch.equal(got.pixel_values.cpu(), whole["pixel_values"])
+        assert torch.equal(got.host_text_mask, llava.prepare(images, job.prompts).host_text_mask)
