@@ -21,6 +21,15 @@ from actstore.schema import DTYPES, StoreSchema  # noqa: E402
 from actstore.writer import TextTokens  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, build the miniature once in the controller before the workers start, not in every worker
+    at once: a build takes about a minute of both cores of a 2-core machine."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        from actstore.miniature import build_miniature
+
+        build_miniature()
+
+
 def small_schema(**overrides) -> StoreSchema:
     """A store small enough for tests: 3 layers, 5 image tokens, d_model 12, 4-image blocks, 3 text tokens/image."""
     kwargs = dict(layers=(0, 1, 2), image_tokens=5, d_model=12, capacity=16, block_images=4, text_tokens_per_image=3)
