@@ -38,7 +38,7 @@ from actstore.models import AdapterConfig, AdapterVLM  # noqa: E402
 from actstore.schema import StoreSchema  # noqa: E402
 from actstore.process_writer import writer_of_kind  # noqa: E402
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter, default_threads  # noqa: E402
-from jobs.harvest import block_job, example_preprocessor  # noqa: E402
+from jobs.harvest import block_job  # noqa: E402
 
 
 def build_vlm(quick: bool, device: torch.device, dtype: torch.dtype) -> AdapterVLM:
@@ -84,10 +84,8 @@ def sync(device: torch.device) -> None:
 def forward_only(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, device: torch.device) -> float:
     """Images/s of the model's forward (no capture, no store), its images preprocessed a batch ahead on a loader
     thread, as the harvest's are."""
-    preprocess = example_preprocessor(vlm)
-
     def load(batch: list[np.ndarray]) -> list[dict]:
-        return [{"image": image, "model_inputs": preprocess(image, prompt)} for image in batch]
+        return [{"image": image, "model_inputs": vlm.host_inputs(image, prompt)} for image in batch]
 
     start = time.perf_counter()
     with torch.inference_mode():
@@ -224,11 +222,10 @@ def harvest(vlm: AdapterVLM, batches: list[list[np.ndarray]], prompt: str, direc
                             max_pending_blocks=pending_blocks)
     ring = host_ring(writer, slots=len(groups[0]) + pending_blocks, pin=device.type == "cuda")  # as jobs.harvest
     examples = [{"image_id": f"img{i}", "image": img, "caption": prompt} for i, img in enumerate(flat)]
-    preprocess = example_preprocessor(vlm)
 
     def load(group: range) -> list:  # as jobs.harvest: images preprocessed on the loader thread, a group ahead
         return [block_job(examples, block, range(block * block_images, (block + 1) * block_images), "{caption}",
-                          True, preprocess) for block in group]
+                          True, vlm.host_inputs) for block in group]
 
     start = time.perf_counter()
     with writer:

@@ -209,12 +209,6 @@ def block_job(examples: Any, block: int, images: range, prompt: str, write: bool
     return BlockJob(block, chosen, prompts, skipped, write=write)
 
 
-def example_preprocessor(vlm: Any) -> Callable[[Any, str], Any] | None:
-    """The model's inputs of one image and its prompt, on the host (``vlm.host_inputs``), for a loader thread to
-    prepare while the model runs; None for a model that only takes whole batches."""
-    return getattr(vlm, "host_inputs", None)
-
-
 def unfinished(futures: list[Any]) -> list[Any]:
     """The writer's futures of blocks still being written; raises the error of a block that failed."""
     # A block the disk refused (full, read-only, gone) stops the harvest at once: the blocks after it would fail alike,
@@ -332,14 +326,12 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     futures = []
     bar = progress(len(todo), "harvest", "block", enabled=rank == 0)
 
-    preprocess = example_preprocessor(vlm)
-
     def load(group: range) -> list[BlockJob]:
-        return [block_job(examples, block, writer.block_images(block), h.prompt, block in missing, preprocess)
+        return [block_job(examples, block, writer.block_images(block), h.prompt, block in missing, vlm.host_inputs)
                 for block in group]
 
     # The next group's images are decoded and preprocessed while this group runs on the device, so that the thread that
-    # launches the model's work only moves pixels to it.
+    # launches the model's work only moves their inputs to it.
     try:
         for jobs in prefetched(load, groups, "harvest-loader"):
             futures = unfinished(futures) + harvest_blocks(vlm, writer, jobs, states, h.batch_size, stats, ring)

@@ -813,11 +813,11 @@ def test_inputs_prepared_on_the_loader_give_the_batch_the_model_would_make(tiny_
     from actstore import world
     from actstore.harvest import model_batch
     from actstore.models import LlavaVLM
-    from jobs.harvest import block_job, example_preprocessor
+    from jobs.harvest import block_job
 
     rows = [{**r, "image_id": f"w{i}"} for i, r in enumerate(world.generate(6, seed=12))]
     rows[2]["caption"] += ", seen from far away on a grey morning"  # prompts of different lengths
-    job = block_job(rows, 0, range(1, 5), "describe: {caption}", True, example_preprocessor(tiny_vlm))
+    job = block_job(rows, 0, range(1, 5), "describe: {caption}", True, tiny_vlm.host_inputs)
     assert [e["image_id"] for e in job.examples] == ["w1", "w2", "w3", "w4"]
     assert all(e["model_inputs"].shape[0] == 1 for e in job.examples) and not any("model_inputs" in r for r in rows)
     with torch.inference_mode():
@@ -830,7 +830,7 @@ def test_inputs_prepared_on_the_loader_give_the_batch_the_model_would_make(tiny_
     images = [r["image"] for r in rows[1:5]]
     for side in ("right", "left"):
         llava.processor.tokenizer.padding_side = side
-        job = block_job(rows, 0, range(1, 5), "{caption}", True, example_preprocessor(llava))
+        job = block_job(rows, 0, range(1, 5), "{caption}", True, llava.host_inputs)
         with torch.inference_mode():
             got = model_batch(llava, job.examples, job.prompts)
         whole = llava.processor(images=images, text=[llava.prompt_template.format(text=p) for p in job.prompts],
