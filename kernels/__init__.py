@@ -4,14 +4,29 @@ triton only). ``sae_stats`` and ``sae_encode_sparse`` run the Triton path on CUD
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
+# Hugging Face's `kernels` (a dependency of transformers >= 5.25, optional before) has the import name of this
+# package: whichever comes first on sys.path hides the other, and installing both writes one folder. Failing here
+# names the cause; without it, transformers fails later on a missing name (CUDAProperties) or actstore does.
+try:
+    _hf_kernels = importlib.metadata.version("kernels")
+except importlib.metadata.PackageNotFoundError:
+    _hf_kernels = None
+if _hf_kernels is not None:
+    raise ImportError(
+        f"Hugging Face's `kernels` {_hf_kernels} is installed in this environment, and its import name is that of "
+        f"actstore's Triton package `kernels` ({os.path.dirname(__file__)}): one hides the other, so transformers or "
+        "actstore fails to import. Use an environment without it (`pip uninstall kernels`) and transformers < 5.25, "
+        "which does not need it (as pyproject.toml pins).")
 
-from kernels.reference import (
+import torch  # noqa: E402  (after the check: a clash fails before paying for torch's import)
+
+from kernels.reference import (  # noqa: E402
     SAEStats,
     SparseCodes,
     sae_encode_sparse_reference,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
@@ -94,3 +95,22 @@ def test_lower_layers_import_nothing_of_higher_ones(package, must_not_import):
     imported = imported_top_level_modules(ROOT / package)
     offending = {module: where for module, where in imported.items() if module in must_not_import}
     assert not offending, f"{package} must not import {sorted(must_not_import)}: {offending}"
+
+
+@pytest.mark.parametrize("statement, cwd", [("import kernels", "repo"), ("import actstore", "elsewhere")])
+def test_hugging_faces_kernels_beside_ours_is_named_as_the_cause(tmp_path, statement, cwd):
+    # transformers >= 5.25 installs Hugging Face's `kernels`, whose import name is our Triton package's. Run from the
+    # checkout, ours comes first (and transformers would fail on its missing names); elsewhere, theirs hides ours.
+    site = tmp_path / "site"  # a stand-in for Hugging Face's distribution: its package and its metadata
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("CUDAProperties = object\n")
+    (site / "kernels-0.18.3.dist-info").mkdir()
+    (site / "kernels-0.18.3.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\n"
+                                                                 "Version: 0.18.3\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    run = subprocess.run([sys.executable, "-c", statement], cwd=ROOT if cwd == "repo" else tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    last_line = run.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("ImportError: Hugging Face's `kernels` 0.18.3 is installed"), run.stderr[-2000:]
+    assert "pip uninstall kernels" in last_line
