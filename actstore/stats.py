@@ -350,7 +350,9 @@ def _chunk_sums(chunks: list[np.ndarray], sae: SAEParams, first_token: int, devi
     s = sae_stats(x_in, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, activation=sae.activation,
                   threshold=sae.threshold, k=sae.k, apply_b_dec_to_input=sae.apply_b_dec_to_input,
                   return_codes=bool(top_k or image_top), backend=backend)
-    x64 = xt.double()
+    # A copy of its own, centred in place for m2: on a CPU worker each tokens x d float64 temporary is a fresh
+    # mmap (Dask's nanny sets MALLOC_TRIM_THRESHOLD_), its page faults a third of a small SAE's chunk time.
+    x64 = xt.to(torch.float64, copy=True)
     mean = x64.mean(0) if len(x64) else torch.zeros(xt.shape[1], dtype=torch.float64, device=device)
     x_norm, xhat_norm, err_norm = s.x_sq.double().sqrt(), s.xhat_sq.double().sqrt(), s.sq_err.double().sqrt()
     rel = torch.where(x_norm > 0, err_norm / x_norm, 0.0)
@@ -360,7 +362,7 @@ def _chunk_sums(chunks: list[np.ndarray], sae: SAEParams, first_token: int, devi
     l0_hist = torch.zeros(sae.d_sae + 1, dtype=torch.int64, device=device)
     l0_hist.index_add_(0, s.l0.long(), torch.ones_like(s.l0, dtype=torch.int64))
     sums = {
-        "mean": mean, "m2": (x64 - mean).square().sum(), "sq_err": s.sq_err.double().sum(), "rel_err": rel.sum(),
+        "mean": mean, "m2": x64.sub_(mean).square_().sum(), "sq_err": s.sq_err.double().sum(), "rel_err": rel.sum(),
         "cos": cos.sum(), "l0_hist": l0_hist,
         "fire": s.fire_count.long(), "act_sum": s.act_sum.double(), "act_max": s.act_max.double(),
         "act_argmax": torch.where(fired, s.act_argmax + first_token, -1).long(),
