@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ def prefetched(load: Callable[[Item], Loaded], items: Sequence[Item], name: str 
 
 
 SOURCES = ("world", "imagefolder", "parquet", "arrow", "llava_json", "hub")
+# datasets prepares a hub dataset under <cache>/<namespace>___<name>/<config>/<version>/<commit>/ (local files under
+# a hash of another length): the folder of its arrow files names the commit whose data was loaded.
+HUB_COMMIT_FOLDER = re.compile(r"/([0-9a-f]{40})/[^/]+$")
 
 
 @dataclass
@@ -93,6 +97,11 @@ def open_dataset(source: str, path: str, split: str = "train", name: str | None 
         return datasets.Dataset.from_list(rows)
     if source == "hub":
         ds = datasets.load_dataset(path, name, split=split, revision=revision)
+        commit = loaded_commit(ds)
+        if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision) and commit not in (None, revision):
+            raise ValueError(f"data.revision is commit {revision} of {path}, but datasets loaded commit {commit} "
+                             "(offline, datasets takes the latest version in its cache whatever the revision): fill "
+                             "the cache with the pinned commit, or pin the cached one")
     else:
         kwargs = {"data_dir": path} if source == "imagefolder" else {"data_files": {split: str(Path(path))}}
         ds = datasets.load_dataset(source, split=split, **kwargs)
@@ -100,6 +109,16 @@ def open_dataset(source: str, path: str, split: str = "train", name: str | None 
         if isinstance(feature, datasets.Image):  # we decode, so that a corrupt image is a skip, not a crash
             ds = ds.cast_column(column, datasets.Image(decode=False))
     return ds
+
+
+def loaded_commit(ds: Any) -> str | None:
+    """The hub commit whose data ``ds`` holds (online, the one its revision resolved to; offline, the cached one
+    datasets fell back on), read off its arrow files' folder; None for data that did not come from the hub."""
+    for cache_file in getattr(ds, "cache_files", None) or []:
+        match = HUB_COMMIT_FOLDER.search(Path(cache_file["filename"]).as_posix())
+        if match:
+            return match.group(1)
+    return None
 
 
 def _llava_answer(record: dict[str, Any]) -> str:
@@ -129,6 +148,11 @@ class ImageTextSource:
 
     def __len__(self) -> int:
         return len(self.ds)
+
+    @property
+    def commit(self) -> str | None:
+        """The hub commit its examples were loaded from (None where they did not come from the hub)."""
+        return loaded_commit(self.ds)
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         row = self.ds[int(i)]

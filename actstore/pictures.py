@@ -73,6 +73,8 @@ def store_pictures(provenance: dict[str, Any], image_ids: Sequence[str],
     dataset = dict(dataset)
     if data_path is not None:
         dataset["path"] = str(data_path)
+    elif (provenance or {}).get("data_commit"):  # the hub's version of the data that was harvested, not today's
+        dataset["revision"] = provenance["data_commit"]
     source = dataset.get("source")
     try:
         if source == "world":

@@ -147,7 +147,7 @@ def schema_differences(stored: StoreSchema, requested: StoreSchema) -> list[str]
 
 
 # Provenance keys that stores written before they existed lack: such a store is reopened without comparing them.
-PROVENANCE_ADDED_LATER = {"weights"}
+PROVENANCE_ADDED_LATER = {"weights", "data_commit"}
 
 
 def provenance_differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:

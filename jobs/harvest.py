@@ -309,6 +309,9 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
     }
     if vlm.commits:  # what an unpinned hub name resolved to: a rerun after the hub moved on is refused, not mixed
         provenance["weights"] = dict(vlm.commits)
+    data_commit = examples.commit if cfg.data.source == "hub" else None
+    if data_commit:  # likewise for the examples: a dataset revised on the hub does not fill one store twice
+        provenance["data_commit"] = data_commit
     writer, missing = open_store_of_rank(out, schema, provenance, h, launch)
     writer = writer_of_kind(writer, h.writer, h.threads, h.pending_blocks)
     all_groups = block_groups(schema.blocks_for(h.n_images), h.block_images, h.batch_size)

@@ -529,6 +529,60 @@ def test_a_rerun_after_the_hub_moved_on_is_refused(adapter_dir, tmp_path, miniat
     assert "provenance 'weights'" in rerun.stderr and new in rerun.stderr
 
 
+def hub_dataset_cache(cache: Path, repo: str, parquet: Path, commit: str) -> None:
+    """Put the table of ``parquet`` into a datasets cache as ``repo`` at ``commit``, prepared as an online load
+    leaves it (<namespace>___<name>/<config>/<version>/<commit>/<name>-<split>.arrow)."""
+    import datasets
+
+    builder = datasets.load_dataset_builder("parquet", data_files={"train": str(parquet)},
+                                            cache_dir=str(cache.parent / f"prepared-{commit[:8]}"))
+    builder.download_and_prepare()
+    namespace, name = repo.split("/")
+    folder = cache / f"{namespace}___{name}" / "default" / "0.0.0" / commit
+    shutil.copytree(builder.cache_dir, folder)
+    for arrow in folder.glob("parquet-*"):
+        arrow.rename(folder / arrow.name.replace("parquet-", f"{name}-", 1))
+
+
+def test_a_rerun_after_a_hub_dataset_moved_on_is_refused(adapter_dir, tmp_path):
+    """A hub dataset's store records the commit its examples came from; a rerun that loads another commit of the
+    dataset is refused, and a pinned commit that the cache does not serve is named rather than silently replaced."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from actstore import world
+    from actstore.data import loaded_commit, open_dataset
+    from conftest import png_cells
+
+    rows = world.generate(8, seed=4)
+    pq.write_table(pa.table({"id": [f"w{i}" for i in range(8)], "image": png_cells(rows),
+                             "caption": [r["caption"] for r in rows]}), tmp_path / "w.parquet")
+    assert loaded_commit(open_dataset("parquet", str(tmp_path / "w.parquet"))) is None  # local files: no commit
+    cache, old, new = tmp_path / "datasets", "1" * 40, "2" * 40
+    hub_dataset_cache(cache, "actstore-test/captions", tmp_path / "w.parquet", old)
+    raw = yaml.safe_load(write_config(tmp_path / "h.yaml", adapter_dir, n_images=8).read_text())
+    raw["data"] = {"source": "hub", "path": "actstore-test/captions", "image_column": "image",
+                   "text_column": "caption"}
+    config = tmp_path / "hub.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    harvest = [sys.executable, "-m", "jobs.harvest", "--config", str(config), "--out", str(tmp_path / "s.zarr")]
+    subprocess.run(harvest, check=True, timeout=300, env=env, cwd=ROOT, capture_output=True)
+    provenance = zarr.open_group(tmp_path / "s.zarr", mode="r").attrs[ATTRS_KEY]["provenance"]
+    assert provenance["data_commit"] == old
+    assert list(actstore.open(tmp_path / "s.zarr").image_id.values) == [f"w{i}" for i in range(8)]
+    hub_dataset_cache(cache, "actstore-test/captions", tmp_path / "w.parquet", new)  # same rows, a newer commit
+    rerun = subprocess.run(harvest, timeout=300, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert rerun.returncode != 0
+    assert "provenance 'data_commit'" in rerun.stderr and new in rerun.stderr
+    pinned = ("from actstore.data import open_dataset; "
+              f"open_dataset('hub', 'actstore-test/captions', revision='{old}')")
+    load = subprocess.run([sys.executable, "-c", pinned], timeout=300, env=env, cwd=ROOT, capture_output=True,
+                          text=True)
+    assert load.returncode != 0
+    assert f"data.revision is commit {old} of actstore-test/captions, but datasets loaded commit {new}" in load.stderr
+
+
 def test_a_rerun_into_a_store_harvested_with_another_text_token_rule_is_refused(adapter_dir, tmp_path):
     cfg = HarvestConfig.from_yaml(write_config(tmp_path / "a.yaml", adapter_dir, n_images=16))
     store = tmp_path / "s.zarr"

@@ -57,3 +57,21 @@ def test_a_source_that_is_gone_gives_no_pictures_and_says_why(tmp_path):
     assert store_pictures({}, ["a"]) == ({}, "the store does not name the data its images came from")
     assert store_pictures({"dataset": "coco-val"}, ["a"]) == (
         {}, "the store names its data as 'coco-val', not as a source (world, imagefolder, ...) to read")
+
+
+def test_a_hub_stores_pictures_come_from_the_commit_it_harvested(monkeypatch):
+    import actstore.data
+
+    opened = []
+
+    def fake_open_dataset(source, path, split="train", name=None, revision=None):
+        opened.append((path, revision))
+        raise OSError("not here")
+
+    monkeypatch.setattr(actstore.data, "open_dataset", fake_open_dataset)
+    provenance = {"dataset": {"source": "hub", "path": "org/captions", "revision": "main"}, "data_commit": "1" * 40}
+    _, note = store_pictures(provenance, ["a"])
+    assert "cannot be read here: not here" in note
+    store_pictures(provenance, ["a"], data_path="/copies/captions")  # a local copy: its own files, no hub commit
+    store_pictures({"dataset": {"source": "hub", "path": "org/captions"}}, ["a"])  # a store from before commits
+    assert opened == [("org/captions", "1" * 40), ("/copies/captions", "main"), ("org/captions", None)]
