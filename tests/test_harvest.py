@@ -508,18 +508,25 @@ def hub_snapshot(cache: Path, repo: str, files: Path, commit: str) -> None:
     (root / "refs" / "main").write_text(commit)
 
 
+def offline_hub_harvest(tmp_path: Path, adapter_dir: Path, cache_variable: str, cache: Path,
+                        **sections) -> tuple[list[str], dict]:
+    """The command of an 8-image harvest whose config ``sections`` name hub repositories, and the environment that
+    serves them offline from ``cache`` (``cache_variable``: HF_HUB_CACHE for models, HF_DATASETS_CACHE for data)."""
+    raw = {**yaml.safe_load(write_config(tmp_path / "h.yaml", adapter_dir, n_images=8).read_text()), **sections}
+    config = tmp_path / "hub.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, cache_variable: str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return [sys.executable, "-m", "jobs.harvest", "--config", str(config), "--out", str(tmp_path / "s.zarr")], env
+
+
 def test_a_rerun_after_the_hub_moved_on_is_refused(adapter_dir, tmp_path, miniature):
     """Unpinned hub names: the store records the commits they resolved to, and a rerun that resolves them to other
     weights is refused instead of mixing two models in one store."""
     cache, old, new = tmp_path / "hub", "1" * 40, "2" * 40
     for part in ("vision", "lm"):
         hub_snapshot(cache, f"actstore-test/tiny-{part}", Path(miniature[part]), old)
-    raw = yaml.safe_load(write_config(tmp_path / "h.yaml", adapter_dir, n_images=8).read_text())
-    raw["model"] = {"vision": "actstore-test/tiny-vision", "lm": "actstore-test/tiny-lm"}
-    config = tmp_path / "hub.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    harvest = [sys.executable, "-m", "jobs.harvest", "--config", str(config), "--out", str(tmp_path / "s.zarr")]
+    harvest, env = offline_hub_harvest(tmp_path, adapter_dir, "HF_HUB_CACHE", cache,
+                                       model={"vision": "actstore-test/tiny-vision", "lm": "actstore-test/tiny-lm"})
     subprocess.run(harvest, check=True, timeout=300, env=env, cwd=ROOT, capture_output=True)
     provenance = zarr.open_group(tmp_path / "s.zarr", mode="r").attrs[ATTRS_KEY]["provenance"]
     assert provenance["weights"] == {"vision": old, "lm": old}
@@ -560,13 +567,8 @@ def test_a_rerun_after_a_hub_dataset_moved_on_is_refused(adapter_dir, tmp_path):
     assert loaded_commit(open_dataset("parquet", str(tmp_path / "w.parquet"))) is None  # local files: no commit
     cache, old, new = tmp_path / "datasets", "1" * 40, "2" * 40
     hub_dataset_cache(cache, "actstore-test/captions", tmp_path / "w.parquet", old)
-    raw = yaml.safe_load(write_config(tmp_path / "h.yaml", adapter_dir, n_images=8).read_text())
-    raw["data"] = {"source": "hub", "path": "actstore-test/captions", "image_column": "image",
-                   "text_column": "caption"}
-    config = tmp_path / "hub.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    harvest = [sys.executable, "-m", "jobs.harvest", "--config", str(config), "--out", str(tmp_path / "s.zarr")]
+    harvest, env = offline_hub_harvest(tmp_path, adapter_dir, "HF_DATASETS_CACHE", cache,
+                                       data={"source": "hub", "path": "actstore-test/captions"})
     subprocess.run(harvest, check=True, timeout=300, env=env, cwd=ROOT, capture_output=True)
     provenance = zarr.open_group(tmp_path / "s.zarr", mode="r").attrs[ATTRS_KEY]["provenance"]
     assert provenance["data_commit"] == old
