@@ -286,6 +286,29 @@ def save_checkpoint(vlm: AdapterVLM, opt: torch.optim.Optimizer, sched: Any, ste
     return final
 
 
+# Settings that change how training runs, not what it computes: a resume may change them.
+RESUME_FREE = {"out", "train.loader_threads", "train.checkpoint_every", "train.eval_every"}
+
+
+def flat_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """``{"section.key": value}`` of a config dict (top-level values keep their own name)."""
+    out: dict[str, Any] = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            out.update({f"{name}.{key}": v for key, v in value.items()})
+        else:
+            out[name] = value
+    return out
+
+
+def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings of ``current`` that differ from those a checkpoint was made with (``saved``), but for
+    ``RESUME_FREE``; settings a checkpoint predates cannot be compared and are left out."""
+    before, now = flat_settings(saved), flat_settings(current)
+    return [f"{key}: checkpoint {before[key]!r}, now {now[key]!r}" for key in sorted(now)
+            if key in before and key not in RESUME_FREE and before[key] != now[key]]
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
           log: Callable[..., None] = print) -> dict[str, Any]:
     """Run the job (``stop_after`` steps at most, as if stopped there); returns the adapter, its hash, the losses."""
@@ -306,8 +329,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     out = Path(cfg.out)
     start = 0
     if resume and (ckpt := latest_checkpoint(out)) is not None:
-        vlm.load_adapter(ckpt)
         state = torch.load(ckpt / "state.pt", weights_only=False)
+        # A resume equals an uninterrupted run of one config; another lr, schedule or dataset would silently mix two.
+        changed = resume_differences(state.get("config", {}), cfg.to_dict())
+        if changed:
+            raise ValueError(f"--resume: {ckpt} was made with other settings ({'; '.join(changed)}); resume with the "
+                             "config it was made with, or train afresh into another out folder")
+        vlm.load_adapter(ckpt)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = state["step"]

@@ -76,6 +76,21 @@ def test_resume_equals_uninterrupted(miniature, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resume_with_other_settings_is_refused_but_not_one_that_only_runs_differently(miniature, tmp_path):
+    cfg = small_config(tmp_path / "run", steps=4, checkpoint_every=2)
+    assert train(cfg, stop_after=2)["stopped"]
+    other = small_config(tmp_path / "run", steps=4, checkpoint_every=2, lr=cfg.train.lr / 2)
+    other.data.n_eval = 64  # another held-out share is another training set
+    with pytest.raises(ValueError, match=rf"step-0000002 was made with other settings \(data.n_eval: checkpoint 128, "
+                                         rf"now 64; train.lr: checkpoint {cfg.train.lr!r}, now {cfg.train.lr / 2!r}\)"):
+        train(other, resume=True)
+    # threads, checkpoints and evaluations change how it runs, not what it computes
+    rerun = small_config(tmp_path / "run", steps=4, checkpoint_every=4, eval_every=3, loader_threads=1)
+    logged = []
+    assert train(rerun, resume=True, log=logged.append)["steps"] == 4
+    assert any("resumed from" in line and "step-0000002" in line for line in logged)
+
+
 def test_two_ddp_processes_match_one(miniature, tmp_path):
     cfg = small_config(tmp_path / "one", steps=6)
     single = train(cfg)
