@@ -272,13 +272,14 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def save_checkpoint(vlm: AdapterVLM, opt: torch.optim.Optimizer, sched: Any, step: int, out: Path,
-                    cfg: TrainConfig) -> Path:
-    """Adapter files + optimizer/scheduler state, written to a temporary folder and renamed when complete."""
+                    cfg: TrainConfig, data_commit: str | None = None) -> Path:
+    """Adapter files + optimizer/scheduler state (and the config and data commit trained with), written to a
+    temporary folder and renamed when complete."""
     final = out / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     vlm.save_adapter(tmp)
     torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "config": cfg.to_dict()}, tmp / "state.pt")
+                "config": cfg.to_dict(), "data_commit": data_commit}, tmp / "state.pt")
     if final.exists():
         import shutil
 
@@ -321,6 +322,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     vlm.to(device)
     vlm.train()
     train_set, held_out = load_examples(cfg.data)
+    # The hub commit of the examples: a resume after the dataset moved on would train on two versions of it.
+    data_commit = train_set.commit if cfg.data.source == "hub" else None
     eval_set = [e for e in held_out if e is not None]
     t = cfg.train
     if t.batch_size % world_size:
@@ -332,7 +335,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     if resume and (ckpt := latest_checkpoint(out)) is not None:
         state = torch.load(ckpt / "state.pt", weights_only=False)
         # A resume equals an uninterrupted run of one config; another lr, schedule or dataset would silently mix two.
-        changed = resume_differences(state.get("config", {}), cfg.to_dict())
+        recorded = {"data_commit": state["data_commit"]} if state.get("data_commit") else {}
+        changed = resume_differences({**state.get("config", {}), **recorded},
+                                     {**cfg.to_dict(), "data_commit": data_commit})
         if changed:
             raise ValueError(f"--resume: {ckpt} was made with other settings ({'; '.join(changed)}); resume with the "
                              "config it was made with, or train afresh into another out folder")
@@ -374,12 +379,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}")
         done = step + 1
         if rank == 0 and (done % t.checkpoint_every == 0 or done == t.steps):
-            save_checkpoint(vlm, opt, sched, done, out, cfg)
+            save_checkpoint(vlm, opt, sched, done, out, cfg, data_commit)
         if done % t.eval_every == 0 or done == t.steps:
             say(f"[train] step {done}: train loss {loss:.3f}, held-out caption loss {caption_loss(vlm, eval_set):.3f}")
         if stop_after is not None and done >= stop_after:
             if rank == 0:
-                save_checkpoint(vlm, opt, sched, done, out, cfg)
+                save_checkpoint(vlm, opt, sched, done, out, cfg, data_commit)
             return {"steps": done, "stopped": True}
     report_skips(train_set, say)
     result = {"steps": t.steps, "train_loss": history[-1] if history else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -156,6 +157,34 @@ def parquet_with_a_corrupt_image(path) -> None:
     images[2] = {"bytes": b"\x89PNG not really an image", "path": None}
     table = pa.table({"id": [f"ex{i}" for i in range(6)], "image": images, "caption": [r["caption"] for r in rows]})
     pq.write_table(table, path)
+
+
+def world_parquet(path: Path, n: int, seed: int = 4, prefix: str = "w") -> list[str]:
+    """``n`` world images with captions in a parquet file, ids ``prefix0`` ...; returns the ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from actstore import world
+
+    rows = world.generate(n, seed=seed)
+    ids = [f"{prefix}{i}" for i in range(n)]
+    pq.write_table(pa.table({"id": ids, "image": png_cells(rows), "caption": [r["caption"] for r in rows]}), path)
+    return ids
+
+
+def hub_dataset_cache(cache: Path, repo: str, parquet: Path, commit: str) -> None:
+    """Put the table of ``parquet`` into a datasets cache as ``repo`` at ``commit``, prepared as an online load
+    leaves it (<namespace>___<name>/<config>/<version>/<commit>/<name>-<split>.arrow)."""
+    import datasets
+
+    builder = datasets.load_dataset_builder("parquet", data_files={"train": str(parquet)},
+                                            cache_dir=str(cache.parent / f"prepared-{commit[:8]}"))
+    builder.download_and_prepare()
+    namespace, name = repo.split("/")
+    folder = cache / f"{namespace}___{name}" / "default" / "0.0.0" / commit
+    shutil.copytree(builder.cache_dir, folder)
+    for arrow in folder.glob("parquet-*"):
+        arrow.rename(folder / arrow.name.replace("parquet-", f"{name}-", 1))
 
 
 def device_waits(fn, *args, **kwargs) -> tuple[list[str], object]:

@@ -536,34 +536,13 @@ def test_a_rerun_after_the_hub_moved_on_is_refused(adapter_dir, tmp_path, miniat
     assert "provenance 'weights'" in rerun.stderr and new in rerun.stderr
 
 
-def hub_dataset_cache(cache: Path, repo: str, parquet: Path, commit: str) -> None:
-    """Put the table of ``parquet`` into a datasets cache as ``repo`` at ``commit``, prepared as an online load
-    leaves it (<namespace>___<name>/<config>/<version>/<commit>/<name>-<split>.arrow)."""
-    import datasets
-
-    builder = datasets.load_dataset_builder("parquet", data_files={"train": str(parquet)},
-                                            cache_dir=str(cache.parent / f"prepared-{commit[:8]}"))
-    builder.download_and_prepare()
-    namespace, name = repo.split("/")
-    folder = cache / f"{namespace}___{name}" / "default" / "0.0.0" / commit
-    shutil.copytree(builder.cache_dir, folder)
-    for arrow in folder.glob("parquet-*"):
-        arrow.rename(folder / arrow.name.replace("parquet-", f"{name}-", 1))
-
-
 def test_a_rerun_after_a_hub_dataset_moved_on_is_refused(adapter_dir, tmp_path):
     """A hub dataset's store records the commit its examples came from; a rerun that loads another commit of the
     dataset is refused, and a pinned commit that the cache does not serve is named rather than silently replaced."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from actstore import world
     from actstore.data import loaded_commit, open_dataset
-    from conftest import png_cells
+    from conftest import hub_dataset_cache, world_parquet
 
-    rows = world.generate(8, seed=4)
-    pq.write_table(pa.table({"id": [f"w{i}" for i in range(8)], "image": png_cells(rows),
-                             "caption": [r["caption"] for r in rows]}), tmp_path / "w.parquet")
+    world_parquet(tmp_path / "w.parquet", 8)
     assert loaded_commit(open_dataset("parquet", str(tmp_path / "w.parquet"))) is None  # local files: no commit
     cache, old, new = tmp_path / "datasets", "1" * 40, "2" * 40
     hub_dataset_cache(cache, "actstore-test/captions", tmp_path / "w.parquet", old)

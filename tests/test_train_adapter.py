@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import parquet_with_a_corrupt_image
+from conftest import hub_dataset_cache, parquet_with_a_corrupt_image, world_parquet
 from jobs.train_adapter import TrainConfig, build_model, caption_loss, load_examples, train
 
 ROOT = Path(__file__).parents[1]
@@ -89,6 +89,27 @@ def test_a_resume_with_other_settings_is_refused_but_not_one_that_only_runs_diff
     logged = []
     assert train(rerun, resume=True, log=logged.append)["steps"] == 4
     assert any("resumed from" in line and "step-0000002" in line for line in logged)
+
+
+def test_a_resume_after_a_hub_dataset_moved_on_is_refused(miniature, tmp_path):
+    """Checkpoints record the hub commit of the training examples; a resume that loads another commit is refused."""
+    from jobs.train_adapter import latest_checkpoint
+
+    world_parquet(tmp_path / "w.parquet", 8)
+    cache, old, new = tmp_path / "datasets", "1" * 40, "2" * 40
+    hub_dataset_cache(cache, "actstore-test/captions", tmp_path / "w.parquet", old)
+    cfg = small_config(tmp_path / "run", steps=2, batch_size=2, micro_batch=2, checkpoint_every=1, warmup_steps=1)
+    cfg.data.source, cfg.data.path, cfg.data.n_eval = "hub", "actstore-test/captions", 2
+    config = tmp_path / "t.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "jobs.train_adapter", "--config", str(config)]
+    subprocess.run(command, check=True, timeout=300, env=env, cwd=ROOT, capture_output=True)
+    assert torch.load(latest_checkpoint(tmp_path / "run") / "state.pt", weights_only=False)["data_commit"] == old
+    hub_dataset_cache(cache, "actstore-test/captions", tmp_path / "w.parquet", new)  # same rows, a newer commit
+    resumed = subprocess.run([*command, "--resume"], timeout=300, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode != 0
+    assert f"data_commit: checkpoint {old!r}, now {new!r}" in resumed.stderr, resumed.stderr[-2000:]
 
 
 def test_two_ddp_processes_match_one(miniature, tmp_path):
@@ -173,20 +194,6 @@ def test_llava_json_and_imagefolder_sources(tmp_path):
     cfg.data.source, cfg.data.path = "imagefolder", str(folder)
     source = image_text_source(cfg.data)
     assert sorted(source[i]["caption"] for i in range(len(source))) == sorted(r["caption"] for r in rows)
-
-
-def world_parquet(path, n: int, seed: int, prefix: str) -> list[str]:
-    """``n`` world images with captions in a parquet file, ids ``prefix0`` ...; returns the ids."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from actstore import world
-    from conftest import png_cells
-
-    rows = world.generate(n, seed=seed)
-    ids = [f"{prefix}{i}" for i in range(n)]
-    pq.write_table(pa.table({"id": ids, "image": png_cells(rows), "caption": [r["caption"] for r in rows]}), path)
-    return ids
 
 
 def ids_of(source) -> list[str]:
