@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -147,20 +148,13 @@ def png_cells(rows: list[dict]) -> list[dict]:
 
 def parquet_with_a_corrupt_image(path) -> None:
     """Six world images and captions in a parquet file; row ex2's image bytes are not an image."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from actstore import world
-
-    rows = world.generate(6, seed=9)
-    images = png_cells(rows)
-    images[2] = {"bytes": b"\x89PNG not really an image", "path": None}
-    table = pa.table({"id": [f"ex{i}" for i in range(6)], "image": images, "caption": [r["caption"] for r in rows]})
-    pq.write_table(table, path)
+    world_parquet(path, 6, seed=9, prefix="ex", undecodable=(2,))
 
 
-def world_parquet(path: Path, n: int, seed: int = 4, prefix: str = "w") -> list[str]:
-    """``n`` world images with captions in a parquet file, ids ``prefix0`` ...; returns the ids."""
+def world_parquet(path: Path, n: int, seed: int = 4, prefix: str = "w",
+                  undecodable: Sequence[int] = ()) -> list[str]:
+    """``n`` world images with captions in a parquet file, ids ``prefix0`` ...; returns the ids. The rows
+    ``undecodable`` hold bytes that are not an image."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -168,7 +162,10 @@ def world_parquet(path: Path, n: int, seed: int = 4, prefix: str = "w") -> list[
 
     rows = world.generate(n, seed=seed)
     ids = [f"{prefix}{i}" for i in range(n)]
-    pq.write_table(pa.table({"id": ids, "image": png_cells(rows), "caption": [r["caption"] for r in rows]}), path)
+    images = png_cells(rows)
+    for row in undecodable:
+        images[row] = {"bytes": b"\x89PNG not really an image", "path": None}
+    pq.write_table(pa.table({"id": ids, "image": images, "caption": [r["caption"] for r in rows]}), path)
     return ids
 
 

@@ -21,6 +21,7 @@ from actstore.integrity import verify
 from actstore.schema import ATTRS_KEY, StoreSchema, image_chunk_key, text_chunk_key
 from jobs.harvest import HarvestConfig, run_harvest
 from jobs.train_adapter import build_model
+from conftest import hub_snapshot
 from writer_process import kill_at_hang_point
 
 ROOT = Path(__file__).parents[1]
@@ -500,14 +501,6 @@ def test_the_tasks_of_an_srun_step_share_the_harvest(adapter_dir, tmp_path, monk
     _assert_same_store(store, tmp_path / "whole.zarr")
 
 
-def hub_snapshot(cache: Path, repo: str, files: Path, commit: str) -> None:
-    """Put ``files`` into a Hugging Face cache as ``repo`` at ``commit``, its main branch (what a download leaves)."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(files, root / "snapshots" / commit)
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / "main").write_text(commit)
-
-
 def offline_hub_harvest(tmp_path: Path, adapter_dir: Path, cache_variable: str, cache: Path,
                         **sections) -> tuple[list[str], dict]:
     """The command of an 8-image harvest whose config ``sections`` name hub repositories, and the environment that
@@ -524,13 +517,14 @@ def test_a_rerun_after_the_hub_moved_on_is_refused(adapter_dir, tmp_path, miniat
     weights is refused instead of mixing two models in one store."""
     cache, old, new = tmp_path / "hub", "1" * 40, "2" * 40
     for part in ("vision", "lm"):
-        hub_snapshot(cache, f"actstore-test/tiny-{part}", Path(miniature[part]), old)
+        shutil.copytree(miniature[part], hub_snapshot(cache, f"actstore-test/tiny-{part}", old), dirs_exist_ok=True)
     harvest, env = offline_hub_harvest(tmp_path, adapter_dir, "HF_HUB_CACHE", cache,
                                        model={"vision": "actstore-test/tiny-vision", "lm": "actstore-test/tiny-lm"})
     subprocess.run(harvest, check=True, timeout=300, env=env, cwd=ROOT, capture_output=True)
     provenance = zarr.open_group(tmp_path / "s.zarr", mode="r").attrs[ATTRS_KEY]["provenance"]
     assert provenance["weights"] == {"vision": old, "lm": old}
-    hub_snapshot(cache, "actstore-test/tiny-lm", Path(miniature["lm"]), new)  # the same files, a new commit
+    # the same files, a new commit, now the main branch
+    shutil.copytree(miniature["lm"], hub_snapshot(cache, "actstore-test/tiny-lm", new), dirs_exist_ok=True)
     rerun = subprocess.run(harvest, timeout=300, env=env, cwd=ROOT, capture_output=True, text=True)
     assert rerun.returncode != 0
     assert "provenance 'weights'" in rerun.stderr and new in rerun.stderr
