@@ -38,7 +38,6 @@ from actstore.schema import StoreSchema
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter
 from actstore.process_writer import WRITERS, writer_of_kind
 from jobs.config import parse_sections
-from jobs.launcher import exit_with_torchrun
 from jobs.train_adapter import DataSection, ModelSection, build_model, local_device
 
 
@@ -373,7 +372,6 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry (also what ``actstore harvest`` runs)."""
-    exit_with_torchrun()  # a rank outlives a killed torchrun otherwise
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True, help="store path or fsspec URL")

@@ -29,7 +29,6 @@ from actstore.data import prefetched, train_and_held_out
 from actstore.models import AdapterVLM
 from actstore.progress import counted, progress
 from jobs.config import parse_sections
-from jobs.launcher import exit_with_torchrun
 
 
 @dataclass
@@ -400,7 +399,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry (also what ``actstore train-adapter`` runs)."""
-    exit_with_torchrun()  # a rank outlives a killed torchrun otherwise
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", default=None)

@@ -14,13 +14,17 @@ from jobs.launcher import exit_with_torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# A rank: once its job package is imported, it prints the signal it gets when its parent dies (PR_GET_PDEATHSIG) and
+# whether torch had been imported by then, and waits.
+RANK = ("import ctypes, sys, time; import jobs; signal = ctypes.c_int(); "
+        "ctypes.CDLL(None).prctl(2, ctypes.byref(signal), 0, 0, 0); "
+        "print(signal.value, 'torch' in sys.modules, sep='-', flush=True); time.sleep(120)")
+
 # A stand-in for torchrun: starts one rank in a session of its own (as torchrun does), says its pid, and waits.
 LAUNCHER = textwrap.dedent("""
     import os, subprocess, sys, time
-    rank_code = ("from jobs.launcher import exit_with_torchrun; import time; "
-                 "print(exit_with_torchrun(), flush=True); time.sleep(120)")
     env = {**os.environ, "TORCHELASTIC_RUN_ID": sys.argv[1]} if sys.argv[1] else dict(os.environ)
-    rank = subprocess.Popen([sys.executable, "-c", rank_code], env=env, start_new_session=True,
+    rank = subprocess.Popen([sys.executable, "-c", sys.argv[2]], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, text=True)
     print(rank.pid, rank.stdout.readline().strip(), flush=True)
     time.sleep(120)
@@ -39,7 +43,8 @@ def running(pid: int) -> bool:
 def rank_after_launcher_is_killed(run_id: str) -> tuple[str, bool]:
     """Start a rank through the stand-in launcher (under torchrun's run id, or none), SIGKILL the launcher; what the
     rank's tie said, and whether the rank still runs 5 s later at most."""
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, run_id], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, run_id, RANK], cwd=ROOT, stdout=subprocess.PIPE,
+                                text=True)
     pid, tied = launcher.stdout.readline().split()
     os.kill(launcher.pid, signal.SIGKILL)
     launcher.wait()
@@ -53,10 +58,11 @@ def rank_after_launcher_is_killed(run_id: str) -> tuple[str, bool]:
 
 
 def test_a_rank_dies_with_the_torchrun_that_started_it():
-    assert rank_after_launcher_is_killed("test-run") == ("True", False)
+    # tied by importing the job package, before any job module's imports (torch: seconds) run
+    assert rank_after_launcher_is_killed("test-run") == (f"{int(signal.SIGKILL)}-False", False)
 
 
 def test_a_process_not_started_by_torchrun_is_left_alone():
     assert exit_with_torchrun({}) is False
     tied, alive = rank_after_launcher_is_killed("")
-    assert (tied, alive) == ("False", True)
+    assert (tied, alive) == ("0-False", True)
