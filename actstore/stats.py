@@ -35,7 +35,7 @@ from zarr.core.sync import sync
 from actstore.bfloat16 import to_torch
 from actstore.devices import thread_stream, to_device, to_host
 from actstore.errors import IncompleteAnalysisError
-from actstore.location import list_keys, local_path
+from actstore.location import list_keys, local_path, open_zarr_store
 from actstore.progress import TaskProgress, wait_with_progress
 from actstore.schema import ANALYSIS, ANALYSIS_PARTIAL, ANALYSIS_SAVED_MARK
 from actstore.sink import fsync_path, sync_tree
@@ -504,44 +504,49 @@ def analysis_group(name: str) -> str:
     return f"{ANALYSIS}/{name}"
 
 
-def _write_group(location: str, group: str, stats: xr.Dataset) -> None:
+Options = dict[str, Any] | None  # fsspec storage_options of a URL (credentials, endpoint), as actstore.open takes
+
+
+def _write_group(location: str, group: str, stats: xr.Dataset, storage_options: Options = None) -> None:
     # Strings as objects: zarr v3 stores them as variable-length UTF-8 (its fixed-width form has no stable spec yet).
     stats = stats.assign_coords(kind=stats.kind.values.astype(object))
     # xarray writes a group's attributes before its arrays, so a run killed while saving would leave a group whose
     # unwritten chunks read as fill values under a valid-looking fingerprint. The fingerprint goes in last instead.
     mark = str(stats.attrs.get(ANALYSIS_SAVED_MARK, ""))
     stats.attrs = {k: v for k, v in stats.attrs.items() if k != ANALYSIS_SAVED_MARK}
-    stats.to_zarr(str(location), group=group, mode="w", zarr_format=3, consolidated=False)
+    store = open_zarr_store(location, read_only=False, storage_options=storage_options)
+    stats.to_zarr(store, group=group, mode="w", zarr_format=3, consolidated=False)
     # As a harvest's block markers, the mark vouches for data that must then survive a power cut, not only a kill.
     local = local_path(location)
     if local is not None:
         sync_tree(local / group)
-    _mark_saved(location, group, mark)
+    _mark_saved(store, group, mark)
     if local is not None:
         fsync_path(local / group / "zarr.json")
         fsync_path(local / group)
 
 
-def _mark_saved(location: str, group: str, mark: str) -> None:
-    zarr.open_group(str(location), path=group, mode="r+", zarr_format=3).attrs[ANALYSIS_SAVED_MARK] = mark
+def _mark_saved(store: zarr.abc.store.Store, group: str, mark: str) -> None:
+    zarr.open_group(store, path=group, mode="r+", zarr_format=3).attrs[ANALYSIS_SAVED_MARK] = mark
 
 
-def _read_group(location: str, group: str, *, load: bool = True) -> xr.Dataset:
-    ds = xr.open_zarr(str(location), group=group, consolidated=False, zarr_format=3)
+def _read_group(location: str, group: str, *, load: bool = True, storage_options: Options = None) -> xr.Dataset:
+    store = open_zarr_store(location, read_only=True, storage_options=storage_options)
+    ds = xr.open_zarr(store, group=group, consolidated=False, zarr_format=3)
     if ANALYSIS_SAVED_MARK not in ds.attrs:
         raise IncompleteAnalysisError(f"{group} in {location} is incomplete: the run saving it was stopped before "
                                       "it finished; run the analysis again")
     return ds.load() if load else ds
 
 
-def save_stats(location: str, name: str, stats: xr.Dataset) -> None:
+def save_stats(location: str, name: str, stats: xr.Dataset, *, storage_options: Options = None) -> None:
     """Write statistics into the store under ``analysis/<name>`` (replacing a previous run: reruns are idempotent)."""
-    _write_group(location, analysis_group(name), stats)
+    _write_group(location, analysis_group(name), stats, storage_options)
 
 
-def open_stats(location: str, name: str, *, load: bool = True) -> xr.Dataset:
+def open_stats(location: str, name: str, *, load: bool = True, storage_options: Options = None) -> xr.Dataset:
     """Statistics saved by :func:`save_stats` (in memory, or lazy with ``load=False``)."""
-    return _read_group(location, analysis_group(name), load=load)
+    return _read_group(location, analysis_group(name), load=load, storage_options=storage_options)
 
 
 def checkpoint_group(name: str, layer: int | None = None) -> str:
@@ -550,24 +555,27 @@ def checkpoint_group(name: str, layer: int | None = None) -> str:
     return f"{ANALYSIS_PARTIAL}/{name}" + (f"/layer_{layer}" if layer is not None else "")
 
 
-def save_layer_checkpoint(location: str, name: str, layer: int, stats: xr.Dataset, fingerprint: str) -> None:
+def save_layer_checkpoint(location: str, name: str, layer: int, stats: xr.Dataset, fingerprint: str, *,
+                          storage_options: Options = None) -> None:
     """Keep one finished layer's statistics, tagged with what produced them."""
-    _write_group(location, checkpoint_group(name, layer), stats.assign_attrs(fingerprint=fingerprint))
+    _write_group(location, checkpoint_group(name, layer), stats.assign_attrs(fingerprint=fingerprint), storage_options)
 
 
-def load_layer_checkpoint(location: str, name: str, layer: int, fingerprint: str) -> xr.Dataset | None:
+def load_layer_checkpoint(location: str, name: str, layer: int, fingerprint: str, *,
+                          storage_options: Options = None) -> xr.Dataset | None:
     """A layer's statistics kept by an interrupted run with the same ``fingerprint``, else None."""
     try:
-        stats = _read_group(location, checkpoint_group(name, layer))
+        stats = _read_group(location, checkpoint_group(name, layer), storage_options=storage_options)
     except (FileNotFoundError, KeyError, ValueError, OSError, IncompleteAnalysisError):  # absent, or cut short
         return None
     return stats if stats.attrs.get(ANALYSIS_SAVED_MARK) == fingerprint else None
 
 
-def checkpointed_layers(location: str, name: str) -> list[int]:
+def checkpointed_layers(location: str, name: str, *, storage_options: Options = None) -> list[int]:
     """The layers an analysis has kept (finished or not; :func:`load_layer_checkpoint` tells which are usable)."""
     try:
-        root = zarr.open_group(str(location), mode="r", zarr_format=3)
+        store = open_zarr_store(location, read_only=True, storage_options=storage_options)
+        root = zarr.open_group(store, mode="r", zarr_format=3)
         kept = root[checkpoint_group(name)] if checkpoint_group(name) in root else None
     except (FileNotFoundError, KeyError, ValueError, OSError):
         return []
@@ -577,9 +585,10 @@ def checkpointed_layers(location: str, name: str) -> list[int]:
                   if key.startswith("layer_") and key[len("layer_"):].isdigit())
 
 
-def remove_checkpoints(location: str, name: str) -> None:
+def remove_checkpoints(location: str, name: str, *, storage_options: Options = None) -> None:
     """Drop an analysis's kept layers (after its result is saved)."""
-    root = zarr.open_group(str(location), mode="r+", zarr_format=3)
+    store = open_zarr_store(location, read_only=False, storage_options=storage_options)
+    root = zarr.open_group(store, mode="r+", zarr_format=3)
     if checkpoint_group(name) in root:
         del root[checkpoint_group(name)]
     # The shared group goes once no other analysis keeps layers in it, and then only its own metadata (and its folder,

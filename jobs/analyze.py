@@ -41,11 +41,13 @@ from actstore.stats import (
 
 def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None, scheduler: Any = None,
                  backend: str = "auto", weight_dtype: str = "float32", top_k: int = 8, top_latents: int = 5,
-                 tokens_per_task: int | None = None, log: Callable[..., None] = print) -> xr.Dataset:
+                 tokens_per_task: int | None = None, log: Callable[..., None] = print,
+                 storage_options: dict[str, Any] | None = None) -> xr.Dataset:
     """Compute and save the suite's statistics, latent descriptions and per-layer semantic alignment on the store;
-    returns them."""
+    returns them. ``storage_options`` are fsspec's for a URL (as ``actstore.open`` takes them)."""
     suite = load_suite(suite_path)
-    ds = actstore.open(store)
+    options = {"storage_options": storage_options}
+    ds = actstore.open(store, **options)
     suite.check_store(ds.sizes["d_model"], [int(x) for x in ds.layer.values])
     layers = sorted(layers or suite.saes)
     unknown = [x for x in layers if x not in suite.saes]
@@ -60,7 +62,7 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
     sources = {str(k): v for k, v in suite.sources.items()}
     fingerprint = statistics_fingerprint(suite, ds, backend=backend, weight_dtype=weight_dtype, top_k=top_k,
                                          image_top=top_latents)
-    saved = saved_statistics(store, suite.name, fingerprint)
+    saved = saved_statistics(store, suite.name, fingerprint, **options)
     computed = saved.drop_vars([v for v in DERIVED if v in saved]) if saved is not None else None
     per_layer, reused = [], []
     for i, layer in enumerate(layers):
@@ -69,19 +71,19 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
             done = computed.sel(layer=[layer])
             reused.append(done)
             log(f"[analyze] {where}: kept from the saved analysis")
-        elif (done := load_layer_checkpoint(store, suite.name, layer, fingerprint)) is not None:
+        elif (done := load_layer_checkpoint(store, suite.name, layer, fingerprint, **options)) is not None:
             log(f"[analyze] {where}: kept from an interrupted run")
         else:
             log(f"[analyze] {where}")
             done = compute_layer_stats(ds, suite.saes, [layer], backend=backend, scheduler=scheduler,
                                        weight_dtype=weight_dtype, top_k=top_k, image_top=top_latents, progress=True,
                                        tokens_per_task=tokens_per_task)
-            save_layer_checkpoint(store, suite.name, layer, done, fingerprint)
+            save_layer_checkpoint(store, suite.name, layer, done, fingerprint, **options)
         done.attrs.clear()  # the fingerprint; the combined result gets its own attributes below
         per_layer.append(done)
     # A run on some layers adds to the saved analysis of the others instead of replacing it; where that save was
     # stopped, to the layers it had kept.
-    others = other_layers(store, suite.name, fingerprint, computed, layers)
+    others = other_layers(store, suite.name, fingerprint, computed, layers, **options)
     if computed is not None:
         reused += others
     per_layer = sorted(per_layer + others, key=lambda part: int(part.layer.values[0]))
@@ -112,9 +114,9 @@ def run_analysis(store: str, suite_path: str, *, layers: list[int] | None = None
         # The save below rewrites analysis/<suite> in place: the layers it reuses are kept first, so that a run
         # stopped while saving loses no computed layer (the rerun finds every one kept).
         for done in reused:
-            save_layer_checkpoint(store, suite.name, int(done.layer.values[0]), done, fingerprint)
-        save_stats(store, suite.name, stats)
-    remove_checkpoints(store, suite.name)
+            save_layer_checkpoint(store, suite.name, int(done.layer.values[0]), done, fingerprint, **options)
+        save_stats(store, suite.name, stats, **options)
+    remove_checkpoints(store, suite.name, **options)
     for layer in stats.layer.values:
         row = stats.sel(layer=layer)
         log("[analyze] state {:>3}: FVU image {:.3f} / text {:.3f}, L0 image {:.1f} / text {:.1f}, "
@@ -141,10 +143,12 @@ def statistics_fingerprint(suite: SAESuite, ds: xr.Dataset, **settings: Any) -> 
                        "text_tokens": ds.sizes.get("text_token", 0)}, sort_keys=True, default=str)
 
 
-def saved_statistics(store: str, name: str, fingerprint: str) -> xr.Dataset | None:
+def saved_statistics(store: str, name: str, fingerprint: str, *,
+                     storage_options: dict[str, Any] | None = None) -> xr.Dataset | None:
     """The finished analysis with this fingerprint, else None."""
     try:
-        saved = open_stats(store, name, load=False)  # the attributes first: a stale analysis is not worth reading
+        # the attributes first: a stale analysis is not worth reading
+        saved = open_stats(store, name, load=False, storage_options=storage_options)
     except (FileNotFoundError, KeyError, ValueError, OSError, IncompleteAnalysisError):
         return None
     if saved.attrs.get("fingerprint") != fingerprint:
@@ -153,13 +157,14 @@ def saved_statistics(store: str, name: str, fingerprint: str) -> xr.Dataset | No
 
 
 def other_layers(store: str, name: str, fingerprint: str, saved: xr.Dataset | None,
-                 layers: list[int]) -> list[xr.Dataset]:
+                 layers: list[int], *, storage_options: dict[str, Any] | None = None) -> list[xr.Dataset]:
     """Statistics of layers outside ``layers`` that belong in the result: those of the saved analysis, or, with none
     saved, those kept with this fingerprint."""
     if saved is not None:
         return [saved.sel(layer=[x]) for x in saved.layer.values if int(x) not in layers]
-    kept = [load_layer_checkpoint(store, name, x, fingerprint) for x in checkpointed_layers(store, name)
-            if x not in layers]
+    options = {"storage_options": storage_options}
+    kept = [load_layer_checkpoint(store, name, x, fingerprint, **options)
+            for x in checkpointed_layers(store, name, **options) if x not in layers]
     return [part for part in kept if part is not None]
 
 

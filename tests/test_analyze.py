@@ -330,7 +330,8 @@ def test_a_rerun_rewrites_only_a_changed_result_and_a_stopped_rewrite_loses_no_l
     monkeypatch.setattr(jobs.analyze, "compute_layer_stats",
                         lambda *args, **kwargs: calls.append(args[2]) or compute_layer_stats(*args, **kwargs))
     save = jobs.analyze.save_stats
-    monkeypatch.setattr(jobs.analyze, "save_stats", lambda *args: saves.append(args[1]) or save(*args))
+    monkeypatch.setattr(jobs.analyze, "save_stats",
+                        lambda *args, **kwargs: saves.append(args[1]) or save(*args, **kwargs))
     again = run_analysis(store, suite, backend="reference")
     assert calls == [] and saves == []
     assert again.attrs["computed"] == first.attrs["computed"] == open_stats(store, "test-suite").attrs["computed"]
@@ -531,3 +532,60 @@ def test_a_store_behind_a_url_is_analysed_as_its_local_copy(store_and_suite, tmp
     run_analysis(url, suite, backend="reference", log=logged.append)
     assert any("up to date: nothing to write" in line for line in logged)
     assert not fsspec.filesystem("memory").exists(url + "/analysis_partial")
+
+
+def keyed_memory_file_system() -> type:
+    """fsspec's memory file system that opens only with ``key="secret"`` in its storage_options (registered as
+    ``keyedmemory://``): an object store whose credentials the caller passes instead of configuring them."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class KeyedMemoryFileSystem(MemoryFileSystem):
+        protocol = "keyedmemory"
+
+        def __init__(self, *args, key: str | None = None, **kwargs):
+            if key != "secret":
+                raise PermissionError("keyedmemory: wrong or missing key")
+            super().__init__(*args, **kwargs)
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(path.removeprefix("keyedmemory://"))
+
+    fsspec.register_implementation("keyedmemory", KeyedMemoryFileSystem, clobber=True)
+    return KeyedMemoryFileSystem
+
+
+def test_storage_options_reach_every_read_and_write_of_an_analysis(store_and_suite, tmp_path, monkeypatch):
+    """As actstore.open, the analysis takes a URL's fsspec storage_options: its layers kept while it runs, the result,
+    a resumed run and open_stats all reach a store that opens only with them."""
+    import fsspec
+
+    import actstore.stats as stats_module
+
+    keyed_memory_file_system()
+    root, _ = store_and_suite
+    url, options = f"keyedmemory://keyed-{tmp_path.name}/s.zarr", {"key": "secret"}
+    fsspec.filesystem("memory").put(str(root / "s.zarr"), f"memory://keyed-{tmp_path.name}/s.zarr", recursive=True)
+    suite = str(root / "suite.yaml")
+    real_mark = stats_module._mark_saved
+
+    def stopped_saving_the_result(store, group, value):
+        if group.startswith("analysis/"):
+            raise KeyboardInterrupt("stopped")
+        real_mark(store, group, value)
+
+    monkeypatch.setattr(stats_module, "_mark_saved", stopped_saving_the_result)
+    with pytest.raises(KeyboardInterrupt):
+        run_analysis(url, suite, backend="reference", storage_options=options)
+    monkeypatch.setattr(stats_module, "_mark_saved", real_mark)
+    logged = []
+    resumed = run_analysis(url, suite, layers=[5], backend="reference", storage_options=options, log=logged.append)
+    assert sum("kept from an interrupted run" in line for line in logged) == 1 and list(resumed.layer.values) == [0, 5]
+    local = run_analysis(str(root / "s.zarr"), suite, backend="reference")
+    remote = open_stats(url, "test-suite", storage_options=options)
+    for name in local.data_vars:
+        xr.testing.assert_equal(remote[name], local[name])
+    assert not fsspec.filesystem("memory").exists(f"memory://keyed-{tmp_path.name}/s.zarr/analysis_partial")
+    with pytest.raises(PermissionError, match="wrong or missing key"):
+        open_stats(url, "test-suite")
