@@ -14,11 +14,14 @@ from jobs.launcher import exit_with_torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A rank: once its job package is imported, it prints the signal it gets when its parent dies (PR_GET_PDEATHSIG) and
-# whether torch had been imported by then, and waits.
-RANK = ("import ctypes, sys, time; import jobs; signal = ctypes.c_int(); "
-        "ctypes.CDLL(None).prctl(2, ctypes.byref(signal), 0, 0, 0); "
-        "print(signal.value, 'torch' in sys.modules, sep='-', flush=True); time.sleep(120)")
+# A rank: once its job package is imported, it prints the signal it gets when its parent dies, that of a child it
+# spawns (which imports the job package again, as the harvest's writer process does) and whether torch had been
+# imported by then, and waits.
+RANK = ("import sys, time; import jobs; import multiprocessing; from concurrent.futures import ProcessPoolExecutor; "
+        "from jobs.launcher import parent_death_signal; "
+        "pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')); "
+        "child = pool.submit(parent_death_signal).result(); pool.shutdown(); "  # gone before the rank is killed
+        "print(parent_death_signal(), child, 'torch' in sys.modules, sep='-', flush=True); time.sleep(120)")
 
 # A stand-in for torchrun: starts one rank in a session of its own (as torchrun does), says its pid, and waits.
 LAUNCHER = textwrap.dedent("""
@@ -58,11 +61,12 @@ def rank_after_launcher_is_killed(run_id: str) -> tuple[str, bool]:
 
 
 def test_a_rank_dies_with_the_torchrun_that_started_it():
-    # tied by importing the job package, before any job module's imports (torch: seconds) run
-    assert rank_after_launcher_is_killed("test-run") == (f"{int(signal.SIGKILL)}-False", False)
+    # tied by importing the job package, before any job module's imports (torch: seconds) run; its spawned child is
+    # left to the rank
+    assert rank_after_launcher_is_killed("test-run") == (f"{int(signal.SIGKILL)}-0-False", False)
 
 
 def test_a_process_not_started_by_torchrun_is_left_alone():
     assert exit_with_torchrun({}) is False
     tied, alive = rank_after_launcher_is_killed("")
-    assert (tied, alive) == ("0-False", True)
+    assert (tied, alive) == ("0-0-False", True)
