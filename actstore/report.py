@@ -32,20 +32,22 @@ TABLE_COLUMNS = (
 )
 
 
-def analysis_names(store: str | Path) -> list[str]:
+def analysis_names(store: str | Path, storage_options: dict[str, Any] | None = None) -> list[str]:
     """The suites a store has been analysed with (groups under ``analysis/``)."""
     import zarr
 
+    from actstore.location import open_zarr_store
+
     try:
-        group = zarr.open_group(str(store), mode="r")
+        group = zarr.open_group(open_zarr_store(store, read_only=True, storage_options=storage_options), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return []
     return [analysis["name"] for analysis in saved_analyses(group)]
 
 
-def choose_analysis(store: str | Path, suite: str | None) -> str:
+def choose_analysis(store: str | Path, suite: str | None, storage_options: dict[str, Any] | None = None) -> str:
     """The name of ``store``'s analysis ``suite``, or of its only one; a clear error where that is not one."""
-    names = analysis_names(store)
+    names = analysis_names(store, storage_options)
     if not names:
         raise ValueError(f"{store} has no analysis yet: run `actstore analyze {store} --saes SUITE.yaml` first")
     if suite is None:
@@ -425,10 +427,12 @@ def render_html(title: str, facts: list[str], table: list[list[float]], tops: di
 
 def write_report(store: str | Path, out: str | Path | None = None, suite: str | None = None,
                  suite_path: str | Path | None = None, n_top: int = 5, n_images: int = 4, layer: int | None = None,
-                 latent: int | None = None, data_path: str | None = None) -> Path:
+                 latent: int | None = None, data_path: str | None = None,
+                 storage_options: dict[str, Any] | None = None) -> Path:
     """Write the report of ``store``'s analysis ``suite`` (the only one if not given) into ``out``; returns it. The
     heat maps show ``latent`` of state ``layer`` on ``n_images`` images (by default a selective latent of the state
-    that aligns best), under their pictures from the harvested data (at ``data_path`` if it moved)."""
+    that aligns best), under their pictures from the harvested data (at ``data_path`` if it moved).
+    ``storage_options`` are fsspec's for a URL (as ``actstore.open`` takes them)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -437,12 +441,12 @@ def write_report(store: str | Path, out: str | Path | None = None, suite: str | 
     from actstore.saes import load_suite
     from actstore.stats import open_stats
 
-    suite = choose_analysis(store, suite)
-    stats = open_stats(str(store), suite)
+    suite = choose_analysis(store, suite, storage_options)
+    stats = open_stats(str(store), suite, storage_options=storage_options)
     check_heatmap_request(stats, layer, latent)
     if n_images < 1:
         raise ValueError(f"heat maps need at least one image, got {n_images}")
-    ds = actstore.open(store)
+    ds = actstore.open(store, storage_options=storage_options)
     if out is None:  # beside a local store; in this folder for one behind a URL (s3://...)
         local = local_path(store)
         out = (local.parent if local is not None else Path.cwd()) / f"report-{suite}"

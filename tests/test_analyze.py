@@ -558,7 +558,7 @@ def keyed_memory_file_system() -> type:
 
 def test_storage_options_reach_every_read_and_write_of_an_analysis(store_and_suite, tmp_path, monkeypatch):
     """As actstore.open, the analysis takes a URL's fsspec storage_options: its layers kept while it runs, the result,
-    a resumed run and open_stats all reach a store that opens only with them."""
+    a resumed run, open_stats and the report all reach a store that opens only with them."""
     import fsspec
 
     import actstore.stats as stats_module
@@ -589,3 +589,8 @@ def test_storage_options_reach_every_read_and_write_of_an_analysis(store_and_sui
     assert not fsspec.filesystem("memory").exists(f"memory://keyed-{tmp_path.name}/s.zarr/analysis_partial")
     with pytest.raises(PermissionError, match="wrong or missing key"):
         open_stats(url, "test-suite")
+    from actstore.report import write_report
+    from test_report import check_numbers, markdown_layer_table
+
+    report = write_report(url, tmp_path / "report", storage_options=options)
+    check_numbers(markdown_layer_table((report / "report.md").read_text()), local)
