@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -53,6 +55,27 @@ def write_described_suite(root: Path) -> Path:
     described["saes"][1].update(descriptions="np-5.json", neuronpedia_sae_id="5-res")
     (root / "described.yaml").write_text(yaml.safe_dump(described))
     return root / "described.yaml"
+
+
+@contextlib.contextmanager
+def stopped_while_marking(prefix: str) -> Iterator[None]:
+    """The analysis run inside is stopped (KeyboardInterrupt, as a kill would stop it) as it marks a group whose path
+    starts with ``prefix`` saved: that group's arrays are written, its mark is not."""
+    import actstore.stats as stats_module
+
+    real_mark = stats_module._mark_saved
+
+    def mark(store, group, value):
+        if group.startswith(prefix):
+            raise KeyboardInterrupt("stopped")
+        real_mark(store, group, value)
+
+    stats_module._mark_saved = mark
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        stats_module._mark_saved = real_mark
 
 
 def test_hooks_map_to_store_states():
@@ -214,7 +237,6 @@ def test_an_analysis_stopped_while_saving_is_never_read_as_a_result(store_and_su
     a group that must not pass for one (its unwritten chunks would read as fill values). Such a group is refused by
     name, and the rerun computes what it held."""
     import jobs.analyze
-    import actstore.stats as stats_module
     from actstore.errors import IncompleteAnalysisError
     from actstore.integrity import store_info
 
@@ -222,30 +244,18 @@ def test_an_analysis_stopped_while_saving_is_never_read_as_a_result(store_and_su
     store, suite = str(root / "s.zarr"), str(root / "suite.yaml")
     whole = run_analysis(store, suite, backend="reference")
     shutil.rmtree(root / "s.zarr" / "analysis")
-    real_mark = stats_module._mark_saved
-
-    def stopped_before(prefix):
-        def mark(location, group, value):
-            if group.startswith(prefix):
-                raise KeyboardInterrupt("stopped")
-            real_mark(location, group, value)
-        return mark
-
     calls = []
     monkeypatch.setattr(jobs.analyze, "compute_layer_stats",
                         lambda *args, **kwargs: calls.append(args[2]) or compute_layer_stats(*args, **kwargs))
-    monkeypatch.setattr(stats_module, "_mark_saved", stopped_before("analysis_partial"))
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_while_marking("analysis_partial"):
         run_analysis(store, suite, backend="reference")  # stopped while keeping state 0
-    monkeypatch.setattr(stats_module, "_mark_saved", stopped_before("analysis/"))
     calls.clear()
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_while_marking("analysis/"):
         run_analysis(store, suite, backend="reference")  # stopped while saving the result
     assert calls == [[0], [5]]  # the unmarked state 0 was computed again
     with pytest.raises(IncompleteAnalysisError, match="analysis/test-suite .* is incomplete"):
         open_stats(store, "test-suite")
     assert [a["complete"] for a in store_info(store)["analyses"]] == [False]
-    monkeypatch.setattr(stats_module, "_mark_saved", real_mark)
     calls.clear()
     resumed = run_analysis(store, suite, backend="reference")
     assert calls == []  # both layers were kept, marked, before the result's save was stopped
@@ -321,7 +331,6 @@ def test_a_rerun_rewrites_only_a_changed_result_and_a_stopped_rewrite_loses_no_l
     analysis/<suite> in place, so it keeps the layers it reuses first: stopped while saving, even a rerun on fewer
     layers finds every computed layer again."""
     import jobs.analyze
-    import actstore.stats as stats_module
 
     root, _ = store_and_suite
     store, suite = str(root / "s.zarr"), str(root / "suite.yaml")
@@ -337,18 +346,9 @@ def test_a_rerun_rewrites_only_a_changed_result_and_a_stopped_rewrite_loses_no_l
     assert again.attrs["computed"] == first.attrs["computed"] == open_stats(store, "test-suite").attrs["computed"]
 
     write_described_suite(root)
-    real_mark = stats_module._mark_saved
-
-    def stopped_saving_the_result(location, group, value):
-        if group.startswith("analysis/"):
-            raise KeyboardInterrupt("stopped")
-        real_mark(location, group, value)
-
-    monkeypatch.setattr(stats_module, "_mark_saved", stopped_saving_the_result)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_while_marking("analysis/"):
         run_analysis(store, str(root / "described.yaml"), backend="reference")
     assert saves == ["test-suite"]
-    monkeypatch.setattr(stats_module, "_mark_saved", real_mark)
     resumed = run_analysis(store, str(root / "described.yaml"), layers=[5], backend="reference")
     assert calls == [] and list(resumed.layer.values) == [0, 5]
     assert resumed.description.sel(layer=5, latent=3).item() == "red circles"
@@ -556,29 +556,18 @@ def keyed_memory_file_system() -> type:
     return KeyedMemoryFileSystem
 
 
-def test_storage_options_reach_every_read_and_write_of_an_analysis(store_and_suite, tmp_path, monkeypatch):
+def test_storage_options_reach_every_read_and_write_of_an_analysis(store_and_suite, tmp_path):
     """As actstore.open, the analysis takes a URL's fsspec storage_options: its layers kept while it runs, the result,
     a resumed run, open_stats and the report all reach a store that opens only with them."""
     import fsspec
-
-    import actstore.stats as stats_module
 
     keyed_memory_file_system()
     root, _ = store_and_suite
     url, options = f"keyedmemory://keyed-{tmp_path.name}/s.zarr", {"key": "secret"}
     fsspec.filesystem("memory").put(str(root / "s.zarr"), f"memory://keyed-{tmp_path.name}/s.zarr", recursive=True)
     suite = str(root / "suite.yaml")
-    real_mark = stats_module._mark_saved
-
-    def stopped_saving_the_result(store, group, value):
-        if group.startswith("analysis/"):
-            raise KeyboardInterrupt("stopped")
-        real_mark(store, group, value)
-
-    monkeypatch.setattr(stats_module, "_mark_saved", stopped_saving_the_result)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_while_marking("analysis/"):
         run_analysis(url, suite, backend="reference", storage_options=options)
-    monkeypatch.setattr(stats_module, "_mark_saved", real_mark)
     logged = []
     resumed = run_analysis(url, suite, layers=[5], backend="reference", storage_options=options, log=logged.append)
     assert sum("kept from an interrupted run" in line for line in logged) == 1 and list(resumed.layer.values) == [0, 5]
