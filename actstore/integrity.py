@@ -69,10 +69,10 @@ def _bytes_on_disk(store: Any, location: str, keys: list[str]) -> int:
     return sum(sync(store.getsize(k)) for k in keys)
 
 
-def store_info(location: str | os.PathLike[str]) -> dict[str, Any]:
+def store_info(location: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Schema, sizes, completeness and a one-line integrity verdict (no chunk is decoded)."""
     where = os.fspath(location)
-    store = open_zarr_store(location, read_only=True)
+    store = open_zarr_store(location, read_only=True, storage_options=storage_options)
     group = open_group(store, where, mode="r")
     attrs = read_attributes(group, where)
     schema, markers = attrs.schema, read_markers(group)
@@ -140,11 +140,12 @@ def _block_keys(schema: StoreSchema, block: int) -> list[str]:
     return keys
 
 
-def verify(location: str | os.PathLike[str], threads: int = 4, progress: bool = False) -> VerifyReport:
+def verify(location: str | os.PathLike[str], threads: int = 4, progress: bool = False, *,
+           storage_options: dict[str, Any] | None = None) -> VerifyReport:
     """Decode every stored activation chunk (checksums included) and check that completed blocks are whole; with
     ``progress``, under a progress bar (a whole store is a long read)."""
     where = os.fspath(location)
-    store = open_zarr_store(location, read_only=True)
+    store = open_zarr_store(location, read_only=True, storage_options=storage_options)
     group = open_group(store, where, mode="r")
     schema = read_attributes(group, where).schema
     markers = read_markers(group)
@@ -182,11 +183,12 @@ def damaged_blocks(report: VerifyReport) -> list[int]:
     return sorted({p.block for p in report.problems if p.block_complete})
 
 
-def withdraw_markers(location: str | os.PathLike[str], blocks: list[int]) -> list[int]:
+def withdraw_markers(location: str | os.PathLike[str], blocks: list[int], *,
+                     storage_options: dict[str, Any] | None = None) -> list[int]:
     """Remove the completion markers of ``blocks`` (durably), so that readers leave them out and the harvest's rerun
     writes them again, as blocks a crash left unfinished; returns those that had one."""
     where = os.fspath(location)
-    store = open_zarr_store(location, read_only=False)
+    store = open_zarr_store(location, read_only=False, storage_options=storage_options)
     marked = read_markers(open_group(store, where, mode="r"))
     withdrawn = [b for b in sorted(set(blocks)) if b in marked]
     sink = make_sink(location, store)

@@ -558,7 +558,7 @@ def keyed_memory_file_system() -> type:
 
 def test_storage_options_reach_every_read_and_write_of_an_analysis(store_and_suite, tmp_path):
     """As actstore.open, the analysis takes a URL's fsspec storage_options: its layers kept while it runs, the result,
-    a resumed run, open_stats and the report all reach a store that opens only with them."""
+    a resumed run, open_stats, the report and the store's checks all reach a store that opens only with them."""
     import fsspec
 
     keyed_memory_file_system()
@@ -583,3 +583,11 @@ def test_storage_options_reach_every_read_and_write_of_an_analysis(store_and_sui
 
     report = write_report(url, tmp_path / "report", storage_options=options)
     check_numbers(markdown_layer_table((report / "report.md").read_text()), local)
+    # and what `actstore info` and `actstore verify --repair` run
+    from actstore.integrity import store_info, verify, withdraw_markers
+
+    info = store_info(url, storage_options=options)
+    assert [a["name"] for a in info["analyses"]] == ["test-suite"] and info["blocks_complete"] == 6
+    assert verify(url, storage_options=options).ok
+    assert withdraw_markers(url, [1], storage_options=options) == [1]
+    assert store_info(url, storage_options=options)["blocks_complete"] == 5
