@@ -504,10 +504,10 @@ def analysis_group(name: str) -> str:
     return f"{ANALYSIS}/{name}"
 
 
-Options = dict[str, Any] | None  # fsspec storage_options of a URL (credentials, endpoint), as actstore.open takes
+StorageOptions = dict[str, Any] | None  # fsspec options of a URL (credentials, endpoint), as actstore.open takes
 
 
-def _write_group(location: str, group: str, stats: xr.Dataset, storage_options: Options = None) -> None:
+def _write_group(location: str, group: str, stats: xr.Dataset, storage_options: StorageOptions = None) -> None:
     # Strings as objects: zarr v3 stores them as variable-length UTF-8 (its fixed-width form has no stable spec yet).
     stats = stats.assign_coords(kind=stats.kind.values.astype(object))
     # xarray writes a group's attributes before its arrays, so a run killed while saving would leave a group whose
@@ -530,7 +530,8 @@ def _mark_saved(store: zarr.abc.store.Store, group: str, mark: str) -> None:
     zarr.open_group(store, path=group, mode="r+", zarr_format=3).attrs[ANALYSIS_SAVED_MARK] = mark
 
 
-def _read_group(location: str, group: str, *, load: bool = True, storage_options: Options = None) -> xr.Dataset:
+def _read_group(location: str, group: str, *, load: bool = True,
+                storage_options: StorageOptions = None) -> xr.Dataset:
     store = open_zarr_store(location, read_only=True, storage_options=storage_options)
     ds = xr.open_zarr(store, group=group, consolidated=False, zarr_format=3)
     if ANALYSIS_SAVED_MARK not in ds.attrs:
@@ -539,12 +540,12 @@ def _read_group(location: str, group: str, *, load: bool = True, storage_options
     return ds.load() if load else ds
 
 
-def save_stats(location: str, name: str, stats: xr.Dataset, *, storage_options: Options = None) -> None:
+def save_stats(location: str, name: str, stats: xr.Dataset, *, storage_options: StorageOptions = None) -> None:
     """Write statistics into the store under ``analysis/<name>`` (replacing a previous run: reruns are idempotent)."""
     _write_group(location, analysis_group(name), stats, storage_options)
 
 
-def open_stats(location: str, name: str, *, load: bool = True, storage_options: Options = None) -> xr.Dataset:
+def open_stats(location: str, name: str, *, load: bool = True, storage_options: StorageOptions = None) -> xr.Dataset:
     """Statistics saved by :func:`save_stats` (in memory, or lazy with ``load=False``)."""
     return _read_group(location, analysis_group(name), load=load, storage_options=storage_options)
 
@@ -556,13 +557,13 @@ def checkpoint_group(name: str, layer: int | None = None) -> str:
 
 
 def save_layer_checkpoint(location: str, name: str, layer: int, stats: xr.Dataset, fingerprint: str, *,
-                          storage_options: Options = None) -> None:
+                          storage_options: StorageOptions = None) -> None:
     """Keep one finished layer's statistics, tagged with what produced them."""
     _write_group(location, checkpoint_group(name, layer), stats.assign_attrs(fingerprint=fingerprint), storage_options)
 
 
 def load_layer_checkpoint(location: str, name: str, layer: int, fingerprint: str, *,
-                          storage_options: Options = None) -> xr.Dataset | None:
+                          storage_options: StorageOptions = None) -> xr.Dataset | None:
     """A layer's statistics kept by an interrupted run with the same ``fingerprint``, else None."""
     try:
         stats = _read_group(location, checkpoint_group(name, layer), storage_options=storage_options)
@@ -571,7 +572,7 @@ def load_layer_checkpoint(location: str, name: str, layer: int, fingerprint: str
     return stats if stats.attrs.get(ANALYSIS_SAVED_MARK) == fingerprint else None
 
 
-def checkpointed_layers(location: str, name: str, *, storage_options: Options = None) -> list[int]:
+def checkpointed_layers(location: str, name: str, *, storage_options: StorageOptions = None) -> list[int]:
     """The layers an analysis has kept (finished or not; :func:`load_layer_checkpoint` tells which are usable)."""
     try:
         store = open_zarr_store(location, read_only=True, storage_options=storage_options)
@@ -585,7 +586,7 @@ def checkpointed_layers(location: str, name: str, *, storage_options: Options = 
                   if key.startswith("layer_") and key[len("layer_"):].isdigit())
 
 
-def remove_checkpoints(location: str, name: str, *, storage_options: Options = None) -> None:
+def remove_checkpoints(location: str, name: str, *, storage_options: StorageOptions = None) -> None:
     """Drop an analysis's kept layers (after its result is saved)."""
     store = open_zarr_store(location, read_only=False, storage_options=storage_options)
     root = zarr.open_group(store, mode="r+", zarr_format=3)
