@@ -277,6 +277,31 @@ def test_wrong_shape_or_dtype_is_refused(store_path, change, message):
         assert writer.missing_blocks() == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"layers": ()}, "layers is empty"),
+        ({"layers": (0, 2, 2)}, r"layers has duplicates: \(0, 2, 2\)"),
+        ({"layers": (-1, 0)}, "layers must be residual-state indices >= 0"),
+        ({"d_model": 0}, "d_model must be >= 1, got 0"),
+        ({"image_tokens": -3}, "image_tokens must be >= 1, got -3"),
+        ({"capacity": -1}, "capacity and text_tokens_per_image must be >= 0"),
+        ({"dtype": "int8"}, r"dtype must be one of \['bfloat16', 'float16', 'float32'\], got 'int8'"),
+        ({"codec": "gzip"}, "codec must be one of .*, got 'gzip'"),
+        ({"chunk_images": 3}, r"chunk_images \(3\) must divide block_images \(4\)"),
+    ],
+)
+def test_an_invalid_schema_is_refused_by_name_before_a_store_exists(store_path, change, message):
+    with pytest.raises(ValueError, match=f"invalid StoreSchema: {message}"):
+        StoreWriter.create(store_path, small_schema(**change))
+    assert not store_path.exists()
+
+
+def test_every_problem_of_a_schema_is_named_at_once():
+    with pytest.raises(ValueError, match="layers has duplicates.*; d_model must be >= 1.*; codec must be one of"):
+        small_schema(layers=(1, 1), d_model=0, codec="lz5")
+
+
 def test_wrong_text_tokens_are_refused(store_path):
     schema = small_schema()
     images, ids, prompts, text = block_data(schema, 0)
