@@ -78,6 +78,18 @@ def _path(path: str, base_dir: Path | None) -> Path:
     return p if p.is_absolute() or base_dir is None else base_dir / p
 
 
+def check_source(source: str, path: str | None, name: str | None = None, revision: str | None = None) -> None:
+    """A ValueError naming what keeps a data section from naming a dataset: an unknown source, a source read from files
+    without a path, or a configuration or revision for a source other than ``hub``."""
+    if source not in SOURCES:
+        raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
+    if source != "world" and path is None:
+        raise ValueError(f"data.source {source!r} needs data.path")
+    if (name is not None or revision is not None) and source != "hub":
+        raise ValueError(f"data.name and data.revision name a hub dataset's configuration and version; the "
+                         f"{source!r} source has neither")
+
+
 def open_dataset(source: str, path: str, split: str = "train", name: str | None = None,
                  revision: str | None = None) -> Any:
     """The ``datasets`` dataset of a source (memory-mapped, random access), images left undecoded: for ``hub``,
@@ -85,11 +97,9 @@ def open_dataset(source: str, path: str, split: str = "train", name: str | None 
     tag or commit."""
     import datasets
 
-    if source not in SOURCES or source == "world":
+    if source == "world":
         raise ValueError(f"data source must be one of {SOURCES[1:]} here, got {source!r}")
-    if (name is not None or revision is not None) and source != "hub":
-        raise ValueError(f"data.name and data.revision name a hub dataset's configuration and version; the "
-                         f"{source!r} source has neither")
+    check_source(source, path, name, revision)
     if source == "llava_json":
         records = json.loads(Path(path).read_text())
         rows = [{"id": str(r.get("id", i)), "image": r.get("image"), "text": _llava_answer(r)}
@@ -177,8 +187,6 @@ def _source_of(section: Any, ds: Any, path: str) -> ImageTextSource:
 
 def _open_section(section: Any, path: str | None, split: str) -> Any:
     """The dataset a data section names at ``path`` and ``split``."""
-    if path is None:
-        raise ValueError(f"data.source {section.source!r} needs data.path")
     return open_dataset(section.source, path, split, section.name, section.revision)
 
 

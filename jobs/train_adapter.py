@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from actstore import world
-from actstore.data import prefetched, train_and_held_out
+from actstore.data import check_source, prefetched, train_and_held_out
 from actstore.models import AdapterVLM
 from actstore.progress import counted, progress
 from jobs.config import parse_sections
@@ -67,6 +67,10 @@ class DataSection:
     eval_path: str | None = None
     name: str | None = None  # hub only: the dataset's configuration
     revision: str | None = None  # hub only: a branch, tag or commit (a commit pins the data)
+
+    def __post_init__(self) -> None:
+        # When the config is read: otherwise a harvest or training names a bad section only once its model has loaded.
+        check_source(self.source, self.path, self.name, self.revision)
 
 
 @dataclass

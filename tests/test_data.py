@@ -1,4 +1,5 @@
-"""The loader that overlaps reading data with the device's work: order, one thread, one item ahead, errors."""
+"""Data: the loader that overlaps reading data with the device's work (order, one thread, one item ahead, errors), and
+data sections that cannot name a dataset."""
 
 from __future__ import annotations
 
@@ -40,3 +41,25 @@ def test_a_loading_error_reaches_the_caller_at_its_item():
         for loaded in prefetched(load, range(5)):
             got.append(loaded)
     assert got == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"source": "webdataset", "path": "shards/"}, r"data.source must be one of \('world', .*, got 'webdataset'"),
+        ({"source": "parquet"}, "data.source 'parquet' needs data.path"),
+        ({"source": "imagefolder", "path": "images/", "revision": "main"}, "the 'imagefolder' source has neither"),
+    ],
+)
+def test_a_data_section_that_names_no_dataset_is_refused_as_the_config_is_read(tmp_path, data, message):
+    """Before any model loads (minutes for a real LM on every rank), not when the data is first opened."""
+    import yaml
+
+    from jobs.harvest import HarvestConfig
+    from jobs.train_adapter import TrainConfig
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"data": data}))
+    for job in (HarvestConfig, TrainConfig):
+        with pytest.raises(ValueError, match=message):
+            job.from_yaml(config)
