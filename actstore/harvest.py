@@ -296,7 +296,10 @@ def harvest_blocks(
     ring = ring if ring is not None else HostRing(1, pin=False)
     ring.reserve(max((len({j for j, _ in part}) for part in batches), default=1))
     filling: dict[int, _FillingBlock] = {}
-    futures = []
+    # A block whose every input was skipped (a corrupt shard, a run of failed downloads) has no image in any
+    # micro-batch: it is stored now, empty, with its skipped inputs, so that the harvest goes on and a rerun finds it
+    # done.
+    futures = [_submit_empty(writer, job, dtype, stats) for job in jobs if job.write and not job.examples]
     for part in batches:
         t0 = stats.clock(device)
         batch = model_batch(vlm, [jobs[j].examples[i] for j, i in part], [jobs[j].prompts[i] for j, i in part])
@@ -342,6 +345,17 @@ def harvest_blocks(
         for j in done:
             futures.append(_submit(writer, jobs[j], filling.pop(j), copied, device, stats))
     return futures
+
+
+def _submit_empty(writer: StoreWriter, job: BlockJob, dtype: torch.dtype, stats: HarvestStats) -> Any:
+    """Hand the writer a block of no images (all of them skipped)."""
+    s = writer.schema
+    empty = torch.zeros((len(s.layers), 0, s.image_tokens, s.d_model), dtype=dtype)
+    none = torch.zeros(0, dtype=torch.int64)
+    text = TextTokens(torch.zeros((len(s.layers), 0, s.d_model), dtype=dtype), none, none, none) \
+        if s.text_tokens_per_image else None
+    stats.blocks += 1
+    return writer.submit_block(job.block, empty, [], [], text, job.skipped)
 
 
 def _submit(writer: StoreWriter, job: BlockJob, block: _FillingBlock, copied: Any, device: torch.device,

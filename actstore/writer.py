@@ -409,8 +409,8 @@ class StoreWriter:
                 f"image_resid has shape {tuple(images.shape)}; this store expects (layers={len(s.layers)}, n, "
                 f"image_tokens={s.image_tokens}, d_model={s.d_model}), i.e. {expected}"
             )
-        if not 1 <= images.shape[1] <= s.block_images:
-            raise ValueError(f"a block holds 1..{s.block_images} images, got {images.shape[1]}")
+        if not 0 <= images.shape[1] <= s.block_images:  # 0: every input of the block was skipped
+            raise ValueError(f"a block holds 0..{s.block_images} images, got {images.shape[1]}")
         if images.dtype != s.numpy_dtype:
             raise ValueError(
                 f"image_resid has dtype {images.dtype}; this store holds {s.dtype}. Cast before writing "

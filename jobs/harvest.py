@@ -195,13 +195,11 @@ def groups_of_rank(groups: list[range], missing: set[int], rank: int, world_size
 def block_job(examples: Any, block: int, images: range, prompt: str, write: bool,
               preprocess: Callable[[Any, str], Any] | None = None) -> BlockJob:
     """Block ``block``'s images of the dataset (those of ``images`` it has) with their prompts; the undecodable ones
-    are left out and listed as skipped (the block holds the others, named by their image_id). With ``preprocess``,
-    each example also carries the model's inputs of its image and prompt (``model_inputs``)."""
+    are left out and listed as skipped (the block holds the others, named by their image_id, or none at all). With
+    ``preprocess``, each example also carries the model's inputs of its image and prompt (``model_inputs``)."""
     indices = [i for i in images if i < len(examples)]
     loaded = [examples[i] for i in indices]
     chosen = [e for e in loaded if e is not None]
-    if not chosen:
-        raise ValueError(f"every image of block {block} (dataset rows {indices[0]}..{indices[-1]}) is undecodable")
     skipped = [examples.skipped_rows[i] for i, e in zip(indices, loaded) if e is None]
     prompts = [prompt.format(caption=e["caption"]) for e in chosen]
     if preprocess is not None:  # copies: a source's examples are not ours to change

@@ -672,6 +672,35 @@ def test_undecodable_images_are_skipped_and_recorded_in_the_store(adapter_dir, t
     assert cli(["info", str(tmp_path / "s.zarr")]) == 0
 
 
+@pytest.mark.parametrize("writer", ["threads", "process"])
+def test_a_block_whose_every_image_is_undecodable_is_stored_empty_and_the_harvest_goes_on(adapter_dir, tmp_path,
+                                                                                            writer):
+    """A corrupt shard or a run of failed downloads fills a whole block with undecodable images: the block is stored
+    with no image and its inputs recorded as skipped, instead of stopping the harvest there on every rerun."""
+    from actstore.integrity import store_info, verify
+    from conftest import world_parquet
+
+    world_parquet(tmp_path / "data.parquet", 12, prefix="ex", undecodable=(4, 5, 6, 7))  # all of block 1
+    config = tmp_path / "h.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"vision": "miniature", "lm": "miniature"}, "adapter": str(adapter_dir),
+        "data": {"source": "parquet", "path": str(tmp_path / "data.parquet")},
+        "harvest": {"n_images": 12, "block_images": 4, "batch_size": 8, "dtype": "float32",
+                    "text_tokens_per_image": 4, "writer": writer}}))
+    store = tmp_path / "s.zarr"
+    run_harvest(HarvestConfig.from_yaml(config), str(store))
+    ds = actstore.open(store)
+    assert ds.image_id.values.tolist() == ["ex0", "ex1", "ex2", "ex3", "ex8", "ex9", "ex10", "ex11"]
+    assert ds.image.values.tolist() == [0, 1, 2, 3, 8, 9, 10, 11]  # store rows: block 1's are left out
+    assert set(ds.text_image.values.tolist()) == set(ds.image.values.tolist())  # each stored image has text tokens
+    assert [(s["id"], s["block"]) for s in ds.attrs["skipped_images"]] == [(f"ex{i}", 1) for i in range(4, 8)]
+    info = store_info(store)
+    assert (info["blocks_complete"], info["images"]) == (3, 8) and verify(store).ok
+    logged = []
+    run_harvest(HarvestConfig.from_yaml(config), str(store), log=logged.append)  # the rerun finds it done
+    assert any("0 block(s) to write" in line for line in logged), logged
+
+
 def test_a_dataset_smaller_than_n_images_is_harvested_whole(adapter_dir, tmp_path):
     """harvest.n_images beyond the dataset's end harvests every example (said in the log), rather than failing at the
     first block past the end; the rerun finds nothing missing."""

@@ -265,7 +265,7 @@ def test_encoder_threads_follow_the_cores_of_this_rank(monkeypatch):
          r"image_resid has shape \(3, 4, 4, 12\); this store expects \(layers=3, n, image_tokens=5"),
         (lambda x: x[:2], r"expects \(layers=3"),
         (lambda x: x.astype(np.float32), "dtype float32; this store holds bfloat16"),
-        (lambda x: np.concatenate([x, x], axis=1), "a block holds 1..4 images, got 8"),
+        (lambda x: np.concatenate([x, x], axis=1), "a block holds 0..4 images, got 8"),
     ],
 )
 def test_wrong_shape_or_dtype_is_refused(store_path, change, message):
