@@ -696,6 +696,13 @@ def test_a_block_whose_every_image_is_undecodable_is_stored_empty_and_the_harves
     assert [(s["id"], s["block"]) for s in ds.attrs["skipped_images"]] == [(f"ex{i}", 1) for i in range(4, 8)]
     info = store_info(store)
     assert (info["blocks_complete"], info["images"]) == (3, 8) and verify(store).ok
+    from actstore.stats import SAEParams, compute_layer_stats  # and the analysis reads past the empty block
+
+    d, g = ds.sizes["d_model"], torch.Generator().manual_seed(0)
+    sae = SAEParams(torch.randn(d, 16, generator=g), torch.zeros(16), torch.randn(16, d, generator=g), torch.zeros(d),
+                    "relu")
+    stats = compute_layer_stats(ds, {1: sae}, [1], backend="reference", top_k=2, image_top=2)
+    assert stats.n_tokens.sel(kind="image").item() == 8 * ds.sizes["image_token"]
     logged = []
     run_harvest(HarvestConfig.from_yaml(config), str(store), log=logged.append)  # the rerun finds it done
     assert any("0 block(s) to write" in line for line in logged), logged
