@@ -375,15 +375,38 @@ def llava_positions(input_ids: torch.Tensor, image_token_id: int) -> tuple[torch
     return positions, mask
 
 
+# What a LLaVA prompt is without a chat format: the image, then the text. Checkpoints tuned on a chat format (llava-1.5:
+# "USER: <image>\n{text} ASSISTANT:") read best in theirs, which a harvest config names as model.llava_template.
+LLAVA_TEMPLATE = "<image>\n{text}"
+
+
+def check_llava_template(template: str, processor: Any = None) -> None:
+    """Refuse a LLaVA prompt template that does not place ``{text}`` exactly once (and no other field), nor, given
+    the processor, its image token."""
+    try:
+        filled = template.format(text="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"the LLaVA prompt template {template!r} has a field other than {{text}} ({exc!r}); write a "
+                         "literal brace as {{ or }}") from None
+    if template.count("{text}") != 1 or "{text}" in filled:
+        raise ValueError(f"the LLaVA prompt template {template!r} must hold {{text}} (where harvest.prompt goes) once")
+    image_token = getattr(processor, "image_token", None)
+    if image_token is not None and template.count(image_token) != 1:
+        raise ValueError(f"the LLaVA prompt template {template!r} must hold the processor's image token "
+                         f"{image_token!r} once, where the image goes")
+
+
 class LlavaVLM(nn.Module):
     """A transformers LLaVA-family model (``LlavaForConditionalGeneration`` + its processor) as the model under study.
 
-    Template: the processor's expansion of ``prompt_template`` (default ``"<image>\n{text}"``). Image positions are
-    the expanded image tokens; text positions are the non-padding tokens after the last image token.
+    Template: the processor's expansion of ``prompt_template`` (default ``LLAVA_TEMPLATE``), which holds the
+    processor's image token and ``{text}`` once each. Image positions are the expanded image tokens; text positions
+    are the non-padding tokens after the last image token (a chat format's closing words among them).
     """
 
-    def __init__(self, model: nn.Module, processor: Any, prompt_template: str = "<image>\n{text}") -> None:
+    def __init__(self, model: nn.Module, processor: Any, prompt_template: str = LLAVA_TEMPLATE) -> None:
         super().__init__()
+        check_llava_template(prompt_template, processor)
         self.model = freeze(model)
         self.processor = processor
         self.commits: dict[str, str] = {}  # {"llava": hub commit} when loaded by name (from_pretrained sets it)
@@ -392,14 +415,18 @@ class LlavaVLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name: str, *, revision: str | None = None, dtype: torch.dtype | None = None,
-                        prompt_template: str = "<image>\n{text}") -> "LlavaVLM":
+                        prompt_template: str = LLAVA_TEMPLATE) -> "LlavaVLM":
         """Load model and processor with transformers."""
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         commit = resolve_commit(name, revision)  # one commit for model and processor, recorded (see AdapterVLM)
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(name, revision=commit or revision, dtype=dtype)
             processor = AutoProcessor.from_pretrained(name, revision=commit or revision)
+        except (OSError, ValueError) as exc:
+            raise _load_hint("LLaVA model", name, exc) from exc
+        check_llava_template(prompt_template, processor)  # before the weights load, which takes minutes for a 7B
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(name, revision=commit or revision, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise _load_hint("LLaVA model", name, exc) from exc
         vlm = cls(model, processor, prompt_template)

@@ -151,16 +151,29 @@ PROVENANCE_ADDED_LATER = {"weights", "data_commit"}
 
 
 def provenance_differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
-    """Differences in the provenance keys the writer gives (model, adapter, dataset, config identities)."""
+    """Differences in the provenance keys the writer gives (model, adapter, dataset, config identities), each named
+    down to the setting that differs (``'model.dtype'``)."""
     out = []
     for key in sorted(requested):
         if key not in stored and key in PROVENANCE_ADDED_LATER:
             continue
-        if key not in stored:
-            out.append(f"provenance {key!r}: store has none, requested {requested[key]!r}")
-        elif stored[key] != requested[key]:
-            out.append(f"provenance {key!r}: store has {stored[key]!r}, requested {requested[key]!r}")
+        out += _value_differences(key, stored[key] if key in stored else _NONE, requested[key])
     return out
+
+
+_NONE = object()  # a key the store lacks, told apart from one it records as None
+
+
+def _value_differences(name: str, stored: Any, requested: Any) -> list[str]:
+    """``name``'s differences, one per differing key where both sides are dicts (a section of a job config)."""
+    if isinstance(stored, dict) and isinstance(requested, dict):
+        return [diff for key in sorted(set(stored) | set(requested), key=str)
+                for diff in _value_differences(f"{name}.{key}", stored.get(key, _NONE), requested.get(key, _NONE))]
+    if stored is _NONE:
+        return [f"provenance {name!r}: store has none, requested {requested!r}"]
+    if requested is _NONE:
+        return [f"provenance {name!r}: store has {stored!r}, requested none"]
+    return [f"provenance {name!r}: store has {stored!r}, requested {requested!r}"] if stored != requested else []
 
 
 def check_compatible(

@@ -32,7 +32,7 @@ from actstore.errors import NotAStoreError, StoreWriteError
 from actstore.harvest import (
     TEXT_TOKEN_RULE, BlockJob, HarvestStats, block_groups, harvest_blocks, host_ring, n_states)
 from actstore.location import free_bytes
-from actstore.models import adapter_sha256
+from actstore.models import LLAVA_TEMPLATE, adapter_sha256
 from actstore.progress import progress
 from actstore.schema import StoreSchema
 from actstore.writer import DEFAULT_PENDING_BLOCKS, StoreWriter
@@ -252,17 +252,23 @@ def harvest_examples(section: DataSection, n_images: int) -> Any:
     return image_text_source(section, limit=n_images)
 
 
-# Data settings that stores made before them do not record: left out at these defaults, so that such stores reopen.
+# Settings that stores made before them do not record: left out at these defaults, so that such stores reopen.
 LATER_DATA_DEFAULTS = {"split": "train", "name": None, "revision": None}
+LATER_MODEL_DEFAULTS = {"llava_template": LLAVA_TEMPLATE}
+
+
+def recorded_settings(section: Any, later_defaults: Mapping[str, Any], unrecorded: tuple[str, ...] = ()
+                      ) -> dict[str, Any]:
+    """A config section as a store records it: without ``unrecorded`` keys, nor later ones left at their defaults."""
+    return {k: v for k, v in asdict(section).items()
+            if k not in unrecorded and not (k in later_defaults and v == later_defaults[k])}
 
 
 def dataset_provenance(section: DataSection) -> dict[str, Any]:
     """What a store records of its data: which examples, in order; not how many (a rerun with more images extends the
     store, since the first n images of a source are the same whatever n: tests/test_harvest.py holds this) nor what
     training holds out."""
-    unrecorded = ("n_eval", "n_train", "eval_split", "eval_path")
-    return {k: v for k, v in asdict(section).items()
-            if k not in unrecorded and not (k in LATER_DATA_DEFAULTS and v == LATER_DATA_DEFAULTS[k])}
+    return recorded_settings(section, LATER_DATA_DEFAULTS, ("n_eval", "n_train", "eval_split", "eval_path"))
 
 
 def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = print) -> dict[str, Any]:
@@ -298,7 +304,7 @@ def run_harvest(cfg: HarvestConfig, out: str, *, log: Callable[..., None] = prin
         codec=h.codec, clevel=h.clevel,
     )
     provenance = {
-        "model": asdict(cfg.model),
+        "model": recorded_settings(cfg.model, LATER_MODEL_DEFAULTS),
         "adapter_sha256": adapter_sha256(cfg.adapter) if cfg.adapter else None,
         "dataset": dataset_provenance(cfg.data),
         # Not how many images nor how fast they are written.

@@ -26,7 +26,7 @@ import yaml
 
 from actstore import world
 from actstore.data import check_source, prefetched, train_and_held_out
-from actstore.models import AdapterVLM
+from actstore.models import LLAVA_TEMPLATE, AdapterVLM, check_llava_template
 from actstore.progress import counted, progress
 from jobs.config import parse_sections
 
@@ -46,6 +46,14 @@ class ModelSection:
     vision_revision: str | None = None
     lm_revision: str | None = None
     llava_revision: str | None = None
+    # LLaVA only: the prompt around the image, in the checkpoint's chat format ({text}: the harvest's prompt filled in)
+    llava_template: str = LLAVA_TEMPLATE
+
+    def __post_init__(self) -> None:
+        check_llava_template(self.llava_template)
+        if self.llava_template != LLAVA_TEMPLATE and not self.llava:
+            raise ValueError("model.llava_template applies to a LLaVA checkpoint only; name one as model.llava, or "
+                             "leave the template out (an adapter model's prompt is model.prompt_prefix + the prompt)")
 
 
 @dataclass
@@ -116,6 +124,10 @@ class TrainConfig:
         cfg = cls(**parse_sections(raw, sections, where), out=raw.get("out", cls.out))
         if cfg.train.batch_size % cfg.train.micro_batch and cfg.train.micro_batch < cfg.train.batch_size:
             raise ValueError(f"{where}: train.micro_batch must divide train.batch_size")
+        if cfg.model.llava:  # before its weights load, not at the first step, which would find no adapter
+            raise ValueError(f"{where}: model.llava names a LLaVA checkpoint, whose projector is trained already; "
+                             "train-adapter trains the linear adapter between model.vision and model.lm (harvest "
+                             "the LLaVA checkpoint as it is with `actstore harvest`)")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,7 +145,7 @@ def build_model(section: ModelSection, adapter: str | Path | None = None, log: C
         from actstore.models import LlavaVLM
 
         return LlavaVLM.from_pretrained(section.llava, revision=section.llava_revision,
-                                        dtype=getattr(torch, section.dtype))
+                                        dtype=getattr(torch, section.dtype), prompt_template=section.llava_template)
     vision, lm = section.vision, section.lm
     if "miniature" in (vision, lm):
         from actstore.miniature import build_miniature

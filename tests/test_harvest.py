@@ -4,6 +4,7 @@ the same store as one uninterrupted run; a different job into the same store is 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from actstore.errors import SchemaMismatchError, StoreWriteError
 from actstore.integrity import verify
 from actstore.schema import ATTRS_KEY, StoreSchema, image_chunk_key, text_chunk_key
 from jobs.harvest import HarvestConfig, run_harvest
-from jobs.train_adapter import build_model
+from jobs.train_adapter import ModelSection, build_model
 from conftest import hub_snapshot
 from writer_process import kill_at_hang_point
 
@@ -417,7 +418,8 @@ def test_a_different_job_into_the_same_store_is_refused(adapter_dir, tmp_path):
                 str(tmp_path / "s.zarr"))
     other = HarvestConfig.from_yaml(write_config(tmp_path / "b.yaml", adapter_dir, n_images=8,
                                                  prompt="what do you see ?"))
-    with pytest.raises(SchemaMismatchError, match="provenance 'harvest'"):
+    with pytest.raises(SchemaMismatchError,
+                       match="provenance 'harvest.prompt': store has 'describe the image .', requested 'what do you"):
         run_harvest(other, str(tmp_path / "s.zarr"))
 
 
@@ -527,7 +529,7 @@ def test_a_rerun_after_the_hub_moved_on_is_refused(adapter_dir, tmp_path, miniat
     shutil.copytree(miniature["lm"], hub_snapshot(cache, "actstore-test/tiny-lm", new), dirs_exist_ok=True)
     rerun = subprocess.run(harvest, timeout=300, env=env, cwd=ROOT, capture_output=True, text=True)
     assert rerun.returncode != 0
-    assert "provenance 'weights'" in rerun.stderr and new in rerun.stderr
+    assert f"provenance 'weights.lm': store has '{old}', requested '{new}'" in rerun.stderr
 
 
 def test_a_rerun_after_a_hub_dataset_moved_on_is_refused(adapter_dir, tmp_path):
@@ -586,6 +588,13 @@ def test_bad_prompts_and_states_are_named_before_a_store_exists(adapter_dir, tmp
 def test_real_config_loads():
     cfg = HarvestConfig.from_yaml(ROOT / "jobs" / "configs" / "gemma2-2b-siglip.yaml")
     assert cfg.model.lm == "google/gemma-2-2b" and cfg.harvest.block_images == 16 and cfg.adapter
+    llava = HarvestConfig.from_yaml(ROOT / "jobs" / "configs" / "llava-1.5-7b.yaml")
+    assert llava.model.llava == "llava-hf/llava-1.5-7b-hf" and not llava.adapter
+    assert llava.model.llava_template.format(text="a cat") == "USER: <image>\na cat ASSISTANT:"
+    schema = StoreSchema(layers=llava.harvest.layers, image_tokens=576, d_model=4096, dtype=llava.harvest.dtype,
+                         capacity=llava.harvest.n_images, block_images=llava.harvest.block_images,
+                         chunk_images=llava.harvest.chunk_images)
+    assert max(llava.harvest.layers) == 32 and schema.block_images % schema.chunk_images == 0
 
 
 @pytest.fixture(scope="module")
@@ -614,20 +623,27 @@ def tiny_llava_dir(tmp_path_factory):
     return path
 
 
-def test_llava_harvest_equals_hidden_states(tiny_llava_dir, tmp_path):
+CHAT_TEMPLATE = "USER: <image>\n{text} ASSISTANT:"  # llava-1.5's chat format
+
+
+@pytest.mark.parametrize("template", [None, CHAT_TEMPLATE], ids=["plain", "chat"])
+def test_llava_harvest_equals_hidden_states(tiny_llava_dir, tmp_path, template):
+    """Image and text tokens of a LLaVA harvest equal the model's hidden states of the same prompts: the plain
+    template's, or a chat format's (model.llava_template), whose closing words follow the caption as text tokens."""
     from actstore import world
     from actstore.models import LlavaVLM
 
     config = tmp_path / "h.yaml"
+    model = {"llava": str(tiny_llava_dir), **({"llava_template": template} if template else {})}
     config.write_text(yaml.safe_dump({
-        "model": {"llava": str(tiny_llava_dir)}, "data": {"source": "world", "seed": 5},
+        "model": model, "data": {"source": "world", "seed": 5},
         "harvest": {"n_images": 8, "block_images": 8, "batch_size": 8, "dtype": "float32",
-                    "text_tokens_per_image": 8, "prompt": "{caption}"}}))
+                    "text_tokens_per_image": 10, "prompt": "{caption}"}}))
     run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "s.zarr"))
     ds = actstore.open(tmp_path / "s.zarr")
     assert ds.sizes["image_token"] == 16 and ds.sizes["d_model"] == 48 and list(ds.layer.values) == [0, 1, 2, 3]
 
-    llava = LlavaVLM.from_pretrained(str(tiny_llava_dir))
+    llava = LlavaVLM.from_pretrained(str(tiny_llava_dir), **({"prompt_template": template} if template else {}))
     rows = world.generate(8, seed=5)
     batch = llava.prepare([r["image"] for r in rows], [r["caption"] for r in rows])
     assert (batch.input_ids[torch.arange(8)[:, None], batch.image_positions] == llava.image_token_id).all()
@@ -642,13 +658,48 @@ def test_llava_harvest_equals_hidden_states(tiny_llava_dir, tmp_path):
         if state == 3:
             stored = norm(stored)
         assert torch.equal(stored, hidden[state][torch.arange(8)[:, None], batch.image_positions]), state
-    for i, r in enumerate(rows):  # text tokens: the caption after the image tokens
+    tokenizer = llava.processor.tokenizer
+    closing = tokenizer(" ASSISTANT:", add_special_tokens=False)["input_ids"] if template else []
+    for i, r in enumerate(rows):  # text tokens: the caption after the image tokens, then the chat format's closing
         mine = ds.text_image.values == i
         ids = ds.text_token_id.values[mine].tolist()
-        assert ids == llava.processor.tokenizer(r["caption"], add_special_tokens=False)["input_ids"]
+        assert ids == (tokenizer(r["caption"], add_special_tokens=False)["input_ids"] + closing)[:10]
         text = torch.from_numpy(ds.text_resid.sel(layer=1).values[mine])
         positions = torch.from_numpy(ds.text_position.values[mine]).long()
         assert torch.equal(text, hidden[1][i, positions])
+    recorded = ds.attrs["provenance"]["model"]
+    assert recorded.get("llava_template") == template  # the plain default is left out: older stores reopen
+    if template:  # a rerun with the plain template is refused by name
+        raw = yaml.safe_load(config.read_text())
+        del raw["model"]["llava_template"]
+        config.write_text(yaml.safe_dump(raw))
+        refused = r"provenance 'model.llava_template': store has .*, requested none"
+        with pytest.raises(SchemaMismatchError, match=refused):
+            run_harvest(HarvestConfig.from_yaml(config), str(tmp_path / "s.zarr"))
+
+
+@pytest.mark.parametrize("model, problem", [
+    ({"llava": "x", "llava_template": "<image> describe"}, "must hold {text}"),
+    ({"llava": "x", "llava_template": "<image> {text} {answer}"}, "field other than {text}"),
+    ({"llava_template": CHAT_TEMPLATE}, "applies to a LLaVA checkpoint only"),
+])
+def test_a_llava_template_that_cannot_work_is_refused_as_the_config_is_read(model, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        ModelSection(**model)
+
+
+def test_a_llava_template_without_the_image_token_is_refused_before_the_weights_load(tiny_llava_dir, monkeypatch):
+    import transformers
+
+    from actstore.models import LlavaVLM
+
+    def load_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the template was checked")
+
+    monkeypatch.setattr(transformers.LlavaForConditionalGeneration, "from_pretrained", load_weights)
+    for template in ("USER: {text} ASSISTANT:", "<image> <image> {text}"):
+        with pytest.raises(ValueError, match="image token '<image>' once"):
+            LlavaVLM.from_pretrained(str(tiny_llava_dir), prompt_template=template)
 
 
 def test_undecodable_images_are_skipped_and_recorded_in_the_store(adapter_dir, tmp_path):

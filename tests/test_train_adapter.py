@@ -137,6 +137,8 @@ def test_config_validation_names_the_problem(tmp_path):
         TrainConfig.from_yaml(bad)
     real = TrainConfig.from_yaml(ROOT / "jobs" / "configs" / "gemma2-2b-siglip.yaml")
     assert real.model.lm == "google/gemma-2-2b" and real.train.batch_size % real.train.micro_batch == 0
+    with pytest.raises(ValueError, match="model.llava names a LLaVA checkpoint, whose projector is trained already"):
+        TrainConfig.from_dict({"model": {"llava": "llava-hf/llava-1.5-7b-hf"}})  # refused before any weights load
 
 
 def test_corrupt_images_are_skipped_and_listed(miniature, tmp_path):

@@ -11,6 +11,7 @@ from zarr.storage import LocalStore
 import actstore
 from actstore.errors import SchemaMismatchError, StoreWriteError
 from actstore.codecs import ChunkEncoder
+from actstore.schema import provenance_differences
 from actstore.writer import WRITER_NICENESS_INCREMENT, StoreWriter, thread_niceness
 from conftest import bits, block_data, small_schema, write_blocks
 
@@ -121,6 +122,20 @@ def test_reopen_with_other_schema_names_every_difference(store_path):
         StoreWriter.open(store_path, small_schema(), {"adapter": "def"})
     # Same schema (capacity may differ: it grows) and provenance: accepted.
     StoreWriter.open(store_path, small_schema(capacity=64), {"model": "lm-a"}).close()
+
+
+def test_a_config_section_that_differs_is_named_by_its_settings():
+    stored = {"model": {"lm": "a", "dtype": "float32", "layer": None, "old": 1}, "weights": {"lm": "c1"}}
+    requested = {"model": {"lm": "a", "dtype": "bfloat16", "layer": None, "new": 2}, "weights": "c1"}
+    assert provenance_differences(stored, requested) == [
+        "provenance 'model.dtype': store has 'float32', requested 'bfloat16'",
+        "provenance 'model.new': store has none, requested 2",
+        "provenance 'model.old': store has 1, requested none",
+        "provenance 'weights': store has {'lm': 'c1'}, requested 'c1'",
+    ]
+    assert provenance_differences(stored, {**stored, "data_commit": "d"}) == []  # added later: older stores reopen
+    assert provenance_differences({"model": {"lm": None}}, {"model": {}}) == [
+        "provenance 'model.lm': store has None, requested none"]
 
 
 def test_create_refuses_to_replace_a_store(store_path):
