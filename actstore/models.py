@@ -417,13 +417,18 @@ class LlavaVLM(nn.Module):
     def from_pretrained(cls, name: str, *, revision: str | None = None, dtype: torch.dtype | None = None,
                         prompt_template: str = LLAVA_TEMPLATE) -> "LlavaVLM":
         """Load model and processor with transformers."""
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
         commit = resolve_commit(name, revision)  # one commit for model and processor, recorded (see AdapterVLM)
         try:
+            model_type = AutoConfig.from_pretrained(name, revision=commit or revision).model_type
             processor = AutoProcessor.from_pretrained(name, revision=commit or revision)
         except (OSError, ValueError) as exc:
             raise _load_hint("LLaVA model", name, exc) from exc
+        if model_type != "llava":  # transformers would only warn, and load what it could into the wrong layout
+            raise ValueError(f"model.llava names a {model_type!r} checkpoint ({name}); actstore harvests "
+                             "LlavaForConditionalGeneration checkpoints (model_type 'llava'), whose images are a fixed "
+                             "number of tokens (LLaVA-NeXT's and OneVision's vary with the image's size)")
         check_llava_template(prompt_template, processor)  # before the weights load, which takes minutes for a 7B
         try:
             model = LlavaForConditionalGeneration.from_pretrained(name, revision=commit or revision, dtype=dtype)

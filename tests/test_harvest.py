@@ -3,6 +3,7 @@ the same store as one uninterrupted run; a different job into the same store is 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -688,7 +689,8 @@ def test_a_llava_template_that_cannot_work_is_refused_as_the_config_is_read(mode
         ModelSection(**model)
 
 
-def test_a_llava_template_without_the_image_token_is_refused_before_the_weights_load(tiny_llava_dir, monkeypatch):
+def test_a_llava_template_or_family_that_cannot_work_is_refused_before_the_weights_load(tiny_llava_dir, tmp_path,
+                                                                                         monkeypatch):
     import transformers
 
     from actstore.models import LlavaVLM
@@ -700,6 +702,12 @@ def test_a_llava_template_without_the_image_token_is_refused_before_the_weights_
     for template in ("USER: {text} ASSISTANT:", "<image> <image> {text}"):
         with pytest.raises(ValueError, match="image token '<image>' once"):
             LlavaVLM.from_pretrained(str(tiny_llava_dir), prompt_template=template)
+    next_dir = tmp_path / "llava-next"  # another family's checkpoint, named as a LLaVA one
+    shutil.copytree(tiny_llava_dir, next_dir)
+    config = json.loads((next_dir / "config.json").read_text())
+    (next_dir / "config.json").write_text(json.dumps({**config, "model_type": "llava_next"}))
+    with pytest.raises(ValueError, match="names a 'llava_next' checkpoint"):
+        LlavaVLM.from_pretrained(str(next_dir))
 
 
 def test_undecodable_images_are_skipped_and_recorded_in_the_store(adapter_dir, tmp_path):
