@@ -107,18 +107,27 @@ def n_states(lm: torch.nn.Module) -> int:
     return len(decoder_blocks(lm)) + 1
 
 
+class StatesCaptured(Exception):
+    """Raised by the hook of the last requested state, so that the forward pass stops there: the blocks after it
+    compute nothing that a harvest stores (a harvest of states 0-12 of a 26-block LM runs half its blocks)."""
+
+
 @contextmanager
 def capture_states(
     lm: torch.nn.Module, states: Sequence[int], image_positions: torch.Tensor, text_index: tuple[torch.Tensor, ...]
 ) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """Hooks that store, per requested state, (image rows (B, T, d), text rows (m, d)) gathered on the device."""
+    """Hooks that store, per requested state, (image rows (B, T, d), text rows (m, d)) gathered on the device; the
+    hook of the last state raises :class:`StatesCaptured` when blocks follow it."""
     blocks = decoder_blocks(lm)
     got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     rows, cols = text_index
     batch = torch.arange(image_positions.shape[0], device=image_positions.device)[:, None]
+    last = max(states)
 
     def keep(state: int, hidden: torch.Tensor) -> None:
         got[state] = (hidden[batch, image_positions], hidden[rows, cols])
+        if state == last < len(blocks):
+            raise StatesCaptured
 
     handles = []
     if 0 in states:
@@ -142,7 +151,10 @@ def forward_states(vlm: Any, batch: VLMBatch, states: Sequence[int]) -> tuple[to
     device = batch.image_positions.device
     text_index = tuple(to_device(t, device) for t in batch.host_text_index())  # no device sync
     with torch.inference_mode(), capture_states(vlm.lm, states, batch.image_positions, text_index) as got:
-        vlm.run_decoder(batch)
+        try:
+            vlm.run_decoder(batch)
+        except StatesCaptured:
+            pass
     missing = [s for s in states if s not in got]
     if missing:
         raise RuntimeError(f"states {missing} were not produced by the forward pass")

@@ -89,6 +89,35 @@ def test_stored_residuals_equal_hidden_states(adapter_dir, tmp_path):
                 assert ids == vlm.tokenizer("describe the image .", add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.parametrize("states", [[0], [0, 2], [1, 3], [0, 1, 2, 3, 4]])
+def test_the_forward_pass_stops_after_the_last_state_a_harvest_stores(tiny_vlm, states):
+    """Blocks after the last requested state never run, and the states before it are the model's own."""
+    from actstore import world
+    from actstore.harvest import decoder_blocks, forward_states
+
+    rows = world.generate(3, seed=2)
+    batch = tiny_vlm.prepare([r["image"] for r in rows], [r["caption"] for r in rows])
+    blocks = decoder_blocks(tiny_vlm.lm)
+    ran = []
+    handles = [block.register_forward_hook(lambda *_, i=i: ran.append(i)) for i, block in enumerate(blocks)]
+    try:
+        image, text = forward_states(tiny_vlm, batch, states)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(blocks) == 4 and ran == list(range(max(states)))
+    with torch.no_grad():
+        hidden = tiny_vlm.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                             output_hidden_states=True).hidden_states
+    rows_, cols = batch.host_text_index()
+    for got_image, got_text, state in zip(image, text, states):
+        if state == len(blocks):  # transformers' last hidden state is after the final norm; we store the residual
+            got_image, got_text = tiny_vlm.lm.get_decoder().norm(got_image), tiny_vlm.lm.get_decoder().norm(got_text)
+        want = hidden[state]
+        assert torch.equal(got_image, want[torch.arange(3)[:, None], batch.image_positions]), state
+        assert torch.equal(got_text, want[rows_, cols]), state
+
+
 def _values(path: Path) -> dict[str, np.ndarray]:
     ds = actstore.open(path)
     return {name: ds[name].values for name in ("image_resid", "text_resid", "image_id", "text_image", "text_position")}
