@@ -1,6 +1,7 @@
 """Opening a store on an object store: ``actstore.open`` against zarr's own reads of the same per-block metadata, and
 the floor that the request latency sets, all measured in one run. Every GET waits a fixed time, so a local store
-stands in for S3 or GCS (their first-byte latency is ~10-30 ms). Writes JSON to benchmarks/results/.
+stands in for S3 or GCS (their first-byte latency is ~10-30 ms). Also the local store opened as a path (its metadata
+read from its files, not through zarr) against zarr's reads of it. Writes JSON to benchmarks/results/.
 
     python benchmarks/bench_open.py                       # 6250 blocks of 16 images (100k images); 0, 5, 20 ms
     python benchmarks/bench_open.py --quick               # tiny, for CI
@@ -70,6 +71,15 @@ def open_ours(path: Path, latency: float) -> tuple[float, int]:
     return seconds, delayed.gets
 
 
+def open_local(path: Path) -> float:
+    """Seconds for ``actstore.open`` of the local path itself (its metadata read from its files)."""
+    start = time.perf_counter()
+    ds = actstore.open(path)
+    seconds = time.perf_counter() - start
+    assert ds.sizes["image"] > 0
+    return seconds
+
+
 def open_zarr_reads(path: Path, latency: float) -> tuple[float, int]:
     """Seconds for zarr's plain reads of what the open reads (markers, image ids, prompts: each array whole)."""
     delayed = DelayedStore(LocalStore(path, read_only=True), latency)
@@ -114,6 +124,9 @@ def main() -> None:
             }
             print(f"{ms:g} ms a request: open {ours_s:.2f} s ({ours_gets} GETs), zarr's reads of the same arrays "
                   f"{zarr_s:.2f} s ({zarr_gets} GETs), latency floor {floor_s:.2f} s")
+        local_s, zarr_s = open_local(path), open_zarr_reads(path, 0.0)[0]
+        results["local"] = {"open_s": local_s, "zarr_reads_s": zarr_s, "speedup_vs_zarr_reads": zarr_s / local_s}
+        print(f"local path: open {local_s:.2f} s, zarr's reads of the same arrays {zarr_s:.2f} s")
         report["results"] = results
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
 import actstore
 from actstore.errors import SchemaMismatchError, StoreWriteError
@@ -399,14 +399,15 @@ def test_skipped_inputs_are_read_back_from_their_blocks_records_alone(store_path
         write_blocks(writer, [0, 1, 3])
         writer.write_block(2, *block_data(schema, 2), skipped=[{"id": "x7", "reason": "truncated JPEG"}])
     asked = []
-    real_get = LocalStore.get
+    real_get = FsspecStore.get
 
     async def get(self, key, *args, **kwargs):
         asked.append(key)
         return await real_get(self, key, *args, **kwargs)
 
-    monkeypatch.setattr(LocalStore, "get", get)
-    assert actstore.open(store_path).attrs["skipped_images"] == [{"id": "x7", "reason": "truncated JPEG", "block": 2}]
+    monkeypatch.setattr(FsspecStore, "get", get)
+    url = store_path.resolve().as_uri()  # through fsspec, as an object store is read
+    assert actstore.open(url).attrs["skipped_images"] == [{"id": "x7", "reason": "truncated JPEG", "block": 2}]
     assert [key for key in asked if key.startswith(f"{BLOCK_SKIPPED}/c/")] == [f"{BLOCK_SKIPPED}/c/2"]
     monkeypatch.undo()
     with StoreWriter.open(store_path) as writer:
@@ -415,9 +416,9 @@ def test_skipped_inputs_are_read_back_from_their_blocks_records_alone(store_path
 
 
 def test_opening_asks_for_complete_blocks_metadata_alone_and_many_at_once(store_path, monkeypatch):
-    """``actstore.open`` reads each complete block's marker, image ids and prompts (three small chunks a block, each a
-    round trip on an object store) with many requests in flight, not zarr's 10 per array, and asks nothing of blocks
-    reserved but not written (most of a store while it is harvested)."""
+    """``actstore.open`` of a URL reads each complete block's marker, image ids and prompts (three small chunks a
+    block, each a round trip on an object store) with many requests in flight, not zarr's 10 per array, and asks
+    nothing of blocks reserved but not written (most of a store while it is harvested)."""
     import asyncio
 
     import zarr
@@ -428,7 +429,7 @@ def test_opening_asks_for_complete_blocks_metadata_alone_and_many_at_once(store_
     with StoreWriter.create(store_path, schema) as writer:
         write_blocks(writer, range(48))
     in_flight, most, asked = [0], [0], []
-    real_get = LocalStore.get
+    real_get = FsspecStore.get
 
     async def get(self, key, *args, **kwargs):
         asked.append(key)
@@ -440,9 +441,10 @@ def test_opening_asks_for_complete_blocks_metadata_alone_and_many_at_once(store_
         finally:
             in_flight[0] -= 1
 
-    monkeypatch.setattr(LocalStore, "get", get)
+    monkeypatch.setattr(FsspecStore, "get", get)
+    url = store_path.resolve().as_uri()  # file://: read through fsspec, as an s3:// URL is
     with zarr.config.set({"async.concurrency": 10}):
-        ds = actstore.open(store_path)
+        ds = actstore.open(url)
     monkeypatch.undo()
     assert most[0] >= 40, most[0]
     for name in (BLOCK_STATUS, "image_id", "prompt"):
@@ -450,9 +452,69 @@ def test_opening_asks_for_complete_blocks_metadata_alone_and_many_at_once(store_
         assert blocks == list(range(48)), (name, blocks)
     assert ds.sizes["image"] == 48 * 4
     assert ds.image_id.values[-1] == "img-47-3" and ds.prompt.values[5] == "prompt 1/1"
-    whole = actstore.open(store_path, complete_only=False)  # the reserved blocks read as zarr's fill value
+    whole = actstore.open(url, complete_only=False)  # the reserved blocks read as zarr's fill value
     assert whole.sizes["image"] == 64 * 4 and set(whole.image_id.values[48 * 4:]) == {""}
     assert list(whole.image_id.values[:48 * 4]) == list(ds.image_id.values)
+
+
+def test_a_local_stores_metadata_is_read_from_its_files_as_zarr_reads_it(store_path, monkeypatch):
+    """A local store's per-block metadata is read from its files and decoded here, not through zarr's event loop,
+    and equals what zarr reads: markers, ids and prompts, blocks never written (fill values) and skip records."""
+    import zarr
+
+    from actstore.reader import read_markers
+    from actstore.schema import BLOCK_STATUS
+
+    schema = small_schema(capacity=4 * 700, text_tokens_per_image=0)
+    with StoreWriter.create(store_path, schema) as writer:  # 600 blocks: several runs of files, read by threads
+        write_blocks(writer, [b for b in range(600) if b % 97 != 5])
+        writer.submit_block(600, block_data(schema, 600)[0][:, :2], ["a", "b"], ["p", "q"],
+                            skipped=[{"id": "c", "reason": "undecodable"}]).result()
+    by_zarr = {}
+    for complete_only in (True, False):
+        ds = actstore.open(store_path.resolve().as_uri(), complete_only=complete_only)
+        by_zarr[complete_only] = (ds.image_id.values, ds.prompt.values, ds.attrs["skipped_images"])
+    asked = []
+    real_get = LocalStore.get
+
+    async def get(self, key, *args, **kwargs):
+        asked.append(key)
+        return await real_get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "get", get)
+    for complete_only in (True, False):
+        ds = actstore.open(store_path, complete_only=complete_only)
+        ids, prompts, skipped = by_zarr[complete_only]
+        assert list(ds.image_id.values) == list(ids) and list(ds.prompt.values) == list(prompts)
+        assert ds.attrs["skipped_images"] == skipped == [{"id": "c", "reason": "undecodable", "block": 600}]
+    markers = read_markers(zarr.open_group(store_path, mode="r"))
+    monkeypatch.undo()
+    metadata = (BLOCK_STATUS, "image_id", "prompt", "block_skipped")
+    assert not [key for key in asked if key.split("/")[0] in metadata and "/c/" in key]  # none through zarr
+    ids = list(ds.image_id.values)  # the whole capacity: blocks never written read as ""
+    assert len(ids) == 700 * 4 and ids[5 * 4:6 * 4] == [""] * 4 and ids[600 * 4:] == ["a", "b"] + [""] * 398
+    assert ids[:4] == [f"img-0-{i}" for i in range(4)] and ids[599 * 4] == "img-599-0"
+    assert len(markers) == 601 - 7 and markers[600].images == 2 and 5 not in markers and 102 not in markers
+    assert list(zarr.open_group(store_path, mode="r")[BLOCK_STATUS][:601, 0]) == \
+        [markers[b].images if b in markers else -1 for b in range(601)]
+
+
+@pytest.mark.parametrize("name, damage", [("block_status", "bitflip"), ("image_id", "truncate")])
+def test_a_damaged_metadata_chunk_of_a_local_store_is_named(store_path, name, damage):
+    from actstore.errors import ChunkCorruptError
+
+    with StoreWriter.create(store_path, small_schema(text_tokens_per_image=0)) as writer:
+        write_blocks(writer, range(3))
+    chunk = store_path / name / "c" / "1"
+    chunk = chunk / "0" if chunk.is_dir() else chunk
+    data = bytearray(chunk.read_bytes())
+    if damage == "bitflip":
+        data[len(data) // 2] ^= 0x10
+    else:
+        data = data[:len(data) // 2]
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ChunkCorruptError, match=f"corrupt chunk {name}/c/1"):
+        actstore.open(store_path)
 
 
 def test_s3_urls_get_a_connection_pool_for_many_requests_at_once(monkeypatch, tmp_path):
