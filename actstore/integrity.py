@@ -25,7 +25,7 @@ from actstore.schema import (
     text_chunk_key,
 )
 from actstore.sink import PARTIAL_SUFFIX
-from actstore.writer import open_group, read_attributes
+from actstore.writer import IMAGE_COORDS, TEXT_COORDS, open_group, read_attributes
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Problem:
     """One damaged or missing chunk."""
 
     array: str
-    layer_state: int
+    layer_state: int | None  # None for a coordinate array (ids, prompts, text-token coordinates)
     first: int
     last: int
     block: int
@@ -41,12 +41,10 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        unit = "images" if self.array == IMAGE_RESID else "text tokens"
+        unit = "images" if self.array in (IMAGE_RESID, *IMAGE_COORDS) else "text tokens"
         state = "completed" if self.block_complete else "incomplete"
-        return (
-            f"{self.array}: layer state {self.layer_state}, {unit} {self.first}..{self.last} "
-            f"(block {self.block}, {state}): {self.message}"
-        )
+        layer = "" if self.layer_state is None else f"layer state {self.layer_state}, "
+        return f"{self.array}: {layer}{unit} {self.first}..{self.last} (block {self.block}, {state}): {self.message}"
 
 
 @dataclass
@@ -142,8 +140,9 @@ def _block_keys(schema: StoreSchema, block: int) -> list[str]:
 
 def verify(location: str | os.PathLike[str], threads: int = 4, progress: bool = False, *,
            storage_options: dict[str, Any] | None = None) -> VerifyReport:
-    """Decode every stored activation chunk (checksums included) and check that completed blocks are whole; with
-    ``progress``, under a progress bar (a whole store is a long read)."""
+    """Decode every stored activation and coordinate chunk (checksums included, where the store has them) and check
+    that completed blocks have all their activation chunks; with ``progress``, under a progress bar (a whole store is a
+    long read)."""
     where = os.fspath(location)
     store = open_zarr_store(location, read_only=True, storage_options=storage_options)
     group = open_group(store, where, mode="r")
@@ -151,24 +150,30 @@ def verify(location: str | os.PathLike[str], threads: int = 4, progress: bool = 
     markers = read_markers(group)
     key_set = set(list_keys(store, ""))
     B, R = schema.block_images, schema.text_slots_per_block
-    tasks = []
+    tasks: list[tuple[str, int | None, int | None, int, int, str]] = []
     for block in range(schema.n_blocks):
         for li, state in enumerate(schema.layers):
             tasks.append((IMAGE_RESID, li, state, block, B, image_chunk_key(li, block)))
             if R:
                 tasks.append((TEXT_RESID, li, state, block, R, text_chunk_key(li, block)))
+        # A block's coordinate chunk may rightly be absent (zarr stores none that holds only its fill value, e.g. a
+        # block of empty prompts): only those stored are checked.
+        tasks += [(name, None, None, block, B, f"{name}/c/{block}") for name in IMAGE_COORDS]
+        tasks += [(name, None, None, block, R, f"{name}/c/{block}") for name in TEXT_COORDS if R]
 
-    def check(task: tuple[str, int, int, int, int, str]) -> Problem | None:
+    def check(task: tuple[str, int | None, int | None, int, int, str]) -> Problem | None:
         name, li, state, block, rows, key = task
         complete = block in markers
-        used = rows if not complete else (markers[block].images if name == IMAGE_RESID else markers[block].text_tokens)
+        images = name in (IMAGE_RESID, *IMAGE_COORDS)
+        used = rows if not complete else (markers[block].images if images else markers[block].text_tokens)
         first, last = block * rows, block * rows + max(used, 1) - 1
         if key not in key_set:
-            if complete and used:
+            if complete and used and li is not None:
                 return Problem(name, state, first, last, block, True, f"chunk {key} is missing")
             return None
         try:
-            group[name][li : li + 1, block * rows : (block + 1) * rows]
+            region = slice(block * rows, (block + 1) * rows)
+            group[name][region] if li is None else group[name][li : li + 1, region]
         except Exception as exc:  # any decode failure is a damaged chunk; the report names it
             return Problem(name, state, first, last, block, complete, f"chunk {key} failed to decode: {exc}")
         return None

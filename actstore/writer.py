@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from actstore import __version__
@@ -125,6 +125,13 @@ def _left_by_unfinished_create(keys: list[str]) -> bool:
     return all(key in metadata or re.search(r"\.[0-9a-f]{32}\.partial$", key) for key in keys)
 
 
+def coordinate_compressors() -> list[Any]:
+    """The codecs after serialisation of the small arrays (ids, prompts, skip records, text-token coordinates):
+    zarr's default zstd, then a crc32c, so that a damaged chunk is an error rather than wrong ids or positions
+    (stores made before 2026-12-03 lack the checksum there, and read as they are)."""
+    return [ZstdCodec(level=0, checksum=False), Crc32cCodec()]
+
+
 def _create_arrays(group: zarr.Group, schema: StoreSchema) -> None:
     """Create every array of a schema-v1 store in an empty group."""
     L, T, D, B, cap = len(schema.layers), schema.image_tokens, schema.d_model, schema.block_images, schema.capacity
@@ -144,7 +151,8 @@ def _create_arrays(group: zarr.Group, schema: StoreSchema) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr warns that its variable-length string type is not in the core spec
         for name in IMAGE_COORDS:
-            group.create_array(name, shape=(cap,), chunks=(B,), dtype=str, dimension_names=("image",), fill_value="")
+            group.create_array(name, shape=(cap,), chunks=(B,), dtype=str, dimension_names=("image",), fill_value="",
+                               compressors=coordinate_compressors())
     # Completion markers: one chunk per block, so each block's marker is one atomic key that no other block shares.
     group.create_array(
         BLOCK_STATUS, shape=(schema.n_blocks, 2), chunks=(1, 2), dtype="int64", fill_value=-1,
@@ -156,6 +164,7 @@ def _create_arrays(group: zarr.Group, schema: StoreSchema) -> None:
         group.create_array(
             BLOCK_SKIPPED, shape=(schema.n_blocks,), chunks=(1,), dtype=str, dimension_names=("block",),
             fill_value="", attributes={"description": "per block: JSON list of inputs skipped (id, reason)"},
+            compressors=coordinate_compressors(),
         )
     if schema.text_tokens_per_image:
         R = schema.text_slots_per_block
@@ -171,7 +180,7 @@ def _create_arrays(group: zarr.Group, schema: StoreSchema) -> None:
         for name, dtype in zip(TEXT_COORDS, ("int64", "int32", "int32")):
             group.create_array(
                 name, shape=(schema.text_capacity,), chunks=(R,), dtype=dtype, dimension_names=("text_token",),
-                fill_value=-1,
+                fill_value=-1, compressors=coordinate_compressors(),
             )
 
 

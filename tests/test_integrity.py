@@ -71,6 +71,32 @@ def test_damaged_chunk_is_named_by_reader_and_verify(written_store, damage):
     assert cli(["verify", str(path)]) == 1
 
 
+@pytest.mark.parametrize("name", ["image_id", "prompt", "text_position", "text_image"])
+def test_a_damaged_coordinate_chunk_is_an_error_and_named_by_verify(written_store, name):
+    """Ids, prompts and text-token coordinates carry a crc32c like the activations: a flipped bit is an error naming
+    the chunk, never wrong ids or positions, and ``verify --repair`` hands its block back to the harvest."""
+    import zarr
+
+    from actstore.integrity import damaged_blocks, withdraw_markers
+
+    path, schema = written_store
+    assert [type(c).__name__ for c in zarr.open_group(path, mode="r")[name].metadata.codecs][-1] == "Crc32cCodec"
+    chunk = path / name / "c" / "1"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ChunkCorruptError, match=f"{name}/c/1|array '{name}'"):
+        actstore.open(path)[name].values
+    report = verify(path)
+    assert [(p.array, p.layer_state, p.block, p.block_complete) for p in report.problems] == [(name, None, 1, True)]
+    images = name in ("image_id", "prompt")
+    unit, first = ("images", schema.block_images) if images else ("text tokens", schema.text_slots_per_block)
+    assert str(report.problems[0]).startswith(f"{name}: {unit} {first}..")
+    assert f"(block 1, completed): chunk {name}/c/1 failed to decode" in str(report.problems[0])
+    assert withdraw_markers(path, damaged_blocks(report)) == [1]
+    assert actstore.open(path).sizes["image"] == 8  # readers leave the block out until the harvest rewrites it
+
+
 def test_missing_chunk_of_a_completed_block(written_store):
     path, _ = written_store
     os.remove(path / image_chunk_key(0, 1))
