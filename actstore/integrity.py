@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
-from actstore.location import list_keys, local_path, make_sink, open_zarr_store
+from actstore.location import list_keys, local_file_sizes, local_path, make_sink, open_zarr_store
 from actstore.progress import counted, progress as show_progress
 from actstore.reader import read_markers, read_skipped
 from actstore.schema import (
@@ -60,11 +61,13 @@ class VerifyReport:
         return not self.problems
 
 
-def _bytes_on_disk(store: Any, location: str, keys: list[str]) -> int:
+def _key_sizes(store: Any, location: str) -> tuple[list[str], Any]:
+    """Every key of a store, and a function giving the bytes of a list of them."""
     path = local_path(location)
-    if path is not None:
-        return sum((path / k).stat().st_size for k in keys if (path / k).exists())
-    return sum(sync(store.getsize(k)) for k in keys)
+    if path is not None and isinstance(store, LocalStore):
+        sizes = local_file_sizes(path)
+        return list(sizes), lambda keys: sum(sizes[k] for k in keys)
+    return list_keys(store, ""), lambda keys: sum(sync(store.getsize(k)) for k in keys)
 
 
 def store_info(location: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -74,14 +77,14 @@ def store_info(location: str | os.PathLike[str], *, storage_options: dict[str, A
     group = open_group(store, where, mode="r")
     attrs = read_attributes(group, where)
     schema, markers = attrs.schema, read_markers(group)
-    keys = list_keys(store, "")
+    keys, bytes_of = _key_sizes(store, where)
     key_set = set(keys)
     itemsize = schema.numpy_dtype.itemsize
     images = sum(m.images for m in markers.values())
     text_tokens = sum(m.text_tokens for m in markers.values())
     logical = len(schema.layers) * itemsize * schema.d_model * (images * schema.image_tokens + text_tokens)
     # The activations and their coordinates; analyses saved in the store are listed apart (see saved_analyses).
-    stored = _bytes_on_disk(store, where, [k for k in keys if k.split("/")[0] not in (ANALYSIS, ANALYSIS_PARTIAL)])
+    stored = bytes_of([k for k in keys if k.split("/")[0] not in (ANALYSIS, ANALYSIS_PARTIAL)])
     missing = [
         key
         for b in markers

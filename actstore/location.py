@@ -157,6 +157,22 @@ def make_sink(location: str | os.PathLike[str], store: Store) -> LocalSink | Sto
     return LocalSink(path) if path is not None else StoreSink(store)
 
 
+def local_file_sizes(root: Path) -> dict[str, int]:
+    """Every file under ``root`` (a local store) as its store key, with its size in bytes: one walk of the tree, where
+    zarr's listing and a stat of each key take two (~7x longer for a 100k-image store on the dev VM)."""
+    sizes: dict[str, int] = {}
+    folders = [("", os.fspath(root))]
+    while folders:
+        prefix, folder = folders.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append((f"{prefix}{entry.name}/", entry.path))
+                else:
+                    sizes[prefix + entry.name] = entry.stat(follow_symlinks=False).st_size
+    return sizes
+
+
 def list_keys(store: Store, prefix: str) -> list[str]:
     """Keys under ``prefix``."""
 

@@ -116,9 +116,16 @@ def test_verify_and_info_on_a_good_store(written_store, capsys):
     assert info["blocks_complete"] == 3 and info["images"] == 12
     assert info["bytes_logical"] == 3 * 12 * (5 * 12 * 2) + 3 * 11 * 3 * 12 * 2
     assert info["verdict"].startswith("OK")
+    files = [f for f in path.rglob("*") if f.is_file()]
+    assert info["bytes_stored"] == sum(f.stat().st_size for f in files) > 0
+    through_fsspec = store_info(path.resolve().as_uri())  # listed and sized by the store, not by a walk of the folder
+    assert {k: v for k, v in through_fsspec.items() if k != "location"} == {k: v for k, v in info.items()
+                                                                             if k != "location"}
     assert cli(["info", str(path)]) == 0
     assert "3 / 4 blocks" in capsys.readouterr().out
     assert cli(["info", "/nonexistent/store.zarr"]) == 2
+    (path / "image_resid" / "c" / "1" / "2" / "0" / "0").unlink()
+    assert "DAMAGED: 1 chunk(s) of completed blocks are missing" in store_info(path)["verdict"]
 
 
 def _fail_writes_of_block(monkeypatch, block: int, err: int) -> None:
