@@ -538,3 +538,23 @@ def test_s3_urls_get_a_connection_pool_for_many_requests_at_once(monkeypatch, tm
     assert given[-1] == {"config_kwargs": {"connect_timeout": 3, "max_pool_connections": location.S3_CONNECTIONS}}
     location.open_zarr_store("gcs://b/a.zarr", read_only=True, storage_options={"token": "anon"})
     assert given[-1] == {"token": "anon"}
+
+
+def test_a_local_stores_keys_are_listed_as_zarr_lists_them(store_path):
+    """The walk of a local store's folders lists what zarr's own listing does, temporary files included."""
+    from zarr.core.sync import sync
+
+    from actstore.location import list_keys
+
+    with StoreWriter.create(store_path, small_schema()) as writer:
+        write_blocks(writer, range(3))
+    (store_path / "block_status" / "c" / "1" / "0.0123.partial").write_bytes(b"x")  # as a killed zarr write leaves
+    store = LocalStore(store_path, read_only=True)
+
+    async def zarr_keys(prefix):
+        return sorted([key async for key in store.list_prefix(prefix)])
+
+    for prefix in ("", "block_status/c/", "image_resid/", "text_resid/c/0/", "nothing/"):
+        assert sorted(list_keys(store, prefix)) == sync(zarr_keys(prefix)), prefix
+    assert "block_status/c/1/0.0123.partial" in list_keys(store, "block_status/c/")
+    assert len(list_keys(store, "image_resid/c/")) == 3 * 3
