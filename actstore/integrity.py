@@ -6,14 +6,15 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from actstore.location import list_keys, local_file_sizes, local_path, make_sink, open_zarr_store
 from actstore.progress import counted, progress as show_progress
-from actstore.reader import read_markers, read_skipped
+from actstore.reader import CheckedChunks, LocalChunks, local_chunk_reader, read_markers, read_skipped
 from actstore.schema import (
     ANALYSIS,
     ANALYSIS_PARTIAL,
@@ -164,6 +165,9 @@ def verify(location: str | os.PathLike[str], threads: int = 4, progress: bool = 
         tasks += [(name, None, None, block, B, f"{name}/c/{block}") for name in IMAGE_COORDS]
         tasks += [(name, None, None, block, R, f"{name}/c/{block}") for name in TEXT_COORDS if R]
 
+    names = [IMAGE_RESID, *IMAGE_COORDS] + ([TEXT_RESID, *TEXT_COORDS] if R else [])
+    chunks = _chunk_readers(group, schema, where, store, names)
+
     def check(task: tuple[str, int | None, int | None, int, int, str]) -> Problem | None:
         name, li, state, block, rows, key = task
         complete = block in markers
@@ -175,8 +179,7 @@ def verify(location: str | os.PathLike[str], threads: int = 4, progress: bool = 
                 return Problem(name, state, first, last, block, True, f"chunk {key} is missing")
             return None
         try:
-            region = slice(block * rows, (block + 1) * rows)
-            group[name][region] if li is None else group[name][li : li + 1, region]
+            chunks[name](li, block, rows)
         except Exception as exc:  # any decode failure is a damaged chunk; the report names it
             return Problem(name, state, first, last, block, complete, f"chunk {key} failed to decode: {exc}")
         return None
@@ -184,6 +187,41 @@ def verify(location: str | os.PathLike[str], threads: int = 4, progress: bool = 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         results = list(counted(pool.map(check, tasks), show_progress(len(tasks), "verify", "chunk", enabled=progress)))
     return VerifyReport(chunks_checked=len(tasks), problems=[p for p in results if p is not None])
+
+
+def _chunk_readers(group: Any, schema: StoreSchema, where: str, store: Any, names: list[str]
+                   ) -> dict[str, Callable[[int | None, int, int], Any]]:
+    """Per array, a function that decodes the chunk of (layer index or None, block, rows per block). Each array is
+    opened once; a local store's chunks are decoded in the calling thread, as ``actstore.open`` decodes them, so that
+    verify's threads decode in parallel instead of queueing on zarr's event loop (and opening the array's metadata for
+    every chunk)."""
+    directory = local_path(where) if isinstance(store, LocalStore) else None
+    readers: dict[str, Callable[[int | None, int, int], Any]] = {}
+    for name in names:
+        array = group[name]
+        if array.ndim == 1:
+            local = local_chunk_reader(array)
+            readers[name] = (
+                partial(_decode_local_chunk, local) if local is not None
+                else lambda li, block, rows, array=array: array[block * rows:(block + 1) * rows]
+            )
+        else:
+            chunks = CheckedChunks(array, name, schema, where, None if directory is None else directory / name)
+            readers[name] = partial(_decode_chunks_of_block, chunks, array.chunks[1])
+    return readers
+
+
+def _decode_chunks_of_block(chunks: CheckedChunks, inner: int, li: int | None, block: int, rows: int) -> None:
+    """Decode a block's chunk of layer index ``li`` (each of its inner chunks, when the array is sharded)."""
+    whole = (slice(None),) * (chunks.ndim - 2)  # every index named, and within one (inner) chunk: decoded here
+    for start in range(block * rows, (block + 1) * rows, inner):
+        chunks[(slice(li, li + 1), slice(start, start + inner), *whole)]
+
+
+def _decode_local_chunk(local: LocalChunks, li: int | None, block: int, rows: int) -> Any:
+    """Decode chunk ``block`` of a one-dimensional array chunked by blocks, from its file."""
+    with open(local.file_of(block), "rb") as f:
+        return local.decode(block, f.read())
 
 
 def damaged_blocks(report: VerifyReport) -> list[int]:

@@ -9,6 +9,7 @@ def test_bench_store_quick(tmp_path):
     for entry in report["results"].values():
         assert entry["raw_write_GBps"] > 0 and entry["write_GBps_logical"] > 0 and entry["read_GBps_logical"] > 0
         assert entry["read_zarr_GBps_logical"] > 0 and entry["read_ours_vs_zarr"] > 0
+        assert entry["verify_GBps_logical"] > 0 and entry["verify_zarr_GBps_logical"] > 0
         assert entry["bytes_stored"] > 0 and entry["zarr_default"]["write_GBps_logical"] > 0
         assert entry["bound_by"] in ("disk", "cpu")
         assert entry["read_back_equal"] is True  # what was timed read the values written

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from zarr.storage import LocalStore
 
 import actstore
 from jobs.cli import main as cli
@@ -95,6 +96,41 @@ def test_a_damaged_coordinate_chunk_is_an_error_and_named_by_verify(written_stor
     assert f"(block 1, completed): chunk {name}/c/1 failed to decode" in str(report.problems[0])
     assert withdraw_markers(path, damaged_blocks(report)) == [1]
     assert actstore.open(path).sizes["image"] == 8  # readers leave the block out until the harvest rewrites it
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_verify_decodes_a_local_store_itself_and_finds_what_zarr_finds(store_path, sharded, monkeypatch):
+    """verify decodes a local store's chunks in its own threads; through a file:// URL zarr decodes them: both name
+    the same damaged and missing chunks."""
+    from actstore.schema import text_chunk_key
+
+    schema = small_schema(layers=(0, 4, 8), chunk_images=2 if sharded else None)
+    with StoreWriter.create(store_path, schema) as writer:
+        write_blocks(writer, range(3))
+    for key, damage in ((image_chunk_key(1, 2), "bitflip"), (text_chunk_key(2, 0), "truncate"),
+                        ("prompt/c/1", "bitflip")):
+        data = bytearray((store_path / key).read_bytes())
+        data = data[:len(data) // 3] if damage == "truncate" else data
+        data[len(data) // 2] ^= 0x10
+        (store_path / key).write_bytes(bytes(data))
+    os.remove(store_path / image_chunk_key(0, 1))
+    asked = []
+    real_get = LocalStore.get
+
+    async def get(self, key, *args, **kwargs):
+        asked.append(key)
+        return await real_get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "get", get)
+    local = verify(store_path)
+    monkeypatch.undo()
+    assert not [key for key in asked if "/c/" in key and not key.startswith("layer/")]  # no chunk through zarr
+    by_zarr = verify(store_path.resolve().as_uri())
+    found = [(p.array, p.layer_state, p.block, p.block_complete) for p in local.problems]
+    assert sorted(found, key=str) == sorted([("image_resid", 4, 2, True), ("text_resid", 8, 0, True),
+                                             ("image_resid", 0, 1, True), ("prompt", None, 1, True)], key=str)
+    assert found == [(p.array, p.layer_state, p.block, p.block_complete) for p in by_zarr.problems]
+    assert local.chunks_checked == by_zarr.chunks_checked
 
 
 def test_missing_chunk_of_a_completed_block(written_store):
