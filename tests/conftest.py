@@ -76,6 +76,32 @@ def bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.dtype(f"u{a.dtype.itemsize}"))
 
 
+def damage_file(path: Path, damage: str) -> None:
+    """Damage a stored file as a disk or a cut-off copy would: ``"bitflip"`` flips one bit in its middle,
+    ``"truncate"`` keeps its first third."""
+    data = bytearray(path.read_bytes())
+    if damage == "bitflip":
+        data[len(data) // 2] ^= 0x10
+    elif damage == "truncate":
+        data = data[:len(data) // 3]
+    else:
+        raise ValueError(f"unknown damage {damage!r}")
+    path.write_bytes(bytes(data))
+
+
+def record_gets(monkeypatch: pytest.MonkeyPatch, store_class: type) -> list[str]:
+    """The keys zarr asks ``store_class`` for from now until ``monkeypatch.undo()``, in order."""
+    asked: list[str] = []
+    real_get = store_class.get
+
+    async def get(self, key, *args, **kwargs):
+        asked.append(key)
+        return await real_get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(store_class, "get", get)
+    return asked
+
+
 @pytest.fixture
 def store_path(tmp_path):
     """A fresh store location."""

@@ -23,7 +23,7 @@ from actstore.integrity import verify
 from actstore.schema import ATTRS_KEY, StoreSchema, image_chunk_key, text_chunk_key
 from jobs.harvest import HarvestConfig, run_harvest
 from jobs.train_adapter import ModelSection, build_model
-from conftest import hub_snapshot
+from conftest import damage_file, hub_snapshot
 from writer_process import kill_at_hang_point
 
 ROOT = Path(__file__).parents[1]
@@ -195,10 +195,7 @@ def test_blocks_that_verify_repair_marks_missing_are_rewritten_by_the_harvests_r
     store = tmp_path / "s.zarr"
     run_harvest(config, str(store))
     shutil.copytree(store, tmp_path / "whole.zarr")
-    chunk = store / image_chunk_key(1, 1)
-    damaged = bytearray(chunk.read_bytes())
-    damaged[len(damaged) // 2] ^= 0x10
-    chunk.write_bytes(bytes(damaged))
+    damage_file(store / image_chunk_key(1, 1), "bitflip")
     (store / text_chunk_key(0, 2)).unlink()
     assert cli(["verify", str(store)]) == 1
     assert "--repair` marks blocks [1, 2] missing" in capsys.readouterr().out

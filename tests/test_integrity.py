@@ -16,7 +16,7 @@ from actstore.errors import ChunkCorruptError, NotAStoreError, SchemaVersionErro
 from actstore.integrity import store_info, verify
 from actstore.schema import image_chunk_key
 from actstore.writer import StoreWriter
-from conftest import bits, block_data, small_schema, write_blocks
+from conftest import bits, block_data, damage_file, record_gets, small_schema, write_blocks
 
 
 @pytest.fixture
@@ -52,13 +52,7 @@ def test_unknown_schema_version(written_store):
 @pytest.mark.parametrize("damage", ["bitflip", "truncate"])
 def test_damaged_chunk_is_named_by_reader_and_verify(written_store, damage):
     path, schema = written_store
-    chunk = path / image_chunk_key(1, 2)  # layer state 4, images 8..11
-    data = bytearray(chunk.read_bytes())
-    if damage == "bitflip":
-        data[len(data) // 2] ^= 0x10
-    else:
-        data = data[: len(data) // 3]
-    chunk.write_bytes(bytes(data))
+    damage_file(path / image_chunk_key(1, 2), damage)  # layer state 4, images 8..11
 
     ds = actstore.open(path)
     # Undamaged chunks still read correctly.
@@ -82,10 +76,7 @@ def test_a_damaged_coordinate_chunk_is_an_error_and_named_by_verify(written_stor
 
     path, schema = written_store
     assert [type(c).__name__ for c in zarr.open_group(path, mode="r")[name].metadata.codecs][-1] == "Crc32cCodec"
-    chunk = path / name / "c" / "1"
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    chunk.write_bytes(bytes(data))
+    damage_file(path / name / "c" / "1", "bitflip")
     with pytest.raises(ChunkCorruptError, match=f"{name}/c/1|array '{name}'"):
         actstore.open(path)[name].values
     report = verify(path)
@@ -109,19 +100,9 @@ def test_verify_decodes_a_local_store_itself_and_finds_what_zarr_finds(store_pat
         write_blocks(writer, range(3))
     for key, damage in ((image_chunk_key(1, 2), "bitflip"), (text_chunk_key(2, 0), "truncate"),
                         ("prompt/c/1", "bitflip")):
-        data = bytearray((store_path / key).read_bytes())
-        data = data[:len(data) // 3] if damage == "truncate" else data
-        data[len(data) // 2] ^= 0x10
-        (store_path / key).write_bytes(bytes(data))
+        damage_file(store_path / key, damage)
     os.remove(store_path / image_chunk_key(0, 1))
-    asked = []
-    real_get = LocalStore.get
-
-    async def get(self, key, *args, **kwargs):
-        asked.append(key)
-        return await real_get(self, key, *args, **kwargs)
-
-    monkeypatch.setattr(LocalStore, "get", get)
+    asked = record_gets(monkeypatch, LocalStore)
     local = verify(store_path)
     monkeypatch.undo()
     assert not [key for key in asked if "/c/" in key and not key.startswith("layer/")]  # no chunk through zarr

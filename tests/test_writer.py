@@ -13,7 +13,7 @@ from actstore.errors import SchemaMismatchError, StoreWriteError
 from actstore.codecs import ChunkEncoder
 from actstore.schema import provenance_differences
 from actstore.writer import WRITER_NICENESS_INCREMENT, StoreWriter, thread_niceness
-from conftest import bits, block_data, small_schema, write_blocks
+from conftest import bits, block_data, damage_file, record_gets, small_schema, write_blocks
 
 
 def test_missing_blocks_tracks_progress(store_path):
@@ -398,14 +398,7 @@ def test_skipped_inputs_are_read_back_from_their_blocks_records_alone(store_path
     with StoreWriter.create(store_path, schema) as writer:
         write_blocks(writer, [0, 1, 3])
         writer.write_block(2, *block_data(schema, 2), skipped=[{"id": "x7", "reason": "truncated JPEG"}])
-    asked = []
-    real_get = FsspecStore.get
-
-    async def get(self, key, *args, **kwargs):
-        asked.append(key)
-        return await real_get(self, key, *args, **kwargs)
-
-    monkeypatch.setattr(FsspecStore, "get", get)
+    asked = record_gets(monkeypatch, FsspecStore)
     url = store_path.resolve().as_uri()  # through fsspec, as an object store is read
     assert actstore.open(url).attrs["skipped_images"] == [{"id": "x7", "reason": "truncated JPEG", "block": 2}]
     assert [key for key in asked if key.startswith(f"{BLOCK_SKIPPED}/c/")] == [f"{BLOCK_SKIPPED}/c/2"]
@@ -474,14 +467,7 @@ def test_a_local_stores_metadata_is_read_from_its_files_as_zarr_reads_it(store_p
     for complete_only in (True, False):
         ds = actstore.open(store_path.resolve().as_uri(), complete_only=complete_only)
         by_zarr[complete_only] = (ds.image_id.values, ds.prompt.values, ds.attrs["skipped_images"])
-    asked = []
-    real_get = LocalStore.get
-
-    async def get(self, key, *args, **kwargs):
-        asked.append(key)
-        return await real_get(self, key, *args, **kwargs)
-
-    monkeypatch.setattr(LocalStore, "get", get)
+    asked = record_gets(monkeypatch, LocalStore)
     for complete_only in (True, False):
         ds = actstore.open(store_path, complete_only=complete_only)
         ids, prompts, skipped = by_zarr[complete_only]
@@ -507,12 +493,7 @@ def test_a_damaged_metadata_chunk_of_a_local_store_is_named(store_path, name, da
         write_blocks(writer, range(3))
     chunk = store_path / name / "c" / "1"
     chunk = chunk / "0" if chunk.is_dir() else chunk
-    data = bytearray(chunk.read_bytes())
-    if damage == "bitflip":
-        data[len(data) // 2] ^= 0x10
-    else:
-        data = data[:len(data) // 2]
-    chunk.write_bytes(bytes(data))
+    damage_file(chunk, damage)
     with pytest.raises(ChunkCorruptError, match=f"corrupt chunk {name}/c/1"):
         actstore.open(store_path)
 
